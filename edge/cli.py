@@ -1,0 +1,307 @@
+"""The `edge` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from edge.config import ConfigError, LabConfig, dump_toml, load_config
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console(highlight=False)
+
+
+def config_options(func: F) -> F:
+    """--config FILE, --set key=value and --state-dir, shared by every command that reads config."""
+    func = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override one configuration key, e.g. --set expc.sip_path_headers=true (repeatable).",
+    )(func)
+    func = click.option(
+        "--state-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Where the lab keeps certificates, pids and logs (default: lab.state_dir).",
+    )(func)
+    func = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="TOML file overriding the embedded defaults.",
+    )(func)
+    return func
+
+
+def _load(config_path: str | None, overrides: tuple[str, ...], state_dir: str | None) -> LabConfig:
+    extra = list(overrides)
+    if state_dir:
+        extra.append(f'lab.state_dir="{Path(state_dir).resolve()}"')
+    try:
+        return load_config(config_path, overrides=extra)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.group()
+@click.version_option(package_name="mra-edge-lab")
+def main() -> None:
+    """A lab replica of the Cisco Expressway MRA edge."""
+
+
+# -- edge run ---------------------------------------------------------------------------
+
+
+@main.command("run")
+@click.argument("component")
+@config_options
+@click.option("-v", "--verbose", is_flag=True)
+def run_cmd(
+    component: str, config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, verbose: bool
+) -> None:
+    """Run one component (dns, ucm1, imp1, cuc1, expc, expe, …) in the foreground."""
+    from edge.runtime import run_component
+
+    config = _load(config_path, overrides, state_dir)
+    try:
+        name = config.component_name(component)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    _setup_logging(verbose)
+    sys.exit(run_component(name, config))
+
+
+# -- edge config ------------------------------------------------------------------------
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("show")
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of TOML.")
+def config_show(config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, as_json: bool) -> None:
+    """Print the effective configuration (defaults, file, environment and --set applied)."""
+    config = _load(config_path, overrides, state_dir)
+    if as_json:
+        click.echo(json.dumps(config.model_dump(mode="json"), indent=2))
+    else:
+        click.echo(dump_toml(config))
+
+
+# -- edge certs -------------------------------------------------------------------------
+
+
+@main.group("certs")
+def certs_group() -> None:
+    """The lab PKI."""
+
+
+@certs_group.command("generate")
+@config_options
+def certs_generate(config_path: str | None, overrides: tuple[str, ...], state_dir: str | None) -> None:
+    """Create the lab CA and certificates if absent; renew expired or renamed ones."""
+    from edge.lab_pki import ensure_certificates
+
+    config = _load(config_path, overrides, state_dir)
+    pki = ensure_certificates(config)
+    for name, reason in pki.issued:
+        click.echo(f"issued {name} ({reason})")
+    click.echo(f"certificates in {pki.ca_path.parent}")
+
+
+@certs_group.command("show")
+@config_options
+@click.option("--json", "as_json", is_flag=True)
+def certs_show(config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, as_json: bool) -> None:
+    """List the lab certificates with their names, usages and validity."""
+    from edge.lab_pki import cert_dir
+    from edge.pki import describe_certificates
+
+    config = _load(config_path, overrides, state_dir)
+    directory = cert_dir(config)
+    if not (directory / "ca.pem").exists():
+        raise click.ClickException(f"no lab PKI in {directory}; run `edge certs generate` or `edge lab up`")
+    infos = describe_certificates(directory)
+    if as_json:
+        click.echo(json.dumps([_jsonable(i) for i in infos], indent=2, default=str))
+        return
+    table = Table(title=f"Lab certificates ({directory})")
+    for col in ("name", "subject CN", "SAN", "EKU", "not after", "state"):
+        table.add_column(col)
+    for info in infos:
+        san = [*info.dns_names, *info.ip_addresses, *(f"SRV:{s}" for s in info.srv_names)]
+        table.add_row(
+            info.name,
+            info.common_name,
+            "\n".join(san),
+            ", ".join(info.eku),
+            str(info.not_after)[:19],
+            info.state,
+        )
+    console.print(table)
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(obj, k)) for k in obj.__dataclass_fields__}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+# -- edge lab ---------------------------------------------------------------------------
+
+
+@main.group("lab")
+def lab_group() -> None:
+    """Bring the whole lab up or down, and report its status."""
+
+
+@lab_group.command("up")
+@config_options
+@click.option("--detach", is_flag=True, help="Start the lab in the background and return.")
+@click.option("--no-demo", is_flag=True, help="Skip the demo MRA flow.")
+def lab_up(
+    config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, detach: bool, no_demo: bool
+) -> None:
+    """Start DNS, the mock UCM roles, Expressway-C and Expressway-E, each as its own process."""
+    from edge.lab import LabError, LabSupervisor, lab_status
+
+    config = _load(config_path, overrides, state_dir)
+    sup = LabSupervisor(config)
+
+    async def bring_up() -> dict[str, Any]:
+        await sup.up()
+        return await lab_status(config)
+
+    try:
+        status = asyncio.run(bring_up())
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        asyncio.run(sup.down())
+        raise click.ClickException("interrupted while starting; every process was stopped") from None
+    print_status(status)
+    if config.lab.demo and not no_demo:
+        code = run_demo(config)
+        if code != 0 and not detach:
+            console.print("[yellow]demo flow failed; the lab stays up for inspection[/yellow]")
+    if detach:
+        console.print("lab running in the background; `edge lab status`, `edge lab down`")
+        return
+    console.print("lab running; press Ctrl-C to stop every process")
+    asyncio.run(_foreground(sup, config))
+
+
+async def _foreground(sup: Any, config: LabConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    reported: set[str] = set()
+    while not stop.is_set():
+        for name, code in sup.crashed():
+            if name not in reported:
+                reported.add(name)
+                console.print(f"[red]{name} exited with code {code}; see `edge lab status`[/red]")
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except TimeoutError:
+            pass
+    console.print("stopping the lab…")
+    stopped = await sup.down()
+    console.print(f"stopped: {', '.join(stopped) or 'nothing'}")
+
+
+def run_demo(config: LabConfig) -> int:
+    """The demo MRA flow (sign in, call 9999, chat); returns its exit code."""
+    try:
+        from mra_client.demo import run_demo_flow
+    except ImportError:
+        console.print("demo flow: the client emulator is not built yet; skipped")
+        return 0
+    return run_demo_flow(config, console)
+
+
+@lab_group.command("down")
+@config_options
+def lab_down(config_path: str | None, overrides: tuple[str, ...], state_dir: str | None) -> None:
+    """Stop every lab process started by `edge lab up`."""
+    from edge.lab import LabError, LabSupervisor
+
+    config = _load(config_path, overrides, state_dir)
+    try:
+        stopped = asyncio.run(LabSupervisor(config).down())
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"stopped: {', '.join(stopped)}" if stopped else "no lab running")
+
+
+@lab_group.command("status")
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable status (spec §9).")
+def lab_status_cmd(config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, as_json: bool) -> None:
+    """Every component's pid, state and listeners, plus zone states and counts."""
+    from edge.lab import LabError, lab_status
+
+    config = _load(config_path, overrides, state_dir)
+    try:
+        status = asyncio.run(lab_status(config))
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+    else:
+        print_status(status)
+    if status["state"] != "ready":
+        sys.exit(1)
+
+
+def print_status(status: dict[str, Any]) -> None:
+    table = Table(title=f"MRA lab: {status['state']}")
+    for col in ("component", "pid", "state", "listeners"):
+        table.add_column(col)
+    for comp in status["components"]:
+        listeners = "\n".join(
+            f"{lst['name']} {lst['transport']} {lst['host']}:{lst['port']}" for lst in comp.get("listeners", [])
+        )
+        state = comp["state"]
+        colour = {"ready": "green", "crashed": "red"}.get(state, "yellow")
+        table.add_row(comp["name"], str(comp["pid"]), f"[{colour}]{state}[/{colour}]", listeners)
+    console.print(table)
+    for zone in status.get("zones", []):
+        line = f"zone {zone.get('name')} on {zone['component']}: {zone.get('state')}"
+        if zone.get("reason"):
+            line += f" ({zone['reason']})"
+        console.print(line)
+    if status.get("counts"):
+        console.print("counts: " + ", ".join(f"{k} {v}" for k, v in status["counts"].items()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
