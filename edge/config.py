@@ -188,42 +188,35 @@ class ExpeSettings(_Model):
     _ip = field_validator("external_address", "internal_address")(classmethod(lambda cls, v: _check_ip(v)))
 
 
-class UcmNode(_Model):
+class InsideNode(_Model):
+    """A server inside the enterprise (UCM, IM&P, Unity Connection node)."""
+
     name: str
     fqdn: str
     address: str
     admin_port: Port = 9080
+
+    _ip = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
+
+
+class UcmNode(InsideNode):
     sip_tcp_port: Port = 5060
     sip_tls_port: Port = 5061
     https_port: Port = 8443
     tftp_http_port: Port = 6970
     tftp_https_port: Port = 6972
 
-    _ip = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
 
-
-class ImpNode(_Model):
-    name: str
-    fqdn: str
-    address: str
-    admin_port: Port = 9080
+class ImpNode(InsideNode):
     client_port: Port = 5222
     """Inside clients: plain TCP with mandatory STARTTLS."""
     edge_port: Port = 7400
     """Expressway-C: direct TLS (spec §2)."""
     https_port: Port = 8443
 
-    _ip = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
 
-
-class CucNode(_Model):
-    name: str
-    fqdn: str
-    address: str
-    admin_port: Port = 9080
+class CucNode(InsideNode):
     https_port: Port = 443
-
-    _ip = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
 
 
 class User(_Model):

@@ -8,7 +8,7 @@ from `receive_data`, `handle_timer`, `connection_lost` and `close`; the asyncio 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +103,7 @@ class LinkLost:
     reason: str
 
 
-Event = (
+Event: TypeAlias = (
     AuthenticationRequested
     | LinkEstablished
     | LinkRejected

@@ -55,7 +55,9 @@ class Record:
     def to_rdata(self) -> dns.rdata.Rdata:
         """Parse ``rdata``; raises ValueError naming the record when it is not valid zone text."""
         try:
-            return dns.rdata.from_text(dns.rdataclass.IN, self.rdatatype, self.rdata, dns.name.root)
+            return dns.rdata.from_text(
+                dns.rdataclass.IN, self.rdatatype, self.rdata, dns.name.root, relativize=False
+            )
         except Exception as exc:  # dnspython raises many types for bad text; report one
             raise ValueError(f"{self.name} {self.rtype} {self.rdata!r}: {exc}") from exc
 

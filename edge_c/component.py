@@ -1,0 +1,176 @@
+"""Expressway-C: the inside gateway process.
+
+C dials out to every Expressway-E peer and keeps the traversal zone's channels up; it is the only
+box that talks to internal servers (spec §1): it authenticates and authorizes clients, holds the
+HTTP allow list, and proxies to Unified CM, IM&P and Unity Connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from edge.config import LabConfig
+from edge.dns.resolver import LabResolver
+from edge.lab_pki import lab_pki
+from edge.metrics import StatusCollector
+from edge.pki import client_context
+from edge.runtime import BaseComponent
+from edge_c.allowlist import AllowList, Rule, automatic_rules
+from edge_c.https import TunnelHttpHandler
+from edge_c.internal import NodeHealth, make_session
+from edge_c.provisioning import Provisioning
+from traversal.channel import LinkConfig
+from traversal.client import PeerTarget, ZoneClient
+
+log = logging.getLogger(__name__)
+
+
+class ExpresswayC(BaseComponent):
+    role = "expc"
+
+    def __init__(self, name: str, config: LabConfig) -> None:
+        super().__init__(name, config)
+        self.settings = config.expc
+        self.maintenance = False
+        self.refreshing = False
+        self.last_refresh: dict[str, Any] = {}
+        self.registry.register(StatusCollector(self))
+
+    # -- allow list -----------------------------------------------------------------------
+
+    def _build_allow_list(self) -> AllowList:
+        cfg = self.config
+        auto = automatic_rules(
+            ucm_nodes=[(n.fqdn, n.https_port, n.tftp_http_port, n.tftp_https_port) for n in cfg.ucm],
+            imp_nodes=[(n.fqdn, n.https_port) for n in cfg.imp],
+            cuc_nodes=[(n.fqdn, n.https_port) for n in cfg.cuc],
+        )
+        allow = AllowList(auto)
+        for rule in self.settings.allow_rules:
+            allow.add(
+                Rule.parse(
+                    rule.url,
+                    methods=rule.methods,
+                    match=rule.match,
+                    deployment=rule.deployment,
+                    description=rule.description,
+                )
+            )
+        return allow
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.pki = lab_pki(cfg)
+        zone_ctx = client_context(self.pki, self.name)
+        internal_ctx = client_context(self.pki, self.name)
+        self.resolver = LabResolver(cfg.dns.address, cfg.dns.port, source=self.settings.address, cache_entries=256)
+        self.health = NodeHealth()
+        self.session = make_session(self.resolver, internal_ctx, self.settings.address)
+        self.provisioning = Provisioning(cfg, resolver=self.resolver, session=self.session, health=self.health)
+        self.allow_list = self._build_allow_list()
+        self.https = TunnelHttpHandler(
+            self.provisioning,
+            self.session,
+            lambda: self.allow_list,
+            refreshing=lambda: self.refreshing,
+            maintenance=lambda: self.maintenance,
+        )
+        zs = self.settings.zone
+        peers = [
+            PeerTarget(
+                e.name,
+                e.fqdn,
+                {"sip": e.traversal_sip_port, "https": e.tunnel_port, "xmpp": e.traversal_xmpp_port},
+            )
+            for e in cfg.expe
+            if e.name in zs.peers
+        ]
+        self.zone = ZoneClient(
+            zone_name=zs.name,
+            peers=peers,
+            username=zs.username,
+            password=zs.password,
+            ssl_context=zone_ctx,
+            resolve=self._resolve_peer,
+            local_address=self.settings.address,
+            link_config=LinkConfig(
+                keepalive_interval_s=zs.keepalive_interval_s, keepalive_timeout_s=zs.keepalive_timeout_s
+            ),
+            connect_timeout_s=zs.connect_timeout_s,
+            reconnect_initial_s=zs.reconnect_initial_s,
+            reconnect_max_s=zs.reconnect_max_s,
+        )
+        self.zone.add_link_channel("https", on_stream=self.https.handle_stream)
+        self.zone.start()
+        self.spawn(self.refresh_servers(), name="refresh-servers")
+
+    async def _resolve_peer(self, fqdn: str) -> str:
+        addrs = await self.resolver.resolve_a(fqdn)
+        if not addrs:
+            raise OSError(f"{fqdn} has no address in the internal view")
+        return addrs[0]
+
+    async def refresh_servers(self) -> dict[str, Any]:
+        """Rediscover nodes and keys; MRA requests get 503 while it runs (spec §8)."""
+        self.refreshing = True
+        started = time.time()
+        try:
+            keys = await self.provisioning.fetch_oauth_keys()
+            self.allow_list = self._rebuild_automatic(self.allow_list)
+            self.last_refresh = {
+                "at": started,
+                "duration_s": round(time.time() - started, 3),
+                "oauth_keys": keys,
+                "ucm": [n.fqdn for n in self.config.ucm],
+                "imp": [n.fqdn for n in self.config.imp],
+                "cuc": [n.fqdn for n in self.config.cuc],
+            }
+        except Exception as exc:
+            log.warning("refresh servers failed: %s", exc)
+            self.last_refresh = {"at": started, "error": str(exc)}
+        finally:
+            self.refreshing = False
+        return self.last_refresh
+
+    def _rebuild_automatic(self, current: AllowList) -> AllowList:
+        fresh = self._build_allow_list()
+        for rule in current.editable_rules():
+            if rule not in fresh.editable_rules():
+                fresh.add(rule)
+        return fresh
+
+    async def stop(self) -> None:
+        if hasattr(self, "zone"):
+            await self.zone.stop()
+        if hasattr(self, "session"):
+            await self.session.close()
+        await super().stop()
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        prov = self.provisioning
+        return {
+            "zones": [self.zone.status()],
+            "maintenance": self.maintenance,
+            "refreshing": self.refreshing,
+            "last_refresh": self.last_refresh,
+            "nodes": {
+                "ucm": [{"fqdn": n.fqdn, "down": self.health.is_down(n.fqdn)} for n in self.config.ucm],
+                "imp": [{"fqdn": n.fqdn, "down": self.health.is_down(n.fqdn)} for n in self.config.imp],
+                "cuc": [{"fqdn": n.fqdn, "down": self.health.is_down(n.fqdn)} for n in self.config.cuc],
+            },
+            "https": dict(self.https.counters),
+            "provisioning": {
+                **prov.counters,
+                "credential_cache_entries": len(prov.credentials),
+                "rate_limited": prov.rate.refused,
+            },
+            "counts": {"provisioning_sessions": len(prov.sessions)},
+            "allow_list": {"rules": len(self.allow_list.rules())},
+        }
