@@ -10,18 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from edge.config import LabConfig
 from edge.dns.resolver import LabResolver
 from edge.lab_pki import lab_pki
 from edge.metrics import StatusCollector
-from edge.pki import client_context
+from edge.pki import client_context, server_context
 from edge.runtime import BaseComponent
 from edge_c.allowlist import AllowList, Rule, automatic_rules
 from edge_c.https import TunnelHttpHandler
 from edge_c.internal import NodeHealth, make_session
 from edge_c.provisioning import Provisioning
+from edge_c.sip import ExpcSip
 from traversal.channel import LinkConfig
 from traversal.client import PeerTarget, ZoneClient
 
@@ -41,14 +43,19 @@ class ExpresswayC(BaseComponent):
 
     # -- allow list -----------------------------------------------------------------------
 
-    def _build_allow_list(self) -> AllowList:
+    def _automatic_rules(self) -> list[Rule]:
+        """Inbound rules for every discovered node (spec §4), rebuilt on "refresh servers"."""
         cfg = self.config
-        auto = automatic_rules(
-            ucm_nodes=[(n.fqdn, n.https_port, n.tftp_http_port, n.tftp_https_port) for n in cfg.ucm],
-            imp_nodes=[(n.fqdn, n.https_port) for n in cfg.imp],
-            cuc_nodes=[(n.fqdn, n.https_port) for n in cfg.cuc],
+        return list(
+            automatic_rules(
+                ucm_nodes=[(n.fqdn, n.https_port, n.tftp_http_port, n.tftp_https_port) for n in cfg.ucm],
+                imp_nodes=[(n.fqdn, n.https_port) for n in cfg.imp],
+                cuc_nodes=[(n.fqdn, n.https_port) for n in cfg.cuc],
+            )
         )
-        allow = AllowList(auto)
+
+    def _build_allow_list(self) -> AllowList:
+        allow = AllowList(self._automatic_rules())
         for rule in self.settings.allow_rules:
             allow.add(
                 Rule.parse(
@@ -105,9 +112,38 @@ class ExpresswayC(BaseComponent):
             reconnect_initial_s=zs.reconnect_initial_s,
             reconnect_max_s=zs.reconnect_max_s,
         )
+        self.sip = ExpcSip(cfg, ucm_health=self._ucm_reachable, maintenance=lambda: self.maintenance)
+        ucm_server_ctx = server_context(self.pki, self.name, require_client_cert=False)
+        for name, transport, host, port in await self.sip.start(ucm_server_ctx, internal_ctx):
+            self.add_listener(name, transport, host, port)
+        for peer in peers:
+            self.zone.add_channel(
+                "sip",
+                peer,
+                self.sip.zone_connector(
+                    peer.name,
+                    self._peer_resolver(peer),
+                    zone_ctx,
+                    username=zs.username,
+                    password=zs.password,
+                    timeout_s=zs.connect_timeout_s,
+                    keepalive_interval_s=zs.keepalive_interval_s,
+                    keepalive_timeout_s=zs.keepalive_timeout_s,
+                ),
+            )
         self.zone.add_link_channel("https", on_stream=self.https.handle_stream)
         self.zone.start()
+        self.spawn(self.sip.ucm_keepalive(self.settings.ucm_keepalive_interval_s), name="ucm-keepalive")
         self.spawn(self.refresh_servers(), name="refresh-servers")
+
+    def _ucm_reachable(self) -> bool:
+        return any(n.name not in self.sip.ucm_down for n in self.config.ucm)
+
+    def _peer_resolver(self, peer: PeerTarget) -> Callable[[], Awaitable[tuple[str, int, str]]]:
+        async def resolve() -> tuple[str, int, str]:
+            return await self._resolve_peer(peer.fqdn), peer.ports["sip"], peer.fqdn
+
+        return resolve
 
     async def _resolve_peer(self, fqdn: str) -> str:
         addrs = await self.resolver.resolve_a(fqdn)
@@ -121,7 +157,7 @@ class ExpresswayC(BaseComponent):
         started = time.time()
         try:
             keys = await self.provisioning.fetch_oauth_keys()
-            self.allow_list = self._rebuild_automatic(self.allow_list)
+            self.allow_list.set_automatic(self._automatic_rules())
             self.last_refresh = {
                 "at": started,
                 "duration_s": round(time.time() - started, 3),
@@ -137,16 +173,11 @@ class ExpresswayC(BaseComponent):
             self.refreshing = False
         return self.last_refresh
 
-    def _rebuild_automatic(self, current: AllowList) -> AllowList:
-        fresh = self._build_allow_list()
-        for rule in current.editable_rules():
-            if rule not in fresh.editable_rules():
-                fresh.add(rule)
-        return fresh
-
     async def stop(self) -> None:
         if hasattr(self, "zone"):
             await self.zone.stop()
+        if hasattr(self, "sip"):
+            await self.sip.stop()
         if hasattr(self, "session"):
             await self.session.close()
         await super().stop()
@@ -157,6 +188,7 @@ class ExpresswayC(BaseComponent):
         prov = self.provisioning
         return {
             "zones": [self.zone.status()],
+            "sip": self.sip.status(),
             "maintenance": self.maintenance,
             "refreshing": self.refreshing,
             "last_refresh": self.last_refresh,

@@ -12,13 +12,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from edge.mra_paths import BadPath, DescriptorPath, EdgeConfigPath, EdgeSsoPath, classify
+from edge_c.allowlist import AllowList
 from edge_c.internal import is_connect_failure, summarize
-from edge_c.provisioning import Answer, NextHopError, Principal, Provisioning
+from edge_c.provisioning import Answer, NextHopError, Provisioning
 from traversal.http_tunnel import HeadReader, TunnelProtocolError, TunnelRequest, TunnelResponse
 
 log = logging.getLogger(__name__)
@@ -30,33 +32,12 @@ HOP_BY_HOP = frozenset(
 )
 
 
-class Decision(Protocol):
-    allowed: bool
-    reason: str
-
-
-class AllowChecker(Protocol):
-    def check(self, scheme: str, host: str, port: int, method: str, raw_path: str) -> Decision: ...
-
-
-class Stream(Protocol):
-    async def read(self, n: int = -1) -> bytes: ...
-
-    def write(self, data: bytes) -> None: ...
-
-    async def drain(self) -> None: ...
-
-    def write_eof(self) -> None: ...
-
-    def abort(self, reason: str) -> None: ...
-
-
 class TunnelHttpHandler:
     def __init__(
         self,
         provisioning: Provisioning,
         session: aiohttp.ClientSession,
-        allow_list: Callable[[], AllowChecker],
+        allow_list: Callable[[], AllowList],
         *,
         refreshing: Callable[[], bool],
         maintenance: Callable[[], bool],
@@ -165,13 +146,14 @@ class TunnelHttpHandler:
                      kind.port, kind.path[:200], principal.username, decision.reason)
             await self._send(stream, Answer.text(403, "Forbidden", "request not on the HTTP allow list"))
             return
-        await self._forward(stream, request, body, kind, principal)
+        await self._forward(stream, request, body, kind, decision.path)
 
     async def _forward(
-        self, stream: Any, request: TunnelRequest, body: bytes, kind: DescriptorPath, principal: Principal
+        self, stream: Any, request: TunnelRequest, body: bytes, kind: DescriptorPath, path: str
     ) -> None:
+        """Forward exactly the path the allow list checked (normalised), never the raw one."""
         query = request.target.split("?", 1)[1] if "?" in request.target else ""
-        url = f"{kind.scheme}://{kind.host}:{kind.port}{kind.path}" + (f"?{query}" if query else "")
+        url = f"{kind.scheme}://{kind.host}:{kind.port}{path}" + (f"?{query}" if query else "")
         headers = [(k, v) for k, v in request.headers if k.lower() not in HOP_BY_HOP]
         headers = [(k, _strip_x_auth(v) if k.lower() == "cookie" else v) for k, v in headers]
         headers = [(k, v) for k, v in headers if not (k.lower() == "cookie" and not v)]
@@ -182,7 +164,7 @@ class TunnelHttpHandler:
         try:
             async with self.session.request(
                 request.method,
-                aiohttp.client.URL(url, encoded=True),
+                URL(url, encoded=True),
                 headers=headers,
                 data=body or None,
                 allow_redirects=False,

@@ -20,6 +20,7 @@ from edge.metrics import Sample, StatusCollector, counter_samples, zone_samples
 from edge.pki import server_context
 from edge.runtime import BaseComponent
 from edge_e.https import EdgeHttps
+from edge_e.sip import EdgeSip
 from traversal.channel import LinkConfig
 from traversal.server import ZoneServer
 from traversal.zone import zone_summary
@@ -57,6 +58,21 @@ class ExpresswayE(BaseComponent):
         port = await self.zone.listen("https", s.tunnel_port)
         self.add_listener("traversal-https", "tls", s.internal_address, port)
         await self._start_https(client_ctx)
+        self.sip = EdgeSip(
+            name=self.name,
+            external_address=s.external_address,
+            internal_address=s.internal_address,
+            client_port=s.sip_tls_port,
+            zone_port=s.traversal_sip_port,
+            zone_name=zs.name,
+            zone_id="1",
+            credentials=s.zone_credentials,
+            verify_subject_name=s.tls_verify_subject_name,
+            maintenance=lambda: self.maintenance,
+            keepalive_timeout_s=zs.keepalive_timeout_s,
+        )
+        for name, transport, host, lport in await self.sip.start(client_ctx, zone_ctx):
+            self.add_listener(name, transport, host, lport)
 
     async def _start_https(self, ctx: ssl.SSLContext) -> None:
         s = self.settings
@@ -77,20 +93,29 @@ class ExpresswayE(BaseComponent):
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if hasattr(self, "sip"):
+            await self.sip.stop()
         if hasattr(self, "zone"):
             await self.zone.close()
         await super().stop()
 
     def zone_status(self) -> dict[str, Any]:
-        return zone_summary(self.config.expc.zone.name, self.zone.channel_status())
+        return zone_summary(self.config.expc.zone.name, [self.sip.zone_status, *self.zone.channel_status()])
 
     def status(self) -> dict[str, Any]:
+        sip = self.sip.status()
         return {
             "zones": [self.zone_status()],
             "links": self.zone.link_details(),
             "maintenance": self.maintenance,
             "https": dict(self.https_counters),
-            "counts": {"registrations": 0, "calls": 0, "xmpp_sessions": 0},
+            "sip": sip,
+            "counts": {
+                "registrations": sip["registrations"],
+                "registrations_peak": sip["registrations_peak"],
+                "calls": 0,
+                "xmpp_sessions": 0,
+            },
             "time": time.time(),
         }
 
@@ -99,3 +124,8 @@ class ExpresswayE(BaseComponent):
         yield from counter_samples(
             "edge_https_requests_total", "HTTPS requests on E by outcome", self.https_counters, "outcome"
         )
+        sip = self.sip.status()
+        yield Sample("edge_mra_registrations", "gauge", "MRA registrations through this E", sip["registrations"])
+        yield Sample("edge_mra_registrations_peak", "gauge", "Peak MRA registrations since start",
+                     sip["registrations_peak"])
+        yield from counter_samples("edge_sip_events_total", "SIP events on E", sip["counters"], "event")

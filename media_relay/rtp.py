@@ -136,31 +136,54 @@ class StreamStats:
         self._max_seq = 0
         self._cycles = 0
         self._bad_seq = _SEQ_MOD + 1
-        self._transit: int | None = None
+        self._transit = 0
         self._jitter16 = 0  # jitter * 16, in timestamp units (A.8 integer form)
 
     def update(self, data: bytes, now: float) -> None:
-        """Account one RTP packet (caller has checked it is >= 12 bytes, version 2, not RTCP)."""
+        """Account one RTP packet (caller has checked it is >= 12 bytes, version 2, not RTCP).
+
+        Hot path: A.1's common case is inlined; rare cases (new SSRC, big jumps) call out.
+        """
         seq, ts, ssrc = _SEQ_TS_SSRC(data, 2)
         self.packets += 1
         self.bytes += len(data)
         self.last_seen = now
-        if ssrc != self.ssrc:
-            self.ssrc = ssrc
-            self._init_seq(seq)
-            self._transit = None
-            self._jitter16 = 0
-        elif not self._update_seq(seq):
-            return
-        # A.8: transit differences, taken modulo 2**32 so a timestamp wrap is harmless.
         transit = int(now * self.clock_rate) - ts
-        last = self._transit
+        if ssrc != self.ssrc:
+            self._restart(ssrc, seq, transit)
+            return
+        max_seq = self._max_seq
+        udelta = (seq - max_seq) & 0xFFFF
+        if udelta < MAX_DROPOUT:
+            if seq < max_seq:
+                self._cycles += _SEQ_MOD  # wrapped
+            self._max_seq = seq
+            self.received += 1
+        elif udelta <= _SEQ_MOD - MAX_MISORDER:
+            if not self._jump(seq):
+                return
+        else:
+            self.received += 1  # duplicate or reordered: counted, max_seq unchanged
+        # A.8: transit differences, taken modulo 2**32 so a timestamp wrap is harmless.
+        d = ((transit - self._transit + _HALF32) & _U32) - _HALF32
         self._transit = transit
-        if last is not None:
-            d = ((transit - last + _HALF32) & _U32) - _HALF32
-            if d < 0:
-                d = -d
-            self._jitter16 += d - ((self._jitter16 + 8) >> 4)
+        if d < 0:
+            d = -d
+        self._jitter16 += d - ((self._jitter16 + 8) >> 4)
+
+    def _restart(self, ssrc: int, seq: int, transit: int) -> None:
+        self.ssrc = ssrc
+        self._init_seq(seq)
+        self._transit = transit
+        self._jitter16 = 0
+
+    def _jump(self, seq: int) -> bool:
+        # A large jump: accept it only when the next packet confirms it (the peer restarted).
+        if seq == self._bad_seq:
+            self._init_seq(seq)
+            return True
+        self._bad_seq = (seq + 1) & 0xFFFF
+        return False
 
     def _init_seq(self, seq: int) -> None:
         self._base_seq = seq
@@ -168,23 +191,6 @@ class StreamStats:
         self._bad_seq = _SEQ_MOD + 1
         self._cycles = 0
         self.received = 1
-
-    def _update_seq(self, seq: int) -> bool:
-        udelta = (seq - self._max_seq) & 0xFFFF
-        if udelta < MAX_DROPOUT:
-            if seq < self._max_seq:
-                self._cycles += _SEQ_MOD  # wrapped
-            self._max_seq = seq
-        elif udelta <= _SEQ_MOD - MAX_MISORDER:
-            # A large jump: accept it only when the next packet confirms it (the peer restarted).
-            if seq == self._bad_seq:
-                self._init_seq(seq)
-                return True
-            self._bad_seq = (seq + 1) & 0xFFFF
-            return False
-        # else: duplicate or reordered packet, counted but max_seq unchanged
-        self.received += 1
-        return True
 
     @property
     def extended_max_seq(self) -> int:

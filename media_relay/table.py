@@ -87,6 +87,9 @@ class LegSpec:
 
     ``local_rtcp_port == local_rtp_port`` means rtcp-mux (RFC 5761) on that leg. For a demuxed
     leg ``remote_rtp`` (and ``remote_rtcp`` unless muxed) are required: they are the demux keys.
+    A latching leg ignores ``remote_*`` (SDP addresses lie behind NAT): it sends nothing until
+    its first packet; ``expected_ip`` optionally restricts who may latch it. A non-latching leg
+    sends to and accepts only from its configured ``remote_*``.
     """
 
     local_rtp_port: int

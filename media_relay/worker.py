@@ -40,7 +40,10 @@ class _PortProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Addr) -> None:
         route = self._receive(self._port, data, addr, self._time())
         if route is not None:
-            self._transports[route[0]].sendto(data, route[1])
+            try:
+                self._transports[route[0]].sendto(data, route[1])
+            except KeyError:  # egress port closed under a live stream (zero-cost when not raised)
+                self._worker.socket_errors += 1
 
     def error_received(self, exc: Exception) -> None:
         self._worker.socket_errors += 1
@@ -54,7 +57,10 @@ class _TranscodingProtocol(_PortProtocol):
     def datagram_received(self, data: bytes, addr: Addr) -> None:
         out = self._relay(self._port, data, addr, self._time())
         if out is not None:
-            self._transports[out[0]].sendto(out[2], out[1])
+            try:
+                self._transports[out[0]].sendto(out[2], out[1])
+            except KeyError:
+                self._worker.socket_errors += 1
 
 
 class _Ipv6PortProtocol(_PortProtocol):

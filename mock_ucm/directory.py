@@ -9,6 +9,7 @@ VMREST) and the SIP registrar read from it.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import hmac
 import uuid
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,7 @@ from edge.config import LabConfig, UcmNode
 # Deterministic identifiers: the same device name gives the same pkid in every process and every
 # run, so the UCM, Expressway-C and test clients agree without sharing state.
 _PKID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "pkid.mra-edge-lab")
+_PKID_NAMESPACE_BYTES = _PKID_NAMESPACE.bytes
 
 # Device-name prefix → product model, as Unified CM names them (Jabber device types).
 _MODELS_BY_PREFIX: tuple[tuple[str, str], ...] = (
@@ -35,13 +37,20 @@ DEFAULT_SEARCH_MAX = 64
 SEARCH_MAX_LIMIT = 500
 
 
+def _uuid5(name: str) -> str:
+    """`str(uuid.uuid5(_PKID_NAMESPACE, name))` without building UUID objects (4x faster at 100k)."""
+    h = hashlib.sha1(_PKID_NAMESPACE_BYTES + name.encode()).hexdigest()
+    variant = "89ab"[int(h[16], 16) & 0x3]
+    return f"{h[0:8]}-{h[8:12]}-5{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
+
+
 def device_pkid(device_name: str) -> str:
     """The pkid Unified CM would show for a device: uuid5 of the upper-cased device name."""
-    return str(uuid.uuid5(_PKID_NAMESPACE, "device:" + device_name.upper()))
+    return _uuid5("device:" + device_name.upper())
 
 
 def user_pkid(username: str) -> str:
-    return str(uuid.uuid5(_PKID_NAMESPACE, "user:" + username.lower()))
+    return _uuid5("user:" + username.lower())
 
 
 def device_model(device_name: str) -> str:
@@ -70,8 +79,19 @@ class DirectoryUser:
     first_name: str
     last_name: str
     email: str
-    pkid: str
-    devices: tuple[Device, ...]
+    device_names: tuple[str, ...]
+
+    @property
+    def pkid(self) -> str:
+        # Derived on use: 100,000 users are indexed without hashing 200,000 names up front.
+        return user_pkid(self.username)
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        return tuple(
+            Device(name=name, pkid=device_pkid(name), model=device_model(name), owner=self.username)
+            for name in self.device_names
+        )
 
     def device_by_pkid(self, pkid: str) -> Device | None:
         key = normalise_pkid(pkid)
@@ -166,12 +186,8 @@ class Directory:
             raise ValueError("directory: user ids must be unique (case-insensitive)")
         self._by_dn = {u.dn: u for u in self._users}
         self._by_email = {u.email.lower(): u for u in self._users}
-        self._devices: dict[str, tuple[DirectoryUser, Device]] = {}
-        self._device_pkids: dict[str, tuple[DirectoryUser, Device]] = {}
-        for user in self._users:
-            for device in user.devices:
-                self._devices[device.name.upper()] = (user, device)
-                self._device_pkids[device.pkid] = (user, device)
+        self._devices = {name.upper(): u for u in self._users for name in u.device_names}
+        self._device_pkids: dict[str, str] | None = None  # pkid → device name, built on first use
         rows = list(enumerate(self._users))
         self._index = {
             "username": _PrefixIndex.build((u.username.lower(), i) for i, u in rows),
@@ -188,10 +204,6 @@ class Directory:
         users = []
         for u in config.all_users():
             display, first, last = _split_name(u.display_name, u.username)
-            devices = tuple(
-                Device(name=name, pkid=device_pkid(name), model=device_model(name), owner=u.username)
-                for name in u.device_names
-            )
             users.append(
                 DirectoryUser(
                     username=u.username,
@@ -201,8 +213,7 @@ class Directory:
                     first_name=first,
                     last_name=last,
                     email=f"{u.username}@{domain}",
-                    pkid=user_pkid(u.username),
-                    devices=devices,
+                    device_names=tuple(u.device_names),
                 )
             )
         return cls(
@@ -229,10 +240,17 @@ class Directory:
         return self._by_dn.get(dn)
 
     def get_device(self, name: str) -> tuple[DirectoryUser, Device] | None:
-        return self._devices.get(name.upper())
+        user = self._devices.get(name.upper())
+        if user is None:
+            return None
+        device = next(d for d in user.devices if d.name.upper() == name.upper())
+        return user, device
 
     def get_device_by_pkid(self, pkid: str) -> tuple[DirectoryUser, Device] | None:
-        return self._device_pkids.get(normalise_pkid(pkid))
+        if self._device_pkids is None:
+            self._device_pkids = {device_pkid(name): name for name in self._devices}
+        name = self._device_pkids.get(normalise_pkid(pkid))
+        return self.get_device(name) if name is not None else None
 
     def authenticate(self, username: str, password: str) -> bool:
         """Constant-time password check; an unknown user costs the same as a wrong password."""

@@ -129,6 +129,14 @@ class Authenticator:
         return user.username if user is not None else None
 
 
+class HttpError(Exception):
+    """A client error answered with a fully formed response (an XML or JSON error body)."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
 def unauthorized(realm: str) -> web.HTTPUnauthorized:
     return web.HTTPUnauthorized(
         headers={"WWW-Authenticate": f'Basic realm="{realm}"'},
@@ -217,6 +225,9 @@ def boundary_middleware(stats: RequestStats) -> Middleware:
         route = _route_label(request)
         try:
             response = await handler(request)
+        except HttpError as exc:
+            stats.record(route, exc.response.status)
+            return exc.response
         except web.HTTPException as exc:
             stats.record(route, exc.status)
             raise

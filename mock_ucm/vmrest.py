@@ -29,8 +29,8 @@ from aiohttp import web
 from edge.config import CucNode
 from mock_ucm.directory import SEARCH_MAX_LIMIT, Directory, DirectoryUser, SearchResult
 from mock_ucm.http_common import (
-    XML_CONTENT_TYPE,
     Authenticator,
+    HttpError,
     RequestStats,
     bool_text,
     element,
@@ -39,7 +39,6 @@ from mock_ucm.http_common import (
     query_text,
     sub,
     unauthorized,
-    xml_bytes,
     xml_response,
 )
 from mock_ucm.oauth import Clock, TokenVerifier
@@ -68,12 +67,12 @@ class VoiceMessage:
     read: bool
 
 
-def _bad_request(code: str, message: str) -> web.HTTPBadRequest:
+def _bad_request(code: str, message: str) -> HttpError:
     root = element("ErrorDetails")
     errors = sub(root, "errors")
     sub(errors, "code", code)
     sub(errors, "message", message)
-    return web.HTTPBadRequest(body=xml_bytes(root), headers={"Content-Type": XML_CONTENT_TYPE})
+    return HttpError(xml_response(root, status=400))
 
 
 class Mailboxes:
@@ -247,7 +246,7 @@ class VmrestHandlers:
         messages = self.mailboxes.folder(user, folder)
         root = element("Messages", attrs={"total": str(len(messages))})
         for message in messages[(page - 1) * rows : page * rows]:
-            self._message_element(root, user, message)
+            self._fill_message(sub(root, "Message"), user, message)
         return xml_response(root)
 
     async def _handle_message(self, request: web.Request) -> web.Response:
@@ -255,11 +254,9 @@ class VmrestHandlers:
         message = self.mailboxes.find(user, request.match_info["msgid"])
         if message is None:
             raise web.HTTPNotFound(text="no such message")
-        root = element("Messages", attrs={"total": "1"})
-        return xml_response(self._message_element(root, user, message))
+        return xml_response(self._fill_message(element("Message"), user, message))
 
-    def _message_element(self, parent: ET.Element, user: DirectoryUser, m: VoiceMessage) -> ET.Element:
-        entry = sub(parent, "Message")
+    def _fill_message(self, entry: ET.Element, user: DirectoryUser, m: VoiceMessage) -> ET.Element:
         subject = f"Message from {m.sender_name} ({m.sender_number})"
         sub(entry, "Subject", subject)
         sub(entry, "Read", bool_text(m.read))

@@ -22,7 +22,7 @@ import logging
 import ssl as ssl_module
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from traversal import events as ev
 from traversal.link import Hello, LinkConfig, LinkConnection, LinkState, LinkUsageError, Role
@@ -476,7 +476,12 @@ class LinkEndpoint:
         self._core.accept_hello(self.loop.time())
         self._set_established()
         if self._on_link is not None:
-            result = self._on_link(self)
+            try:
+                result = self._on_link(self)
+            except Exception:  # an application bug must not kill the protocol callback
+                logger.exception("link %s: on_link failed", self._peer_address)
+                self.close("internal error")
+                return
             if asyncio.iscoroutine(result):
                 self._spawn(result)
 
@@ -546,12 +551,17 @@ class LinkEndpoint:
             self._settle_open(sid, StreamResetError(f"link lost: {reason}"))
         self._streams.clear()
         self._unanswered.clear()
-        for task in list(self._tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
+        # Handlers woken above see StreamResetError first (their wake-ups are already queued);
+        # whatever is still running one loop iteration later is cancelled.
+        self.loop.call_soon(self._cancel_tasks)
         if not self._closed.done():
             logger.info("link %s: closed: %s", self._peer_address, reason)
             self._closed.set_result(reason)
+
+    def _cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
 
     def _flush(self) -> None:
         data = self._core.data_to_send()
@@ -597,8 +607,8 @@ class LinkProtocol(asyncio.Protocol):
         self.endpoint = endpoint
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.endpoint._connection_made(transport)
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check here.
+        self.endpoint._connection_made(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
         self.endpoint._data_received(data)
@@ -640,7 +650,7 @@ async def connect_link(
     endpoint = LinkEndpoint(loop, Role.CLIENT, config, hello=Hello(channel, username, password))
     if stream_handler is not None:
         endpoint.set_stream_handler(stream_handler)
-    transport: asyncio.BaseTransport | None = None
+    transport: asyncio.Transport | None = None
     try:
         async with asyncio.timeout(timeout_s):
             transport, _ = await loop.create_connection(

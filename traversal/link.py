@@ -25,7 +25,7 @@ import enum
 import json
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from traversal import events as ev
@@ -174,12 +174,7 @@ class _PeerLimits:
         return cls(*values)
 
     def as_json(self) -> dict[str, int]:
-        return {
-            "window": self.window,
-            "max_frame": self.max_frame,
-            "max_streams": self.max_streams,
-            "max_control": self.max_control,
-        }
+        return asdict(self)
 
 
 # --- link state machine -------------------------------------------------------------------
@@ -286,7 +281,8 @@ class _Stream:
         self.end_queued = False  # END waits behind send_buffer
 
 
-_Handler = Callable[["LinkConnection", int, bytes, float, list[ev.Event]], None]
+_Events = list[ev.Event]
+_Handler = Callable[["LinkConnection", int, bytes, float, _Events], None]
 
 
 class LinkConnection:
@@ -636,8 +632,8 @@ class LinkConnection:
             raise _ProtocolError(f"{inp.value} on stream {stream_id} in state {stream.state.value}")
         stream.state = new
 
-    def _handle_hello(self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]) -> None:
-        obj = _decode_json_object(payload, "HELLO")
+    def _handle_hello(self, sid: int, body: bytes, now: float, out: _Events) -> None:
+        obj = _decode_json_object(body, "HELLO")
         fields = [obj.get(k) for k in ("channel", "username", "password")]
         version = obj.get("version")
         if type(version) is not int or not all(isinstance(f, str) for f in fields):
@@ -648,103 +644,97 @@ class LinkConnection:
         self.channel = channel
         if version != PROTOCOL_VERSION:
             self.reject_hello(f"unsupported protocol version {version}")
-            events.append(ev.LinkLost(f"unsupported protocol version {version}"))
+            out.append(ev.LinkLost(f"unsupported protocol version {version}"))
             return
-        events.append(ev.AuthenticationRequested(username, password, channel, version))
+        out.append(ev.AuthenticationRequested(username, password, channel, version))
 
-    def _handle_hello_accept(
-        self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]
-    ) -> None:
-        self._peer = _PeerLimits.parse(_decode_json_object(payload, "HELLO_ACCEPT"), "HELLO_ACCEPT")
+    def _handle_hello_accept(self, sid: int, body: bytes, now: float, out: _Events) -> None:
+        self._peer = _PeerLimits.parse(_decode_json_object(body, "HELLO_ACCEPT"), "HELLO_ACCEPT")
         self._transition(_LI.ACCEPT_RECEIVED)
         self._established(now)
-        events.append(ev.LinkEstablished(self.channel))
+        out.append(ev.LinkEstablished(self.channel))
 
-    def _handle_hello_reject(
-        self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]
-    ) -> None:
+    def _handle_hello_reject(self, sid: int, body: bytes, now: float, out: _Events) -> None:
         self._transition(_LI.REJECT_RECEIVED)
-        self.close_reason = f"rejected: {_decode_reason(payload)}"
-        events.append(ev.LinkRejected(_decode_reason(payload)))
+        self.close_reason = f"rejected: {_decode_reason(body)}"
+        out.append(ev.LinkRejected(_decode_reason(body)))
 
-    def _handle_ping(self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]) -> None:
-        self._emit(FrameType.PONG, 0, payload)
+    def _handle_ping(self, sid: int, body: bytes, now: float, out: _Events) -> None:
+        self._emit(FrameType.PONG, 0, body)
 
-    def _handle_pong(self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]) -> None:
-        if payload != self._ping_payload:
+    def _handle_pong(self, sid: int, body: bytes, now: float, out: _Events) -> None:
+        if body != self._ping_payload:
             return  # answer to an older ping we already gave up on; liveness was still noted
         self._ping_payload = None
         self.pings_unanswered = 0
         self.last_rtt_s = now - self._ping_sent_at
-        events.append(ev.PingAcknowledged(self.last_rtt_s))
+        out.append(ev.PingAcknowledged(self.last_rtt_s))
 
-    def _handle_goaway(self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]) -> None:
-        reason = _decode_reason(payload)
-        events.append(ev.GoAwayReceived(reason))
-        events.extend(self._fail(f"peer went away: {reason}", send_goaway=False))
+    def _handle_goaway(self, sid: int, body: bytes, now: float, out: _Events) -> None:
+        reason = _decode_reason(body)
+        out.append(ev.GoAwayReceived(reason))
+        out.extend(self._fail(f"peer went away: {reason}", send_goaway=False))
 
-    def _handle_open(self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]) -> None:
-        if self._is_local_id(stream_id) or stream_id <= self._highest_peer_id:
-            raise _ProtocolError(f"OPEN with invalid stream id {stream_id}")
-        self._highest_peer_id = stream_id
-        metadata = _decode_json_object(payload, "OPEN metadata")
+    def _handle_open(self, sid: int, body: bytes, now: float, out: _Events) -> None:
+        if self._is_local_id(sid) or sid <= self._highest_peer_id:
+            raise _ProtocolError(f"OPEN with invalid stream id {sid}")
+        self._highest_peer_id = sid
+        metadata = _decode_json_object(body, "OPEN metadata")
         if self._remote_count >= self.config.max_concurrent_streams:
-            self._emit(FrameType.OPEN_REJECT, stream_id, b"too many streams")
+            self._emit(FrameType.OPEN_REJECT, sid, b"too many streams")
             return
-        self._add_stream(stream_id, _Stream(_SS.PENDING, self._peer.window, self.config.initial_window_bytes))
-        events.append(ev.StreamOpened(stream_id, metadata))
+        self._add_stream(sid, _Stream(_SS.PENDING, self._peer.window, self.config.initial_window_bytes))
+        out.append(ev.StreamOpened(sid, metadata))
 
-    def _handle_open_accept(self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]) -> None:
-        stream = self._peer_stream(stream_id, FrameType.OPEN_ACCEPT)
+    def _handle_open_accept(self, sid: int, body: bytes, now: float, out: _Events) -> None:
+        stream = self._peer_stream(sid, FrameType.OPEN_ACCEPT)
         if stream is not None:
-            self._peer_step(stream_id, stream, _SI.ACCEPT_RECEIVED)
-            events.append(ev.StreamAccepted(stream_id))
-            self._flush_stream(stream_id, stream)
+            self._peer_step(sid, stream, _SI.ACCEPT_RECEIVED)
+            out.append(ev.StreamAccepted(sid))
+            self._flush_stream(sid, stream)
 
-    def _handle_open_reject(self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]) -> None:
-        stream = self._peer_stream(stream_id, FrameType.OPEN_REJECT)
+    def _handle_open_reject(self, sid: int, body: bytes, now: float, out: _Events) -> None:
+        stream = self._peer_stream(sid, FrameType.OPEN_REJECT)
         if stream is not None:
-            self._peer_step(stream_id, stream, _SI.REJECT_RECEIVED)
-            self._remove_stream(stream_id)
-            events.append(ev.StreamRejected(stream_id, _decode_reason(payload)))
+            self._peer_step(sid, stream, _SI.REJECT_RECEIVED)
+            self._remove_stream(sid)
+            out.append(ev.StreamRejected(sid, _decode_reason(body)))
 
-    def _handle_data(self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]) -> None:
-        stream = self._peer_stream(stream_id, FrameType.DATA)
+    def _handle_data(self, sid: int, body: bytes, now: float, out: _Events) -> None:
+        stream = self._peer_stream(sid, FrameType.DATA)
         if stream is None:
             return
-        self._peer_step(stream_id, stream, _SI.DATA_RECEIVED)
-        if len(payload) > stream.recv_credit:
-            raise _ProtocolError(f"flow control window exceeded on stream {stream_id}")
-        stream.recv_credit -= len(payload)
-        if payload:
-            events.append(ev.DataReceived(stream_id, payload))
+        self._peer_step(sid, stream, _SI.DATA_RECEIVED)
+        if len(body) > stream.recv_credit:
+            raise _ProtocolError(f"flow control window exceeded on stream {sid}")
+        stream.recv_credit -= len(body)
+        if body:
+            out.append(ev.DataReceived(sid, body))
 
-    def _handle_window_update(
-        self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]
-    ) -> None:
-        increment = int.from_bytes(payload, "big")
+    def _handle_window_update(self, sid: int, body: bytes, now: float, out: _Events) -> None:
+        increment = int.from_bytes(body, "big")
         if increment == 0:
             raise _ProtocolError("WINDOW_UPDATE of zero")
-        stream = self._peer_stream(stream_id, FrameType.WINDOW_UPDATE)
+        stream = self._peer_stream(sid, FrameType.WINDOW_UPDATE)
         if stream is None:
             return
-        self._peer_step(stream_id, stream, _SI.WINDOW_RECEIVED)
+        self._peer_step(sid, stream, _SI.WINDOW_RECEIVED)
         stream.send_window += increment
         if stream.send_window > MAX_WINDOW_BYTES:
-            raise _ProtocolError(f"window overflow on stream {stream_id}")
-        self._flush_stream(stream_id, stream)
+            raise _ProtocolError(f"window overflow on stream {sid}")
+        self._flush_stream(sid, stream)
 
-    def _handle_end(self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]) -> None:
-        stream = self._peer_stream(stream_id, FrameType.END)
+    def _handle_end(self, sid: int, body: bytes, now: float, out: _Events) -> None:
+        stream = self._peer_stream(sid, FrameType.END)
         if stream is not None:
-            self._peer_step(stream_id, stream, _SI.END_RECEIVED)
-            events.append(ev.StreamEnded(stream_id))
-            self._maybe_retire(stream_id, stream)
+            self._peer_step(sid, stream, _SI.END_RECEIVED)
+            out.append(ev.StreamEnded(sid))
+            self._maybe_retire(sid, stream)
 
-    def _handle_reset(self, stream_id: int, payload: bytes, now: float, events: list[ev.Event]) -> None:
-        if self._peer_stream(stream_id, FrameType.RESET) is not None:
-            self._remove_stream(stream_id)
-            events.append(ev.StreamReset(stream_id, _decode_reason(payload)))
+    def _handle_reset(self, sid: int, body: bytes, now: float, out: _Events) -> None:
+        if self._peer_stream(sid, FrameType.RESET) is not None:
+            self._remove_stream(sid)
+            out.append(ev.StreamReset(sid, _decode_reason(body)))
 
 
 _HANDLERS: Final[dict[FrameType, _Handler]] = {

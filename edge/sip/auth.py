@@ -175,7 +175,9 @@ class DigestCredentials:
 class DigestVerifier:
     """Server side: issue stateless HMAC-signed nonces and verify Authorization headers."""
 
-    def __init__(self, realm: str, secret: bytes, nonce_ttl_s: float = 300.0, *, qop: str | None = "auth") -> None:
+    def __init__(
+        self, realm: str, secret: bytes, nonce_ttl_s: float = 300.0, *, qop: str | None = "auth"
+    ) -> None:
         self.realm = realm
         self._secret = secret
         self.nonce_ttl_s = nonce_ttl_s

@@ -118,7 +118,9 @@ class StreamFramer:
             return None
         data = self._consume(self._need)
         try:
-            return MessageReceived(parse_message(data, max_message_bytes=self.max_message_bytes, strict=self.strict))
+            return MessageReceived(
+                parse_message(data, max_message_bytes=self.max_message_bytes, strict=self.strict)
+            )
         except SipParseError as exc:
             # Framing stayed intact (Content-Length was readable), so the flow survives.
             return FramingError(exc.status_code, exc.reason, False, data)
@@ -141,7 +143,9 @@ def _find_content_length(head: bytes) -> int | None:
     return found
 
 
-def parse_datagram(data: bytes, *, max_message_bytes: int = MAX_MESSAGE_BYTES, strict: bool = True) -> FramingEvent:
+def parse_datagram(
+    data: bytes, *, max_message_bytes: int = MAX_MESSAGE_BYTES, strict: bool = True
+) -> FramingEvent:
     """One UDP datagram: a SIP message, a STUN message, a CRLF keepalive, or an error."""
     if not data.strip(b"\r\n"):
         return KeepaliveReceived(pong_needed=data == b"\r\n\r\n")

@@ -85,7 +85,9 @@ class Message:
 
     __slots__ = ("_body", "_fix_cl", "headers", "version")
 
-    def __init__(self, headers: Headers | Iterable[tuple[str, str]] | None, body: bytes, version: str) -> None:
+    def __init__(
+        self, headers: Headers | Iterable[tuple[str, str]] | None, body: bytes, version: str
+    ) -> None:
         self.headers = headers if isinstance(headers, Headers) else Headers(headers or ())
         self._body = bytes(body)
         self._fix_cl = True

@@ -138,10 +138,12 @@ class TransactionLayer:
                 out += self._after(txn, txn.handle_timer(now), client=client)
         return out
 
-    def _after(self, txn: Transaction, events: list[TransactionEvent], *, client: bool) -> list[TransactionEvent]:
+    def _after(
+        self, txn: Transaction, events: list[TransactionEvent], *, client: bool
+    ) -> list[TransactionEvent]:
         slot = (txn.key, client)
         if txn.terminated:
-            (self.clients if client else self.servers).pop(txn.key, None)  # type: ignore[arg-type]
+            (self.clients if client else self.servers).pop(txn.key, None)
             self._scheduled.pop(slot, None)
             return events
         when = txn.get_timer()

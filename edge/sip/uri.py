@@ -69,7 +69,14 @@ class Uri:
 
     def copy(self) -> Uri:
         return Uri(
-            self.scheme, self.user, self.password, self.host, self.port, self.params.copy(), self.headers, self.opaque
+            self.scheme,
+            self.user,
+            self.password,
+            self.host,
+            self.port,
+            self.params.copy(),
+            self.headers,
+            self.opaque,
         )
 
     def __str__(self) -> str:

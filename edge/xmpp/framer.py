@@ -62,6 +62,10 @@ class _State(enum.Enum):
     FAILED = "failed"
 
 
+class _Closed(Exception):
+    """Raised by the end-of-stream callback: nothing after ``</stream:stream>`` is parsed."""
+
+
 class _Failure(Exception):
     """Raised inside expat callbacks to stop the parse with a stream error condition."""
 
@@ -187,10 +191,11 @@ class XmlStreamFramer:
         self._fed += len(chunk)
         try:
             self._parser.Parse(chunk, False)
-            if self._state is _State.CLOSED:
-                self._buf = bytearray()
-            elif self._fed - self._buf_start > self._max_stanza_bytes:
+            if self._fed - self._buf_start > self._max_stanza_bytes:
                 raise _Failure("policy-violation", f"stanza exceeds {self._max_stanza_bytes} bytes")
+        except _Closed:
+            self._buf = bytearray()
+            self._builder = None
         except _Failure as failure:
             self._fail(failure.condition, failure.text)
         except expat.ExpatError as exc:
@@ -259,7 +264,7 @@ class XmlStreamFramer:
         if depth == 0:
             self._state = _State.CLOSED
             self._events.append(StreamClosed())
-            return
+            raise _Closed
         assert self._builder is not None
         element = self._builder.end(_clark(name))
         if depth > 1:

@@ -354,7 +354,11 @@ class Router:
             return
         ns, local = split_tag(iq[0].tag)
         kind = iq.get("type")
-        if (ns, local, kind) == (NS_PING, "ping", "get") or (ns, local, kind) == (NS_SESSION, "session", "set"):
+        if (ns, local, kind) == (NS_PING, "ping", "get") or (ns, local, kind) == (
+            NS_SESSION,
+            "session",
+            "set",
+        ):
             self._send(session, self._server_reply(iq))
         elif (ns, local) == (NS_ROSTER, "query"):
             self._handle_roster(session, iq)
@@ -392,11 +396,23 @@ class Router:
                 return
             self._send(session, self._server_reply(iq))
             self._push(session.username, removed, removed=True)
+            self._cancel_subscriptions(session.username, contact)
             return
         groups = tuple(g.text or "" for g in spec.findall(qn(NS_ROSTER, "group")))
         item = self.rosters.set_item(session.username, str(contact), spec.get("name", ""), groups)
         self._send(session, self._server_reply(iq))
         self._push(session.username, item)
+
+    def _cancel_subscriptions(self, user: str, contact: Jid) -> None:
+        """RFC 6121 §2.5.2: removing an item cancels the subscriptions both ways."""
+        if not self._is_local_user(contact):
+            return
+        user_bare = f"{user}@{self.domain}"
+        changed = None
+        for kind in ("unsubscribe", "unsubscribed"):
+            changed = self.rosters.apply(contact.local, user_bare, kind, Direction.INBOUND) or changed
+        if changed is not None:
+            self._push(contact.local, changed)
 
     def _push(self, user: str, item: RosterItem, removed: bool = False) -> None:
         """Roster push (RFC 6121 §2.1.6) to every interested resource of ``user``."""

@@ -39,9 +39,6 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.CLOSED: frozenset(),
 }
 
-# States in which the next thing expected from the peer is a stream header.
-HEADER_STATES = frozenset({State.AWAIT_STREAM_PLAIN, State.AWAIT_STREAM_SECURE, State.AWAIT_STREAM_AUTHED})
-
 
 class IllegalTransition(RuntimeError):
     pass
@@ -56,6 +53,7 @@ class ClientSession:
     framer: XmlStreamFramer
     stream_id: str = ""
     header_sent: bool = False
+    restarts: int = 0  # stream restarts so far (STARTTLS, SASL success)
     auth_failures: int = 0
     pending_mechanism: str = ""  # mechanism awaiting a <response/> after an empty <auth/>
     username: str = ""  # localpart, after SASL success

@@ -142,7 +142,10 @@ def test_demux_tells_streams_apart_by_c_source_address() -> None:
         assert table.receive_datagram(36002 + 2 * i, rtp(1), client, now=0.1) == (2776, c_addr)
     for i in range(3):
         c_addr = ("127.10.3.1", 36100 + 2 * i)
-        assert table.receive_datagram(2776, rtp(5), c_addr, now=0.2) == (36002 + 2 * i, ("198.51.100.9", 50000 + i))
+        assert table.receive_datagram(2776, rtp(5), c_addr, now=0.2) == (
+            36002 + 2 * i,
+            ("198.51.100.9", 50000 + i),
+        )
     assert table.receive_datagram(2776, rtp(5), ("127.10.3.1", 9), now=0.3) is None
     assert table.unknown_source_drops == 1
     table.remove_stream("s1")
@@ -155,7 +158,9 @@ def test_duplicate_ports_and_demux_keys_refused() -> None:
     with pytest.raises(ValueError):
         table.add_stream("x", LegSpec.dedicated(36002), LegSpec.dedicated(36010), now=0.0)
     with pytest.raises(ValueError):
-        table.add_stream("y", LegSpec.dedicated(36010), LegSpec.demuxed(2776, 2777, C_RTP, ("1.2.3.4", 1)), now=0)
+        table.add_stream(
+            "y", LegSpec.dedicated(36010), LegSpec.demuxed(2776, 2777, C_RTP, ("1.2.3.4", 1)), now=0
+        )
     with pytest.raises(ValueError):
         table.add_stream("z", LegSpec.dedicated(2776), LegSpec.dedicated(36010), now=0.0)
     with pytest.raises(ValueError):
@@ -230,10 +235,18 @@ def test_inactivity_timeout_with_fake_clock() -> None:
     table = RelayTable(default_inactivity_timeout_s=30.0)
     table.add_stream("a", LegSpec.dedicated(36002), LegSpec.dedicated(36004, latch=False), now=0.0)
     table.add_stream(
-        "b", LegSpec.dedicated(36006), LegSpec.dedicated(36008, latch=False), now=10.0, inactivity_timeout_s=5.0
+        "b",
+        LegSpec.dedicated(36006),
+        LegSpec.dedicated(36008, latch=False),
+        now=10.0,
+        inactivity_timeout_s=5.0,
     )
     table.add_stream(
-        "forever", LegSpec.dedicated(36010), LegSpec.dedicated(36012, latch=False), now=0.0, inactivity_timeout_s=0
+        "forever",
+        LegSpec.dedicated(36010),
+        LegSpec.dedicated(36012, latch=False),
+        now=0.0,
+        inactivity_timeout_s=0,
     )
     assert table.get_timer() == 0.0  # a zero timeout is due at once
     table.get_stream("forever").inactivity_timeout_s = None  # no timeout at all
@@ -278,7 +291,9 @@ def test_transcoder_hook_authenticates_before_latching() -> None:
     table.add_stream(
         "c",
         LegSpec.dedicated(36002, latch=True),
-        LegSpec.dedicated(36004, latch=False, remote_rtp=("10.0.0.5", 20000), remote_rtcp=("10.0.0.5", 20001)),
+        LegSpec.dedicated(
+            36004, latch=False, remote_rtp=("10.0.0.5", 20000), remote_rtcp=("10.0.0.5", 20001)
+        ),
         now=0.0,
     )
     fake = FakeTranscoder()

@@ -25,6 +25,7 @@ from traversal.link import HEADER, FrameType, LinkConfig, encode_frame
 
 USER, PASSWORD = "expc", "lab-pass"
 GUARD_S = 20.0  # hang protection only; nothing here asserts on wall-clock speed
+pytestmark = pytest.mark.timeout(60)
 
 
 async def echo(stream: LinkStream) -> None:
@@ -51,7 +52,8 @@ class Harness:
             return None if ok else "authentication failed"
 
         def verify_peer(ssl_object: ssl.SSLObject) -> str | None:
-            sans = [v for k, v in ssl_object.getpeercert().get("subjectAltName", ()) if k == "DNS"]
+            cert = ssl_object.getpeercert() or {}
+            sans = [str(v) for k, v in cert.get("subjectAltName", ()) if k == "DNS"]  # type: ignore[str-unpack]
             return None if C_NAME in sans else f"TLS verify subject name {C_NAME!r} not in {sans}"
 
         def on_link(link: LinkEndpoint) -> None:
@@ -247,7 +249,9 @@ async def test_keepalive_timeout_against_a_peer_that_stops_reading(lab_tls: LabT
             limits = {"window": 65536, "max_frame": 16384, "max_streams": 10, "max_control": 4096}
             body = json.dumps({"version": 1} | limits).encode() if answer is FrameType.HELLO_ACCEPT else b""
             writer.write(encode_frame(answer, sid, body))
-        writer.transport.pause_reading()
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
         await release.wait()
         writer.close()
 
@@ -278,3 +282,23 @@ async def test_keepalive_timeout_against_a_peer_that_stops_reading(lab_tls: LabT
         release.set()
         server.close()
         await server.wait_closed()
+
+
+async def test_handler_tasks_blocked_elsewhere_are_cancelled_when_the_link_closes(harness: Harness) -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def stuck(stream: LinkStream) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # e.g. a backend that never answers
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    harness.handler = stuck
+    link = await harness.connect()
+    await link.open_stream({"kind": "http"})
+    await started.wait()
+    link.close("C shutting down")
+    await cancelled.wait()
+    assert await (await harness.server_link()).wait_closed() == "peer went away: C shutting down"

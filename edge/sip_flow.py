@@ -1,0 +1,145 @@
+"""The thin asyncio adapter for one SIP stream flow (TCP or TLS), shared by E and C.
+
+It feeds bytes to the sans-IO framer and hands messages, STUN requests and framing errors to the
+owner through callbacks; it writes bytes and closes. Nothing here knows SIP routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from edge.sip.events import FramingError, KeepaliveReceived, MessageReceived, StunReceived
+from edge.sip.framing import StreamFramer
+from edge.sip.message import Request, Response, make_response
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+
+MessageHandler = Callable[["SipFlow", Request | Response], None]
+StunHandler = Callable[["SipFlow", bytes], None]
+ClosedHandler = Callable[["SipFlow", str], None]
+
+
+class SipFlow(asyncio.Protocol):
+    """One connection. `flow_id` is a short token usable in URIs (flow tokens, Via params)."""
+
+    def __init__(
+        self,
+        *,
+        on_message: MessageHandler,
+        on_closed: ClosedHandler | None = None,
+        on_stun: StunHandler | None = None,
+        on_connected: Callable[[SipFlow], None] | None = None,
+        max_message_bytes: int = 65535,
+        name: str = "sip",
+    ) -> None:
+        self.flow_id = f"f{next(_ids):x}"
+        self.name = name
+        self._on_message = on_message
+        self._on_closed = on_closed
+        self._on_stun = on_stun
+        self._on_connected = on_connected
+        self.framer = StreamFramer(max_message_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.peer: tuple[str, int] = ("", 0)
+        self.local: tuple[str, int] = ("", 0)
+        self.secure = False
+        self.ssl_object: ssl.SSLObject | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self.context: dict[str, Any] = {}
+        self.messages_in = 0
+        self.messages_out = 0
+
+    @property
+    def transport_name(self) -> str:
+        return "TLS" if self.secure else "TCP"
+
+    @property
+    def is_open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self.peer = (str(peer[0]), int(peer[1]))
+        self.local = (str(local[0]), int(local[1]))
+        self.ssl_object = transport.get_extra_info("ssl_object")
+        self.secure = self.ssl_object is not None
+        if self._on_connected is not None:
+            self._on_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.framer.receive_data(data):
+            if isinstance(event, MessageReceived):
+                self.messages_in += 1
+                try:
+                    self._on_message(self, event.message)
+                except Exception:  # one bad message must not take the flow down with a traceback
+                    log.exception("%s %s: handler failed", self.name, self.flow_id)
+                    if isinstance(event.message, Request) and event.message.method != "ACK":
+                        self.send(make_response(event.message, 500, "Server Internal Error"))
+            elif isinstance(event, KeepaliveReceived):
+                if event.pong_needed:
+                    self.write(b"\r\n")
+            elif isinstance(event, StunReceived):
+                if self._on_stun is not None:
+                    self._on_stun(self, event.data)
+            elif isinstance(event, FramingError):
+                self._framing_error(event)
+                if event.fatal:
+                    return
+
+    def _framing_error(self, event: FramingError) -> None:
+        log.info("%s %s from %s:%d: %d %s", self.name, self.flow_id, *self.peer, event.status_code, event.reason)
+        if event.fatal:
+            self.close(f"framing error: {event.reason}")
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = str(exc) if exc else "closed by peer"
+        self.transport = None
+        if not self.closed.done():
+            self.closed.set_result(reason)
+        if self._on_closed is not None:
+            self._on_closed(self, reason)
+
+    def send(self, message: Request | Response) -> bool:
+        if not self.is_open:
+            return False
+        self.messages_out += 1
+        assert self.transport is not None
+        self.transport.write(message.serialize())
+        return True
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self, reason: str = "closed") -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if not self.closed.done():
+            self.closed.set_result(reason)
+
+    async def wait_closed(self) -> str:
+        return await asyncio.shield(self.closed)
+
+
+def host_port(text: str) -> tuple[str, int | None]:
+    """'1.2.3.4:5060' → ('1.2.3.4', 5060); '[::1]:5060' → ('::1', 5060)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit():
+        return host, int(port)
+    return text, None

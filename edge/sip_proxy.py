@@ -1,0 +1,98 @@
+"""Proxy operations on SIP messages shared by Expressway-E and Expressway-C (RFC 3261 §16).
+
+Pure functions over edge.sip messages: Via stamping and stacking, Max-Forwards, popping our own
+Route entries, Record-Route, stateless branch derivation, error answers with a Warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+from edge.sip.address import NameAddr, Via
+from edge.sip.errors import SipParseError
+from edge.sip.message import Request, Response, make_response
+from edge.sip.uri import Uri
+
+DIALOG_FORMING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
+
+
+def error_response(request: Request, status: int, reason: str, warning: str | None = None,
+                   agent: str = "edge") -> Response:
+    resp = make_response(request, status, reason)
+    if warning:
+        resp.headers.add("Warning", f'399 {agent} "{warning}"')
+    return resp
+
+
+def stamp_top_via(msg: Request, peer: tuple[str, int], **extra: str | None) -> Via:
+    """RFC 3261 §18.2.1 + RFC 3581: record where the request really came from on the top Via."""
+    raw = msg.headers.remove_first("Via")
+    if raw is None:
+        raise SipParseError(400, "Missing Via")
+    via = Via.parse(raw)
+    via.params.set("received", peer[0])
+    via.params.set("rport", str(peer[1]))
+    for key, value in extra.items():
+        via.params.set(key.replace("_", "-"), value)
+    msg.headers.prepend("Via", str(via))
+    return via
+
+
+def push_via(msg: Request, via: Via) -> None:
+    msg.headers.prepend("Via", str(via))
+
+
+def pop_via(resp: Response) -> Via | None:
+    raw = resp.headers.remove_first("Via")
+    return Via.parse(raw) if raw is not None else None
+
+
+def top_via(msg: Request | Response) -> Via | None:
+    raw = msg.headers.get_all("Via")
+    return Via.parse(raw[0]) if raw else None
+
+
+def decrement_max_forwards(req: Request, cap: int | None = None) -> bool:
+    """False when the request must be refused with 483 (RFC 3261 §16.3 step 2, spec §5 hop limit)."""
+    mf = req.max_forwards
+    if mf is None:
+        mf = 70
+    if cap is not None:
+        mf = min(mf, cap)
+    if mf <= 0:
+        return False
+    req.headers.replace("Max-Forwards", str(mf - 1))
+    return True
+
+
+def pop_own_routes(req: Request, is_own: Callable[[Uri], bool]) -> list[Uri]:
+    """Remove top Route entries that name us (loose routing, RFC 3261 §16.4)."""
+    popped: list[Uri] = []
+    while True:
+        values = req.headers.get_all("Route")
+        if not values:
+            break
+        top = NameAddr.parse(values[0])
+        if not is_own(top.uri):
+            break
+        req.headers.remove_first("Route")
+        popped.append(top.uri)
+    return popped
+
+
+def stateless_branch(req: Request, salt: str) -> str:
+    """A branch that is the same for retransmissions and for the CANCEL/ACK of the same INVITE
+    (RFC 3261 §16.11): derived from the incoming top Via branch and our own salt."""
+    via = top_via(req)
+    basis = f"{salt}|{via.branch if via else ''}|{via.sent_by if via else ''}|{req.call_id}"
+    return "z9hG4bK" + hashlib.blake2b(basis.encode(), digest_size=10).hexdigest()
+
+
+def is_dialog_forming(req: Request) -> bool:
+    return req.method in DIALOG_FORMING and req.to_tag is None
+
+
+def uri_hostport(uri: Uri) -> tuple[str, int | None]:
+    host = uri.host[1:-1] if uri.host.startswith("[") else uri.host
+    return host, uri.port

@@ -1,0 +1,508 @@
+"""Expressway-C's SIP: the zone connection to each E (TLS 7001) and the way to Unified CM.
+
+C dials each E's traversal SIP port, authenticates with a digest REGISTER (E's local
+authentication database) and keeps the connection alive with OPTIONS that also tell E whether C
+reaches Unified CM (E answers clients' STUN keepalives only then, spec §5). Requests from the
+zone go to the user's UCM node (TCP 5060 or TLS 5061), with the Contact rewritten to C and the
+client's address kept in `orig-hostport` (or a `Path` header, RFC 3327, when that setting is on);
+requests from UCM go back over the zone to the client. Max-Forwards is capped at the zone's hop
+limit (15; 483 beyond).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from edge.config import LabConfig, UcmNode
+from edge.sip.address import NameAddr, Via
+from edge.sip.auth import compute_authorization
+from edge.sip.errors import SipParseError
+from edge.sip.message import Request, Response, make_response, new_branch, new_call_id, new_tag
+from edge.sip.uri import Uri
+from edge.sip_flow import SipFlow, host_port
+from edge.sip_proxy import (
+    decrement_max_forwards,
+    error_response,
+    is_dialog_forming,
+    pop_own_routes,
+    pop_via,
+    push_via,
+    stamp_top_via,
+    stateless_branch,
+)
+from traversal.channel import LinkRejectedError
+
+log = logging.getLogger(__name__)
+
+FLOW_PARAM = "x-c-flow"
+PATH_STATE_HEADER = "X-Edge-Path-State"
+
+
+class ZoneSipConnection:
+    """One authenticated SIP connection from C to one E peer (a traversal zone channel)."""
+
+    def __init__(self, flow: SipFlow, peer_name: str) -> None:
+        self.flow = flow
+        self.peer_name = peer_name
+        self._pending: dict[str, asyncio.Future[Response]] = {}
+        self.keepalive_task: asyncio.Task[None] | None = None
+        self.last_rtt_ms: float | None = None
+
+    async def wait_closed(self) -> str:
+        return await self.flow.wait_closed()
+
+    def close(self, reason: str) -> None:
+        if self.keepalive_task is not None:
+            self.keepalive_task.cancel()
+        self.flow.close(reason)
+
+    def expect(self, call_id: str) -> asyncio.Future[Response]:
+        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        return fut
+
+    def settle(self, resp: Response) -> bool:
+        fut = self._pending.pop(resp.call_id or "", None)
+        if fut is None or fut.done():
+            return False
+        fut.set_result(resp)
+        return True
+
+
+class ExpcSip:
+    def __init__(
+        self,
+        config: LabConfig,
+        *,
+        ucm_health: Callable[[], bool],
+        maintenance: Callable[[], bool],
+    ) -> None:
+        self.config = config
+        self.settings = config.expc
+        self.address = config.expc.address
+        self.maintenance = maintenance
+        self.ucm_health = ucm_health
+        self.salt = secrets.token_hex(4)
+        self.zone_conns: dict[str, ZoneSipConnection] = {}  # flow id → connection
+        self.ucm_flows: dict[str, SipFlow] = {}  # flow id → flow (both directions)
+        self.ucm_out: dict[str, SipFlow] = {}  # node name → outbound flow
+        self.ucm_down: dict[str, str] = {}  # node name → reason
+        self.client_edge: dict[tuple[str, int], str] = {}  # client addr → zone flow id
+        self.counters: dict[str, int] = {}
+        self._servers: list[asyncio.Server] = []
+        self._ucm_ctx: ssl.SSLContext | None = None
+        self._connecting: dict[str, asyncio.Future[SipFlow]] = {}
+        self.ucm_port = (
+            config.expc.sip_tls_port if config.expc.ucm_transport == "tls" else config.expc.sip_tcp_port
+        )
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    # -- listeners towards UCM ------------------------------------------------------------
+
+    async def start(self, ucm_server_ctx: ssl.SSLContext, ucm_client_ctx: ssl.SSLContext) -> list[
+        tuple[str, str, str, int]
+    ]:
+        self._ucm_ctx = ucm_client_ctx
+        loop = asyncio.get_running_loop()
+        tcp = await loop.create_server(self._ucm_flow_factory, self.address, self.settings.sip_tcp_port,
+                                       reuse_address=True)
+        tls = await loop.create_server(self._ucm_flow_factory, self.address, self.settings.sip_tls_port,
+                                       ssl=ucm_server_ctx, reuse_address=True)
+        self._servers = [tcp, tls]
+        return [
+            ("sip-ucm", "tcp", self.address, self.settings.sip_tcp_port),
+            ("sip-ucm-tls", "tls", self.address, self.settings.sip_tls_port),
+        ]
+
+    def _ucm_flow_factory(self) -> SipFlow:
+        return SipFlow(on_message=self._ucm_message, on_closed=self._ucm_closed,
+                       on_connected=self._ucm_connected, name="sip-ucm")
+
+    def _ucm_connected(self, flow: SipFlow) -> None:
+        self.ucm_flows[flow.flow_id] = flow
+
+    def _ucm_closed(self, flow: SipFlow, reason: str) -> None:
+        self.ucm_flows.pop(flow.flow_id, None)
+        for name, out in list(self.ucm_out.items()):
+            if out is flow:
+                del self.ucm_out[name]
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for conn in list(self.zone_conns.values()):
+            conn.close("Expressway-C shutting down")
+        for flow in list(self.ucm_flows.values()):
+            flow.close("Expressway-C shutting down")
+
+    # -- the zone connection (a ChannelSupervisor connector) -------------------------------
+
+    def zone_connector(
+        self,
+        peer_name: str,
+        resolve: Callable[[], Awaitable[tuple[str, int, str]]],
+        ssl_context: ssl.SSLContext,
+        *,
+        username: str,
+        password: str,
+        timeout_s: float,
+        keepalive_interval_s: float,
+        keepalive_timeout_s: float,
+    ) -> Callable[[], Awaitable[ZoneSipConnection]]:
+        async def connect() -> ZoneSipConnection:
+            host, port, server_name = await resolve()
+            loop = asyncio.get_running_loop()
+            conn_box: list[ZoneSipConnection] = []
+
+            def on_message(flow: SipFlow, msg: Request | Response) -> None:
+                conn = conn_box[0] if conn_box else None
+                if conn is None:
+                    return
+                if isinstance(msg, Response) and conn.settle(msg):
+                    return
+                self._zone_message(conn, msg)
+
+            def on_closed(flow: SipFlow, reason: str) -> None:
+                if conn_box:
+                    self.zone_conns.pop(flow.flow_id, None)
+
+            flow_factory = lambda: SipFlow(on_message=on_message, on_closed=on_closed, name="sip-zone")  # noqa: E731
+            _, flow = await asyncio.wait_for(
+                loop.create_connection(flow_factory, host, port, ssl=ssl_context, server_hostname=server_name,
+                                       local_addr=(self.address, 0)),
+                timeout_s,
+            )
+            conn = ZoneSipConnection(flow, peer_name)
+            conn_box.append(conn)
+            try:
+                await asyncio.wait_for(self._authenticate(conn, server_name, username, password), timeout_s)
+            except BaseException:
+                flow.close("zone authentication did not complete")
+                raise
+            self.zone_conns[flow.flow_id] = conn
+            conn.keepalive_task = asyncio.ensure_future(
+                self._keepalive(conn, server_name, keepalive_interval_s, keepalive_timeout_s)
+            )
+            return conn
+
+        return connect
+
+    def _zone_request(self, method: str, server_name: str, username: str) -> Request:
+        uri = f"sip:{server_name}"
+        req = Request(method, uri, [], b"")
+        via = Via(self.address, None, "TLS")
+        via.params.set("branch", new_branch())
+        req.headers.add("Via", str(via))
+        req.headers.add("Max-Forwards", "70")
+        req.headers.add("From", f"<sip:{username}@{server_name}>;tag={new_tag()}")
+        req.headers.add("To", f"<sip:{username}@{server_name}>")
+        req.headers.add("Call-ID", new_call_id(self.address))
+        req.headers.add("CSeq", f"1 {method}")
+        req.headers.add("Contact", f"<sip:{username}@{self.address};transport=tls>")
+        req.headers.add(PATH_STATE_HEADER, "up" if self.ucm_health() else "down")
+        req.headers.add("Content-Length", "0")
+        return req
+
+    async def _authenticate(self, conn: ZoneSipConnection, server_name: str, username: str, password: str) -> None:
+        req = self._zone_request("REGISTER", server_name, username)
+        fut = conn.expect(req.call_id or "")
+        conn.flow.send(req)
+        resp = await fut
+        if resp.status_code == 401:
+            challenge = resp.headers.get("WWW-Authenticate") or ""
+            retry = req.copy()
+            retry.headers.replace("CSeq", "2 REGISTER")
+            via = Via(self.address, None, "TLS")
+            via.params.set("branch", new_branch())
+            retry.headers.replace("Via", str(via))
+            retry.headers.replace("Authorization",
+                                  compute_authorization(challenge, "REGISTER", req.uri, username, password))
+            fut = conn.expect(retry.call_id or "")
+            conn.flow.send(retry)
+            resp = await fut
+        if resp.status_code != 200:
+            warning = resp.headers.get("Warning") or ""
+            reason = warning.split('"')[1] if warning.count('"') >= 2 else f"{resp.status_code} {resp.reason}"
+            raise LinkRejectedError(reason)
+
+    async def _keepalive(self, conn: ZoneSipConnection, server_name: str, interval_s: float,
+                         timeout_s: float) -> None:
+        username = self.settings.zone.username
+        try:
+            while conn.flow.is_open:
+                await asyncio.sleep(interval_s)
+                req = self._zone_request("OPTIONS", server_name, username)
+                fut = conn.expect(req.call_id or "")
+                sent = time.monotonic()
+                conn.flow.send(req)
+                try:
+                    await asyncio.wait_for(fut, timeout_s)
+                except TimeoutError:
+                    conn.flow.close("keepalive timeout")
+                    return
+                conn.last_rtt_ms = round((time.monotonic() - sent) * 1000, 2)
+        except asyncio.CancelledError:
+            pass
+
+    # -- routing --------------------------------------------------------------------------
+
+    def _is_own(self, uri: Uri) -> bool:
+        return uri.host == self.address
+
+    def _pick_ucm(self, req: Request) -> UcmNode:
+        nodes = self.config.ucm
+        live = [n for n in nodes if n.name not in self.ucm_down] or list(nodes)
+        for candidate in (req.headers.get_all("Route")[:1], [req.uri]):
+            for text in candidate:
+                try:
+                    uri = NameAddr.parse(text).uri if candidate is not None and text.startswith("<") else Uri.parse(
+                        text
+                    )
+                except SipParseError:
+                    continue
+                for n in live:
+                    if uri.host in (n.fqdn, n.address):
+                        return n
+        return live[0]
+
+    async def _ucm_flow(self, node: UcmNode) -> SipFlow:
+        flow = self.ucm_out.get(node.name)
+        if flow is not None and flow.is_open:
+            return flow
+        pending = self._connecting.get(node.name)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[SipFlow] = asyncio.get_running_loop().create_future()
+        self._connecting[node.name] = fut
+        try:
+            tls = self.settings.ucm_transport == "tls"
+            port = node.sip_tls_port if tls else node.sip_tcp_port
+            loop = asyncio.get_running_loop()
+            _, new_flow = await asyncio.wait_for(
+                loop.create_connection(self._ucm_flow_factory, node.address, port,
+                                       ssl=self._ucm_ctx if tls else None,
+                                       server_hostname=node.fqdn if tls else None,
+                                       local_addr=(self.address, 0)),
+                3.0,
+            )
+            self.ucm_out[node.name] = new_flow
+            self.ucm_down.pop(node.name, None)
+            fut.set_result(new_flow)
+            return new_flow
+        except BaseException as exc:
+            self.ucm_down[node.name] = str(exc) or type(exc).__name__
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"{node.name}: {exc}"))
+                fut.exception()
+            raise
+        finally:
+            self._connecting.pop(node.name, None)
+
+    def _zone_message(self, conn: ZoneSipConnection, msg: Request | Response) -> None:
+        if isinstance(msg, Response):
+            self._zone_response(msg)
+            return
+        req = msg
+        flow = conn.flow
+        if not decrement_max_forwards(req, cap=self.settings.zone.max_hops):
+            self._count("reply_483")
+            flow.send(error_response(req, 483, "Too Many Hops", agent=self.settings.name))
+            return
+        if self.maintenance() and req.method in ("REGISTER", "INVITE") and req.to_tag is None:
+            flow.send(error_response(req, 503, "Service Unavailable", "maintenance mode", agent=self.settings.name))
+            return
+        try:
+            stamp_top_via(req, flow.peer, ingress_zone=self.settings.zone.name)
+            pop_own_routes(req, self._is_own)
+            client_via = req.vias[1] if len(req.vias) > 1 else req.vias[0]
+            client_addr = (client_via.received or client_via.host, client_via.rport or client_via.port or 5061)
+            if req.method == "REGISTER":
+                self.client_edge[client_addr] = flow.flow_id
+                self._count("register")
+            self._rewrite_contacts(req, client_addr)
+        except SipParseError as exc:
+            flow.send(error_response(req, exc.status_code, exc.reason, agent=self.settings.name))
+            return
+        asyncio.ensure_future(self._to_ucm(req, flow))
+
+    def _rewrite_contacts(self, req: Request, client_addr: tuple[str, int]) -> None:
+        """Spec §5: Contact host:port → C with orig-hostport, or a Path header in Path mode."""
+        transport = self.settings.ucm_transport
+        if req.method == "REGISTER" and self.settings.sip_path_headers:
+            req.headers.prepend(
+                "Path",
+                f"<sip:{self.address}:{self.ucm_port};transport={transport};lr;"
+                f"orig-hostport={client_addr[0]}:{client_addr[1]}>",
+            )
+            return
+        if "Contact" not in req.headers or req.contact_is_star:
+            return
+        rewritten = []
+        for contact in req.contacts:
+            uri = contact.uri.copy()
+            uri.host = self.address
+            uri.port = self.ucm_port
+            uri.params.set("transport", transport)
+            uri.params.set("orig-hostport", f"{client_addr[0]}:{client_addr[1]}")
+            rewritten.append(str(NameAddr(uri, contact.display_name, contact.params)))
+        req.headers.remove("Contact")
+        for value in rewritten:
+            req.headers.add("Contact", value)
+
+    async def _to_ucm(self, req: Request, zflow: SipFlow) -> None:
+        node = self._pick_ucm(req)
+        flow: SipFlow | None = None
+        try:
+            flow = await self._ucm_flow(node)
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            # Spec §4/§5: fail over to another node of the cluster when one is down.
+            others = [n for n in self.config.ucm if n.name != node.name and n.name not in self.ucm_down]
+            for other in others:
+                with contextlib.suppress(OSError, TimeoutError, ConnectionError):
+                    flow = await self._ucm_flow(other)
+                    node = other
+                    break
+            if flow is None:
+                self._count("ucm_unreachable")
+                if req.method != "ACK":
+                    zflow.send(error_response(req, 503, "Service Unavailable",
+                                              f"Unified CM unreachable: {exc}", agent=self.settings.name))
+                return
+        if is_dialog_forming(req):
+            req.headers.prepend("Record-Route", f"<sip:{self.address}:{self.settings.sip_tls_port};transport=tls;lr>")
+            req.headers.prepend("Record-Route", f"<sip:{self.address}:{self.ucm_port};"
+                                                f"transport={self.settings.ucm_transport};lr>")
+        via = Via(self.address, self.ucm_port, self.settings.ucm_transport.upper())
+        via.params.set("branch", stateless_branch(req, self.salt))
+        via.params.set("egress-zone", f"CE{self.settings.ucm_transport}-{node.name}")
+        via.params.set(FLOW_PARAM, zflow.flow_id)
+        via.params.set("rport", None)
+        push_via(req, via)
+        flow.send(req)
+
+    def _zone_response(self, resp: Response) -> None:
+        via = pop_via(resp)
+        if via is None or via.host != self.address:
+            self._count("stray_response")
+            return
+        flow = self.ucm_flows.get(via.params.get(FLOW_PARAM) or "")
+        if flow is None or not flow.is_open:
+            self._count("ucm_flow_gone")
+            return
+        flow.send(resp)
+
+    # -- from UCM -------------------------------------------------------------------------
+
+    def _ucm_message(self, flow: SipFlow, msg: Request | Response) -> None:
+        if isinstance(msg, Response):
+            via = pop_via(msg)
+            if via is None or via.host != self.address:
+                self._count("stray_response")
+                return
+            conn = self.zone_conns.get(via.params.get(FLOW_PARAM) or "")
+            if conn is None or not conn.flow.is_open:
+                self._count("zone_flow_gone")
+                return
+            conn.flow.send(msg)
+            return
+        req = msg
+        if req.method == "OPTIONS" and req.request_uri.user is None and self._is_own(req.request_uri):
+            flow.send(make_response(req, 200, "OK"))
+            return
+        if not decrement_max_forwards(req):
+            flow.send(error_response(req, 483, "Too Many Hops", agent=self.settings.name))
+            return
+        try:
+            stamp_top_via(req, flow.peer)
+            popped = pop_own_routes(req, self._is_own)
+        except SipParseError as exc:
+            flow.send(error_response(req, exc.status_code, exc.reason, agent=self.settings.name))
+            return
+        orig = req.request_uri.params.get("orig-hostport")
+        if orig is None:
+            for uri in popped:
+                orig = uri.params.get("orig-hostport") or orig
+            if orig is not None:
+                req.headers.prepend("Route", self._edge_route(orig))
+        else:
+            uri = req.request_uri.copy()
+            host, port = host_port(orig)
+            uri.host, uri.port = host, port
+            uri.params.remove("orig-hostport")
+            uri.params.set("transport", "tls")
+            req.uri = uri
+        client_addr = host_port(orig) if orig else None
+        zone_id = self.client_edge.get((client_addr[0], client_addr[1] or 5061)) if client_addr else None
+        conn = self.zone_conns.get(zone_id or "") or next(
+            (c for c in self.zone_conns.values() if c.flow.is_open), None
+        )
+        if conn is None:
+            self._count("zone_down")
+            if req.method != "ACK":
+                flow.send(error_response(req, 503, "Service Unavailable", "traversal zone down",
+                                         agent=self.settings.name))
+            return
+        if is_dialog_forming(req):
+            req.headers.prepend("Record-Route", f"<sip:{self.address}:{self.ucm_port};"
+                                                f"transport={self.settings.ucm_transport};lr>")
+            req.headers.prepend("Record-Route", f"<sip:{self.address}:{self.settings.sip_tls_port};transport=tls;lr>")
+        via = Via(self.address, self.settings.sip_tls_port, "TLS")
+        via.params.set("branch", stateless_branch(req, self.salt))
+        via.params.set("egress-zone", self.settings.zone.name)
+        via.params.set(FLOW_PARAM, flow.flow_id)
+        via.params.set("rport", None)
+        push_via(req, via)
+        conn.flow.send(req)
+
+    def _edge_route(self, orig: str) -> str:
+        edge = self.config.expe[0]
+        return f"<sip:{edge.internal_address}:{edge.traversal_sip_port};transport=tls;lr;orig-hostport={orig}>"
+
+    # -- UCM keepalive --------------------------------------------------------------------
+
+    async def ucm_keepalive(self, interval_s: float) -> None:
+        """OPTIONS to every UCM node every 30 s (spec §5); a node that does not answer is down."""
+        while True:
+            for node in self.config.ucm:
+                await self._ping_ucm(node)
+            await asyncio.sleep(interval_s)
+
+    async def _ping_ucm(self, node: UcmNode) -> None:
+        try:
+            flow = await self._ucm_flow(node)
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            self.ucm_down[node.name] = str(exc) or type(exc).__name__
+            return
+        req = Request("OPTIONS", f"sip:{node.address}:{node.sip_tcp_port}", [], b"")
+        via = Via(self.address, self.ucm_port, self.settings.ucm_transport.upper())
+        via.params.set("branch", new_branch())
+        via.params.set("rport", None)
+        req.headers.add("Via", str(via))
+        req.headers.add("Max-Forwards", "70")
+        req.headers.add("From", f"<sip:{self.address}>;tag={new_tag()}")
+        req.headers.add("To", f"<sip:{node.address}>")
+        req.headers.add("Call-ID", new_call_id(self.address))
+        req.headers.add("CSeq", "1 OPTIONS")
+        req.headers.add("Content-Length", "0")
+        flow.send(req)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "zone_connections": [
+                {"peer": c.peer_name, "flow": c.flow.flow_id, "rtt_ms": c.last_rtt_ms}
+                for c in self.zone_conns.values()
+                if c.flow.is_open
+            ],
+            "ucm_connections": {name: f.flow_id for name, f in self.ucm_out.items() if f.is_open},
+            "ucm_down": dict(self.ucm_down),
+            "counters": dict(self.counters),
+        }

@@ -1,0 +1,422 @@
+"""Expressway-E's SIP: clients on TLS 5061, Expressway-C on the traversal zone (TLS 7001).
+
+E is a transaction-stateless proxy (RFC 3261 §16.11) between the two. Requests from clients go
+to C over the zone connection C opened (E never dials C); requests from C go to the client's
+own flow. Responses follow the Via stack. E record-routes dialog-forming requests twice (one
+entry per interface, RFC 5658) and keeps the client's flow in its outside entry, so in-dialog
+requests find the client's TLS connection again. It stamps `received`, `rport` and
+`ingress-zone` on the client's Via (spec §5), answers the client's STUN keepalives only while
+E→C→UCM is alive, and counts MRA registrations.
+
+C authenticates the zone's SIP connection with a digest REGISTER against E's local
+authentication database, after E checked C's certificate SAN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edge.pki import peer_has_san
+from edge.sip.address import NameAddr, Via
+from edge.sip.auth import DigestCredentials, DigestVerdict, DigestVerifier
+from edge.sip.errors import SipParseError
+from edge.sip.message import Request, Response, make_response
+from edge.sip.uri import Uri
+from edge.sip_flow import SipFlow
+from edge.sip_proxy import (
+    decrement_max_forwards,
+    error_response,
+    is_dialog_forming,
+    pop_own_routes,
+    pop_via,
+    push_via,
+    stamp_top_via,
+    stateless_branch,
+    top_via,
+)
+from edge.stun import Class, Method, StunError, binding_success
+from edge.stun import parse_message as parse_stun
+from traversal.zone import ChannelStatus
+
+log = logging.getLogger(__name__)
+
+FLOW_PARAM = "x-edge-flow"
+ZONE_PARAM = "x-edge-zc"
+PATH_STATE_HEADER = "X-Edge-Path-State"
+"""C reports on its keepalive OPTIONS whether it reaches Unified CM (for STUN answers)."""
+
+
+class RegistrationTable:
+    """MRA registrations seen through E (current and peak since start), keyed by AOR+contact."""
+
+    def __init__(self) -> None:
+        self._expiry: dict[tuple[str, str], float] = {}
+        self.peak = 0
+
+    def update(self, aor: str, contact: str, expires: int, now: float) -> None:
+        key = (aor, contact)
+        if expires <= 0:
+            self._expiry.pop(key, None)
+        else:
+            self._expiry[key] = now + expires
+        self.peak = max(self.peak, len(self._expiry))
+
+    def purge(self, now: float) -> None:
+        for key in [k for k, t in self._expiry.items() if t <= now]:
+            del self._expiry[key]
+
+    def current(self, now: float) -> int:
+        self.purge(now)
+        return len(self._expiry)
+
+
+class EdgeSip:
+    def __init__(
+        self,
+        *,
+        name: str,
+        external_address: str,
+        internal_address: str,
+        client_port: int,
+        zone_port: int,
+        zone_name: str,
+        zone_id: str,
+        credentials: dict[str, str],
+        verify_subject_name: str,
+        maintenance: Callable[[], bool],
+        keepalive_timeout_s: float,
+    ) -> None:
+        self.name = name
+        self.external_address = external_address
+        self.internal_address = internal_address
+        self.client_port = client_port
+        self.zone_port = zone_port
+        self.zone_name = zone_name
+        self.zone_id = zone_id
+        self.credentials = credentials
+        self.verify_subject_name = verify_subject_name
+        self.maintenance = maintenance
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.salt = secrets.token_hex(4)
+        self.verifier = DigestVerifier("traversal", secrets.token_bytes(16))
+        self.clients: dict[str, SipFlow] = {}
+        self.clients_by_addr: dict[tuple[str, int], SipFlow] = {}
+        self.zone_flows: dict[str, SipFlow] = {}
+        self.zone_status = ChannelStatus("sip", "expc", state="failed", reason="no connection from Expressway-C")
+        self.registrations = RegistrationTable()
+        self.counters: dict[str, int] = {}
+        self._servers: list[asyncio.Server] = []
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    def _is_own(self, uri: Uri) -> bool:
+        host = uri.host
+        if host == self.internal_address and uri.port in (None, self.zone_port):
+            return True
+        return host == self.external_address and uri.port in (None, self.client_port)
+
+    def live_zone_flow(self) -> SipFlow | None:
+        for flow in self.zone_flows.values():
+            if flow.is_open:
+                return flow
+        return None
+
+    def path_alive(self) -> bool:
+        """E→C→UCM alive: an authenticated zone flow with a fresh keepalive saying UCM is up."""
+        now = time.monotonic()
+        for flow in self.zone_flows.values():
+            if not flow.is_open:
+                continue
+            seen = float(flow.context.get("keepalive_at", 0.0))
+            if now - seen <= self.keepalive_timeout_s and flow.context.get("ucm") == "up":
+                return True
+        return False
+
+    # -- listeners ------------------------------------------------------------------------
+
+    async def start(self, client_ctx: ssl.SSLContext, zone_ctx: ssl.SSLContext) -> list[tuple[str, str, str, int]]:
+        loop = asyncio.get_running_loop()
+        client_server = await loop.create_server(
+            lambda: SipFlow(on_message=self._client_message, on_closed=self._client_closed,
+                            on_stun=self._client_stun, on_connected=self._client_connected, name="sip-client"),
+            self.external_address, self.client_port, ssl=client_ctx, reuse_address=True,
+        )
+        zone_server = await loop.create_server(
+            lambda: SipFlow(on_message=self._zone_message, on_closed=self._zone_closed,
+                            on_connected=self._zone_connected, name="sip-zone"),
+            self.internal_address, self.zone_port, ssl=zone_ctx, reuse_address=True,
+        )
+        self._servers = [client_server, zone_server]
+        return [
+            ("sip", "tls", self.external_address, self.client_port),
+            ("traversal-sip", "tls", self.internal_address, self.zone_port),
+        ]
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for flow in [*self.clients.values(), *self.zone_flows.values()]:
+            flow.close("Expressway-E shutting down")
+        for server in self._servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), timeout=2.0)
+            except TimeoutError:
+                pass
+
+    # -- client side ----------------------------------------------------------------------
+
+    def _client_connected(self, flow: SipFlow) -> None:
+        self.clients[flow.flow_id] = flow
+        self.clients_by_addr[flow.peer] = flow
+
+    def _client_closed(self, flow: SipFlow, reason: str) -> None:
+        self.clients.pop(flow.flow_id, None)
+        if self.clients_by_addr.get(flow.peer) is flow:
+            del self.clients_by_addr[flow.peer]
+
+    def _client_stun(self, flow: SipFlow, data: bytes) -> None:
+        """MRA HA keepalive (spec §5): answer only while the whole path to UCM is alive."""
+        try:
+            msg = parse_stun(data)
+        except StunError:
+            self._count("stun_malformed")
+            return
+        if msg.method != Method.BINDING or msg.message_class != Class.REQUEST:
+            return
+        if not self.path_alive():
+            self._count("stun_unanswered")
+            return
+        self._count("stun_answered")
+        flow.write(binding_success(msg, flow.peer).serialize(fingerprint=True))
+
+    def _client_message(self, flow: SipFlow, msg: Request | Response) -> None:
+        if isinstance(msg, Response):
+            self._client_response(flow, msg)
+            return
+        req = msg
+        self._count(f"in_{req.method.lower()}" if req.method in ("REGISTER", "INVITE") else "in_other")
+        if self.maintenance() and req.method in ("REGISTER", "INVITE") and req.to_tag is None:
+            self._reply(flow, req, 503, "Service Unavailable", "maintenance mode")
+            return
+        if not decrement_max_forwards(req):
+            self._reply(flow, req, 483, "Too Many Hops")
+            return
+        try:
+            stamp_top_via(req, flow.peer, ingress_zone=self.zone_name)
+            routes = [NameAddr.parse(v).uri for v in req.headers.get_all("Route")]
+            own = pop_own_routes(req, self._is_own)
+        except SipParseError as exc:
+            self._reply(flow, req, exc.status_code, exc.reason)
+            return
+        zone_param = routes[0].params.get("zone-id") if routes and not own else None
+        if zone_param is not None and zone_param != self.zone_id:
+            self._reply(flow, req, 404, "Not Found", f"no traversal zone with zone-id {zone_param}")
+            return
+        zone = self.live_zone_flow()
+        if zone is None:
+            self._count("zone_down")
+            self._reply(flow, req, 503, "Service Unavailable", "traversal zone to Expressway-C is down")
+            return
+        if is_dialog_forming(req):
+            # RFC 5658 double record-route: the entry facing the client carries its flow.
+            req.headers.prepend("Record-Route", f"<sip:{flow.flow_id}@{self.external_address}:{self.client_port};"
+                                                f"transport=tls;lr;{FLOW_PARAM}>")
+            req.headers.prepend("Record-Route", f"<sip:{self.internal_address}:{self.zone_port};transport=tls;lr>")
+        via = Via(self.internal_address, self.zone_port, "TLS")
+        via.params.set("branch", stateless_branch(req, self.salt))
+        via.params.set("rport", None)
+        push_via(req, via)
+        zone.send(req)
+
+    def _client_response(self, flow: SipFlow, resp: Response) -> None:
+        """A client answering a request C sent: pop our Via, return it on the zone flow."""
+        via = pop_via(resp)
+        if via is None or not self._is_own(Uri("sip", host=via.host, port=via.port)):
+            self._count("stray_response")
+            return
+        zone_id = via.params.get(ZONE_PARAM)
+        zone = self.zone_flows.get(zone_id or "") or self.live_zone_flow()
+        if zone is None:
+            self._count("zone_down")
+            return
+        zone.send(resp)
+
+    def _reply(self, flow: SipFlow, req: Request, status: int, reason: str, warning: str | None = None) -> None:
+        self._count(f"reply_{status}")
+        if req.method == "ACK":
+            return
+        # The client's Via may carry our stamps already; a response copies Via as it stands.
+        flow.send(error_response(req, status, reason, warning, agent=self.name))
+
+    # -- zone side ------------------------------------------------------------------------
+
+    def _zone_connected(self, flow: SipFlow) -> None:
+        flow.context["authenticated"] = False
+        if flow.ssl_object is None or not peer_has_san(flow.ssl_object, self.verify_subject_name):
+            reason = f"TLS verify subject name {self.verify_subject_name!r} not in the client certificate SAN"
+            flow.context["reject"] = reason
+            self._zone_reject(reason)
+
+    def _zone_reject(self, reason: str) -> None:
+        self._count("zone_rejected")
+        log.warning("sip zone: rejected Expressway-C: %s", reason)
+        if not self.live_zone_flow():
+            self.zone_status.set("failed", f"Expressway-C rejected: {reason}")
+
+    def _zone_closed(self, flow: SipFlow, reason: str) -> None:
+        if self.zone_flows.pop(flow.flow_id, None) is not None and not self.live_zone_flow():
+            self.zone_status.set("failed", f"link from Expressway-C lost: {reason}")
+            log.warning("sip zone: link from Expressway-C lost: %s", reason)
+
+    def _zone_message(self, flow: SipFlow, msg: Request | Response) -> None:
+        if not flow.context.get("authenticated"):
+            self._zone_handshake(flow, msg)
+            return
+        if isinstance(msg, Response):
+            self._zone_response(msg)
+            return
+        req = msg
+        if req.method == "OPTIONS" and req.request_uri.user is None and self._is_own(req.request_uri):
+            flow.context["keepalive_at"] = time.monotonic()
+            flow.context["ucm"] = (req.headers.get(PATH_STATE_HEADER) or "down").lower()
+            flow.send(make_response(req, 200, "OK"))
+            return
+        self._zone_request(flow, req)
+
+    def _zone_handshake(self, flow: SipFlow, msg: Request | Response) -> None:
+        """C's digest REGISTER on the zone connection (E's local authentication database)."""
+        if isinstance(msg, Response):
+            return
+        if "reject" in flow.context:
+            flow.send(error_response(msg, 403, "Forbidden", flow.context["reject"], agent=self.name))
+            flow.close("rejected")
+            return
+        if msg.method != "REGISTER":
+            flow.send(error_response(msg, 403, "Forbidden", "traversal zone not authenticated", agent=self.name))
+            return
+        now = time.time()
+        auth = msg.headers.get("Authorization")
+        if auth is None:
+            resp = make_response(msg, 401, "Unauthorized")
+            resp.headers.add("WWW-Authenticate", self.verifier.challenge(now).to_header())
+            flow.send(resp)
+            return
+        try:
+            username = DigestCredentials.parse(auth).username
+        except ValueError:
+            username = ""
+        password = self.credentials.get(username)
+        verdict = (
+            self.verifier.verify(auth, "REGISTER", now, password=password)
+            if password is not None else DigestVerdict.BAD_RESPONSE
+        )
+        if verdict == DigestVerdict.STALE:
+            resp = make_response(msg, 401, "Unauthorized")
+            resp.headers.add("WWW-Authenticate", self.verifier.challenge(now, stale=True).to_header())
+            flow.send(resp)
+            return
+        if verdict != DigestVerdict.OK:
+            self._zone_reject("authentication failed")
+            flow.send(error_response(msg, 403, "Forbidden", "authentication failed", agent=self.name))
+            flow.close("authentication failed")
+            return
+        flow.context["authenticated"] = True
+        flow.context["keepalive_at"] = time.monotonic()
+        flow.context["ucm"] = (msg.headers.get(PATH_STATE_HEADER) or "down").lower()
+        self.zone_flows[flow.flow_id] = flow
+        if self.zone_status.connects:
+            self.zone_status.reconnects += 1
+        self.zone_status.connects += 1
+        self.zone_status.set("active", "")
+        log.info("sip zone: Expressway-C authenticated from %s:%d", *flow.peer)
+        ok = make_response(msg, 200, "OK")
+        ok.headers.add("Expires", "3600")
+        flow.send(ok)
+
+    def _zone_request(self, zflow: SipFlow, req: Request) -> None:
+        """A request from C towards a client: find the client's flow."""
+        if not decrement_max_forwards(req):
+            zflow.send(error_response(req, 483, "Too Many Hops", agent=self.name))
+            return
+        try:
+            stamp_top_via(req, zflow.peer)
+            popped = pop_own_routes(req, self._is_own)
+        except SipParseError as exc:
+            zflow.send(error_response(req, exc.status_code, exc.reason, agent=self.name))
+            return
+        target: SipFlow | None = None
+        for uri in popped:
+            if FLOW_PARAM in uri.params and uri.user:
+                target = self.clients.get(uri.user)
+        if target is None:
+            ruri = req.request_uri
+            port = ruri.port or 5061
+            target = self.clients_by_addr.get((ruri.host, port))
+        if target is None or not target.is_open:
+            if req.method != "ACK":
+                zflow.send(error_response(req, 480, "Temporarily Unavailable", "client flow not connected",
+                                          agent=self.name))
+            self._count("client_gone")
+            return
+        if is_dialog_forming(req):
+            req.headers.prepend("Record-Route", f"<sip:{self.internal_address}:{self.zone_port};transport=tls;lr>")
+            req.headers.prepend("Record-Route", f"<sip:{target.flow_id}@{self.external_address}:{self.client_port};"
+                                                f"transport=tls;lr;{FLOW_PARAM}>")
+        via = Via(self.external_address, self.client_port, "TLS")
+        via.params.set("branch", stateless_branch(req, self.salt))
+        via.params.set(ZONE_PARAM, zflow.flow_id)
+        via.params.set("rport", None)
+        push_via(req, via)
+        target.send(req)
+
+    def _zone_response(self, resp: Response) -> None:
+        """C answering a client's request: pop our Via; the next one names the client flow."""
+        via = pop_via(resp)
+        if via is None or not self._is_own(Uri("sip", host=via.host, port=via.port)):
+            self._count("stray_response")
+            return
+        client_via = top_via(resp)
+        if client_via is None:
+            return
+        addr = (client_via.received or client_via.host, client_via.rport or client_via.port or 5061)
+        flow = self.clients_by_addr.get(addr)
+        if flow is None or not flow.is_open:
+            self._count("client_gone")
+            return
+        if resp.cseq.method == "REGISTER" and 200 <= resp.status_code < 300:
+            self._track_registration(resp)
+        flow.send(resp)
+
+    def _track_registration(self, resp: Response) -> None:
+        now = time.monotonic()
+        aor = str(resp.to.uri)
+        default = resp.expires or 0
+        try:
+            contacts = resp.contacts
+        except SipParseError:
+            return
+        for contact in contacts:
+            expires_text = contact.params.get("expires")
+            expires = int(expires_text) if expires_text and expires_text.isdigit() else default
+            key = contact.params.get("+sip.instance") or str(contact.uri)
+            self.registrations.update(aor, key, expires, now)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "registrations": self.registrations.current(now),
+            "registrations_peak": self.registrations.peak,
+            "client_flows": len(self.clients),
+            "zone_flows": len([f for f in self.zone_flows.values() if f.is_open]),
+            "path_alive": self.path_alive(),
+            "counters": dict(self.counters),
+        }

@@ -1,0 +1,211 @@
+"""asyncio adapter of the lab IM&P: listeners, per-connection protocols, STARTTLS upgrades.
+
+Thin by design (shared/STYLE.md §8): each `_ImpProtocol` feeds `ImpCore` and performs the outputs
+it returns. Listeners are ``(host, port, mode)``: ``"starttls"`` (5222 style, plain TCP then
+mandatory STARTTLS) or ``"tls"`` (direct TLS, what Expressway-C uses on 7400; spec §2, §6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from mock_ucm.imp.core import AuthCheck, ImpCore
+from mock_ucm.imp.events import CloseRequested, DataQueued, ImpOutput, TlsUpgradeRequested
+
+log = logging.getLogger(__name__)
+
+Listener = tuple[str, int, str]
+LISTENER_MODES = ("starttls", "tls")
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+STOP_DEADLINE_S = 5.0
+# A client that does not read is cut off rather than letting its queue grow without bound.
+MAX_WRITE_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+class ImpServer:
+    """The mock IM&P XMPP server (RFC 6120/6121 subset) on one presence ``domain``."""
+
+    def __init__(
+        self,
+        domain: str,
+        *,
+        authenticate_plain: AuthCheck,
+        validate_token: AuthCheck,
+        ssl_context: ssl.SSLContext,
+        users: list[str],
+        max_stanza_bytes: int = 65536,
+        max_offline_per_user: int = 100,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = ImpCore(
+            domain,
+            authenticate_plain=authenticate_plain,
+            validate_token=validate_token,
+            users=users,
+            max_stanza_bytes=max_stanza_bytes,
+            max_offline_per_user=max_offline_per_user,
+        )
+        self._ssl_context = ssl_context
+        self._clock = clock
+        self._servers: list[asyncio.Server] = []
+        self._listeners: list[Listener] = []
+        self._conns: dict[int, _ImpProtocol] = {}
+        self._conn_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def listeners(self) -> list[Listener]:
+        """``(host, port, mode)`` with the ports actually bound (port 0 → ephemeral)."""
+        return list(self._listeners)
+
+    async def start(self, listeners: list[Listener]) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port, mode in listeners:
+            if mode not in LISTENER_MODES:
+                raise ValueError(f"listener mode {mode!r}: expected one of {LISTENER_MODES}")
+            secure = mode == "tls"
+            server = await loop.create_server(
+                lambda secure=secure: _ImpProtocol(self, secure),
+                host,
+                port,
+                ssl=self._ssl_context if secure else None,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if secure else None,
+            )
+            self._servers.append(server)
+            bound = server.sockets[0].getsockname()
+            self._listeners.append((host, int(bound[1]), mode))
+            log.info("imp listening on %s:%d (%s)", host, bound[1], mode)
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._apply(self.core.shutdown())
+        try:
+            await asyncio.wait_for(self._idle.wait(), STOP_DEADLINE_S)
+        except TimeoutError:
+            for proto in list(self._conns.values()):
+                proto.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_DEADLINE_S)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    def status(self) -> dict[str, Any]:
+        status = self.core.status()
+        status["listeners"] = [{"host": h, "port": p, "mode": m} for h, p, m in self._listeners]
+        return status
+
+    # -- plumbing used by the protocols ---------------------------------------------------------
+
+    def _register(self, proto: _ImpProtocol) -> int:
+        conn_id = next(self._conn_ids)
+        self._conns[conn_id] = proto
+        self._idle.clear()
+        return conn_id
+
+    def _unregister(self, conn_id: int) -> None:
+        self._conns.pop(conn_id, None)
+        if not self._conns:
+            self._idle.set()
+        self._apply(self.core.connection_lost(conn_id, self._clock()))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _apply(self, outputs: list[ImpOutput]) -> None:
+        for out in outputs:
+            proto = self._conns.get(out.conn_id)
+            if proto is None:
+                continue
+            if isinstance(out, DataQueued):
+                proto.write(out.data)
+            elif isinstance(out, TlsUpgradeRequested):
+                proto.upgrade()
+            elif isinstance(out, CloseRequested):
+                proto.close()
+
+
+class _ImpProtocol(asyncio.Protocol):
+    def __init__(self, server: ImpServer, secure: bool) -> None:
+        self._server = server
+        self._secure = secure
+        self._transport: asyncio.Transport | None = None
+        self._conn_id = 0
+        self._lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check here.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        self._conn_id = self._server._register(self)
+        peer = transport.get_extra_info("peername")
+        log.debug("imp conn=%d from %s", self._conn_id, peer)
+        core = self._server.core
+        self._server._apply(
+            core.connection_made(self._conn_id, secure=self._secure, now=self._server._clock())
+        )
+
+    def data_received(self, data: bytes) -> None:
+        core = self._server.core
+        self._server._apply(core.data_received(self._conn_id, data, self._server._clock()))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._lost:
+            self._lost = True
+            self._server._unregister(self._conn_id)
+
+    def write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER_BYTES:
+            log.warning("imp conn=%d not reading; dropping it", self._conn_id)
+            transport.abort()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def upgrade(self) -> None:
+        """STARTTLS: stop reading now so no ClientHello byte reaches the XML parser."""
+        assert self._transport is not None
+        self._transport.pause_reading()
+        self._server._spawn(self._upgrade(self._transport))
+
+    async def _upgrade(self, plain: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            secured = await loop.start_tls(
+                plain,
+                self,
+                self._server._ssl_context,
+                server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
+            )
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            log.info("imp conn=%d TLS handshake failed: %s", self._conn_id, exc)
+            plain.abort()
+            self.connection_lost(None)
+            return
+        if secured is None or self._lost:
+            return
+        self._transport = secured
+        self._server._apply(self._server.core.tls_established(self._conn_id, self._server._clock()))
