@@ -103,7 +103,9 @@ def config_group() -> None:
 @config_group.command("show")
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of TOML.")
-def config_show(config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, as_json: bool) -> None:
+def config_show(
+    config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, as_json: bool
+) -> None:
     """Print the effective configuration (defaults, file, environment and --set applied)."""
     config = _load(config_path, overrides, state_dir)
     if as_json:
@@ -136,7 +138,9 @@ def certs_generate(config_path: str | None, overrides: tuple[str, ...], state_di
 @certs_group.command("show")
 @config_options
 @click.option("--json", "as_json", is_flag=True)
-def certs_show(config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, as_json: bool) -> None:
+def certs_show(
+    config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, as_json: bool
+) -> None:
     """List the lab certificates with their names, usages and validity."""
     from edge.lab_pki import cert_dir
     from edge.pki import describe_certificates
@@ -264,7 +268,9 @@ def lab_down(config_path: str | None, overrides: tuple[str, ...], state_dir: str
 @lab_group.command("status")
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable status (spec §9).")
-def lab_status_cmd(config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, as_json: bool) -> None:
+def lab_status_cmd(
+    config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, as_json: bool
+) -> None:
     """Every component's pid, state and listeners, plus zone states and counts."""
     from edge.lab import LabError, lab_status
 
@@ -287,7 +293,8 @@ def print_status(status: dict[str, Any]) -> None:
         table.add_column(col)
     for comp in status["components"]:
         listeners = "\n".join(
-            f"{lst['name']} {lst['transport']} {lst['host']}:{lst['port']}" for lst in comp.get("listeners", [])
+            f"{lst['name']} {lst['transport']} {lst['host']}:{lst['port']}"
+            for lst in comp.get("listeners", [])
         )
         state = comp["state"]
         colour = {"ready": "green", "crashed": "red"}.get(state, "yellow")

@@ -50,7 +50,9 @@ class LabSettings(_Model):
 
     domain: str = "example.com"
     """The edge domain and the UC (presence) domain: users sign in as user@domain."""
-    state_dir: str = Field(default_factory=lambda: os.environ.get("EDGE_STATE_DIR", "~/.local/state/edge-lab"))
+    state_dir: str = Field(
+        default_factory=lambda: os.environ.get("EDGE_STATE_DIR", "~/.local/state/edge-lab")
+    )
     """Where certificates, the effective config, pids and logs live."""
     ready_timeout_s: float = 20.0
     stop_timeout_s: float = 10.0
@@ -321,18 +323,14 @@ class LabConfig(_Model):
         roles = {role: comp for comp, role in reversed(self.components())}
         if name in roles:
             return roles[name]  # a role name picks its first node
-        raise ConfigError(
-            f"unknown component {name!r}; known: {', '.join(c for c, _ in self.components())}"
-        )
+        raise ConfigError(f"unknown component {name!r}; known: {', '.join(c for c, _ in self.components())}")
 
     def component_name(self, name: str) -> str:
         """Accept a role name ("ucm") for its first node ("ucm1")."""
         for comp, role in self.components():
             if name in (comp, role):
                 return comp
-        raise ConfigError(
-            f"unknown component {name!r}; known: {', '.join(c for c, _ in self.components())}"
-        )
+        raise ConfigError(f"unknown component {name!r}; known: {', '.join(c for c, _ in self.components())}")
 
     def admin_endpoint(self, name: str) -> tuple[str, int]:
         """Where a component's admin HTTP (/status, /metrics) listens."""

@@ -38,5 +38,10 @@ class DnsComponent(BaseComponent):
         stats = self.core.stats()
         for view, rcodes in stats.get("views", {}).items():
             for rcode, n in rcodes.items():
-                yield Sample("edge_dns_answers_total", "counter", "DNS answers by view and rcode", float(n),
-                             {"view": view, "rcode": rcode})
+                yield Sample(
+                    "edge_dns_answers_total",
+                    "counter",
+                    "DNS answers by view and rcode",
+                    float(n),
+                    {"view": view, "rcode": rcode},
+                )

@@ -37,11 +37,13 @@ def cert_specs(config: LabConfig) -> list[CertSpec]:
         )
     )
     for node in (*config.ucm, *config.imp, *config.cuc):
+        # IM&P also serves the presence domain: XMPP clients check it against the JID's domain.
+        names = (node.fqdn, domain) if node in config.imp else (node.fqdn,)
         specs.append(
             CertSpec(
                 name=node.name,
                 common_name=node.fqdn,
-                dns_names=(node.fqdn,),
+                dns_names=names,
                 ip_addresses=(node.address,),
                 srv_names=(),
             )

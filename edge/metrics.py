@@ -65,16 +65,30 @@ class StatusCollector(Collector):
 def zone_samples(zone: dict[str, Any]) -> list[Sample]:
     """Samples for a zone status dict as built by traversal.zone.zone_summary."""
     out = [
-        Sample("edge_zone_active", "gauge", "1 when every channel of the traversal zone is active",
-               1.0 if zone["state"] == "Active" else 0.0, {"zone": zone["name"]}),
-        Sample("edge_zone_reconnects_total", "counter", "Traversal channel reconnects",
-               float(zone.get("reconnects", 0)), {"zone": zone["name"]}),
+        Sample(
+            "edge_zone_active",
+            "gauge",
+            "1 when every channel of the traversal zone is active",
+            1.0 if zone["state"] == "Active" else 0.0,
+            {"zone": zone["name"]},
+        ),
+        Sample(
+            "edge_zone_reconnects_total",
+            "counter",
+            "Traversal channel reconnects",
+            float(zone.get("reconnects", 0)),
+            {"zone": zone["name"]},
+        ),
     ]
     for ch in zone.get("channels", []):
         out.append(
-            Sample("edge_zone_channel_active", "gauge", "1 when this traversal channel is active",
-                   1.0 if ch["state"] == "active" else 0.0,
-                   {"zone": zone["name"], "channel": ch["channel"], "peer": ch["peer"]})
+            Sample(
+                "edge_zone_channel_active",
+                "gauge",
+                "1 when this traversal channel is active",
+                1.0 if ch["state"] == "active" else 0.0,
+                {"zone": zone["name"], "channel": ch["channel"], "peer": ch["peer"]},
+            )
         )
     return out
 

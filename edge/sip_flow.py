@@ -97,7 +97,9 @@ class SipFlow(asyncio.Protocol):
                     return
 
     def _framing_error(self, event: FramingError) -> None:
-        log.info("%s %s from %s:%d: %d %s", self.name, self.flow_id, *self.peer, event.status_code, event.reason)
+        log.info(
+            "%s %s from %s:%d: %d %s", self.name, self.flow_id, *self.peer, event.status_code, event.reason
+        )
         if event.fatal:
             self.close(f"framing error: {event.reason}")
 

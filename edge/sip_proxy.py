@@ -17,8 +17,9 @@ from edge.sip.uri import Uri
 DIALOG_FORMING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
 
 
-def error_response(request: Request, status: int, reason: str, warning: str | None = None,
-                   agent: str = "edge") -> Response:
+def error_response(
+    request: Request, status: int, reason: str, warning: str | None = None, agent: str = "edge"
+) -> Response:
     resp = make_response(request, status, reason)
     if warning:
         resp.headers.add("Warning", f'399 {agent} "{warning}"')

@@ -7,7 +7,6 @@ HTTP allow list, and proxies to Unified CM, IM&P and Unity Connection.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -75,10 +74,14 @@ class ExpresswayC(BaseComponent):
         self.pki = lab_pki(cfg)
         zone_ctx = client_context(self.pki, self.name)
         internal_ctx = client_context(self.pki, self.name)
-        self.resolver = LabResolver(cfg.dns.address, cfg.dns.port, source=self.settings.address, cache_entries=256)
+        self.resolver = LabResolver(
+            cfg.dns.address, cfg.dns.port, source=self.settings.address, cache_entries=256
+        )
         self.health = NodeHealth()
         self.session = make_session(self.resolver, internal_ctx, self.settings.address)
-        self.provisioning = Provisioning(cfg, resolver=self.resolver, session=self.session, health=self.health)
+        self.provisioning = Provisioning(
+            cfg, resolver=self.resolver, session=self.session, health=self.health
+        )
         self.allow_list = self._build_allow_list()
         self.https = TunnelHttpHandler(
             self.provisioning,

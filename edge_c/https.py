@@ -27,8 +27,18 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BODY = 8 * 1024 * 1024
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-     "transfer-encoding", "upgrade", "content-length", "host"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+    }
 )
 
 
@@ -107,15 +117,18 @@ class TunnelHttpHandler:
         raw_path = request.target.split("?", 1)[0]
         kind = classify(raw_path)
         if isinstance(kind, BadPath):
-            await self._send(stream, Answer.text(kind.status, "Not Found" if kind.status == 404 else "Bad Request",
-                                                 kind.reason))
+            await self._send(
+                stream,
+                Answer.text(kind.status, "Not Found" if kind.status == 404 else "Bad Request", kind.reason),
+            )
             return
         if self.maintenance():
             await self._send(stream, Answer.text(503, "Service Unavailable", "maintenance mode"))
             return
         if self.refreshing():
-            await self._send(stream, Answer.text(503, "Service Unavailable", "refreshing servers",
-                                                 Retry_After="5"))
+            await self._send(
+                stream, Answer.text(503, "Service Unavailable", "refreshing servers", Retry_After="5")
+            )
             return
         try:
             if isinstance(kind, EdgeConfigPath):
@@ -142,8 +155,16 @@ class TunnelHttpHandler:
         decision = self.allow_list().check(kind.scheme, kind.host, kind.port, request.method, kind.path)
         if not decision.allowed:
             self._count("blocked")
-            log.info("allow list blocked %s %s://%s:%d%s for %s: %s", request.method, kind.scheme, kind.host,
-                     kind.port, kind.path[:200], principal.username, decision.reason)
+            log.info(
+                "allow list blocked %s %s://%s:%d%s for %s: %s",
+                request.method,
+                kind.scheme,
+                kind.host,
+                kind.port,
+                kind.path[:200],
+                principal.username,
+                decision.reason,
+            )
             await self._send(stream, Answer.text(403, "Forbidden", "request not on the HTTP allow list"))
             return
         await self._forward(stream, request, body, kind, decision.path)

@@ -73,9 +73,7 @@ class NodeHealth:
         if entry is None:
             return False
         t = now if now is not None else time.monotonic()
-        if t - entry[0] >= self.hold_down_s:
-            return False
-        return True
+        return t - entry[0] < self.hold_down_s
 
     def snapshot(self) -> dict[str, str]:
         return {host: reason for host, (_, reason) in self._down.items() if self.is_down(host)}

@@ -87,9 +87,9 @@ class Provisioning:
     def live(self, hosts: list[str]) -> list[str]:
         return [h for h in hosts if not self.health.is_down(h)]
 
-    async def _uds_get(self, path: str, auth: aiohttp.BasicAuth | None = None, bearer: str | None = None) -> tuple[
-        int, bytes
-    ]:
+    async def _uds_get(
+        self, path: str, auth: aiohttp.BasicAuth | None = None, bearer: str | None = None
+    ) -> tuple[int, bytes]:
         """GET a UDS resource from the first live UCM node, failing over to the next (spec §4)."""
         nodes = self.live(self.ucm_nodes()) or self.ucm_nodes()
         last: Exception | None = None
@@ -191,8 +191,12 @@ class Provisioning:
             user = self.validate_token(token)
             if user is None:
                 self._count("token_invalid")
-                return Answer.text(401, "Unauthorized", "invalid or expired token",
-                                   WWW_Authenticate='Bearer error="invalid_token"')
+                return Answer.text(
+                    401,
+                    "Unauthorized",
+                    "invalid or expired token",
+                    WWW_Authenticate='Bearer error="invalid_token"',
+                )
             return Principal(user, "bearer")
         cookie = _cookie(headers, "X-Auth")
         if cookie is None:
@@ -214,8 +218,12 @@ class Provisioning:
         if parse_bearer(auth) is not None:
             user = self.validate_token(parse_bearer(auth) or "")
             if user is None:
-                return Answer.text(401, "Unauthorized", "invalid or expired token",
-                                   WWW_Authenticate='Bearer error="invalid_token"')
+                return Answer.text(
+                    401,
+                    "Unauthorized",
+                    "invalid or expired token",
+                    WWW_Authenticate='Bearer error="invalid_token"',
+                )
             principal: Principal | Answer = Principal(user, "bearer")
         else:
             principal = await self.authenticate_basic(auth, now)
@@ -257,7 +265,9 @@ class Provisioning:
         svc = [await self._service_xml(name) for name in dict.fromkeys(services)]
         for node in cfg.ucm:
             if not self.health.is_down(node.fqdn):
-                svc.append(f"<service><name>tftpServer</name><address>{escape(node.fqdn)}</address></service>")
+                svc.append(
+                    f"<service><name>tftpServer</name><address>{escape(node.fqdn)}</address></service>"
+                )
         sip = "".join(
             f"<server><address>{escape(e.fqdn)}</address><tlsPort>{e.sip_tls_port}</tlsPort></server>"
             for e in cfg.expe
@@ -270,9 +280,7 @@ class Provisioning:
             f"<server><address>{escape(e.fqdn)}</address><tlsPort>{e.https_port}</tlsPort></server>"
             for e in cfg.expe
         )
-        route = (
-            f"&lt;sip:{cfg.expc.address}:{cfg.expc.sip_tls_port};transport=tls;zone-id=1;directed;lr&gt;"
-        )
+        route = f"&lt;sip:{cfg.expc.address}:{cfg.expc.sip_tls_port};transport=tls;zone-id=1;directed;lr&gt;"
         uds = next((n for n in cfg.ucm if not self.health.is_down(n.fqdn)), cfg.ucm[0])
         xml = (
             '<getEdgeConfigResponse version="1.0">'

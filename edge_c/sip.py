@@ -99,6 +99,7 @@ class ExpcSip:
         self._servers: list[asyncio.Server] = []
         self._ucm_ctx: ssl.SSLContext | None = None
         self._connecting: dict[str, asyncio.Future[SipFlow]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.ucm_port = (
             config.expc.sip_tls_port if config.expc.ucm_transport == "tls" else config.expc.sip_tcp_port
         )
@@ -106,17 +107,28 @@ class ExpcSip:
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # -- listeners towards UCM ------------------------------------------------------------
 
-    async def start(self, ucm_server_ctx: ssl.SSLContext, ucm_client_ctx: ssl.SSLContext) -> list[
-        tuple[str, str, str, int]
-    ]:
+    async def start(
+        self, ucm_server_ctx: ssl.SSLContext, ucm_client_ctx: ssl.SSLContext
+    ) -> list[tuple[str, str, str, int]]:
         self._ucm_ctx = ucm_client_ctx
         loop = asyncio.get_running_loop()
-        tcp = await loop.create_server(self._ucm_flow_factory, self.address, self.settings.sip_tcp_port,
-                                       reuse_address=True)
-        tls = await loop.create_server(self._ucm_flow_factory, self.address, self.settings.sip_tls_port,
-                                       ssl=ucm_server_ctx, reuse_address=True)
+        tcp = await loop.create_server(
+            self._ucm_flow_factory, self.address, self.settings.sip_tcp_port, reuse_address=True
+        )
+        tls = await loop.create_server(
+            self._ucm_flow_factory,
+            self.address,
+            self.settings.sip_tls_port,
+            ssl=ucm_server_ctx,
+            reuse_address=True,
+        )
         self._servers = [tcp, tls]
         return [
             ("sip-ucm", "tcp", self.address, self.settings.sip_tcp_port),
@@ -124,8 +136,12 @@ class ExpcSip:
         ]
 
     def _ucm_flow_factory(self) -> SipFlow:
-        return SipFlow(on_message=self._ucm_message, on_closed=self._ucm_closed,
-                       on_connected=self._ucm_connected, name="sip-ucm")
+        return SipFlow(
+            on_message=self._ucm_message,
+            on_closed=self._ucm_closed,
+            on_connected=self._ucm_connected,
+            name="sip-ucm",
+        )
 
     def _ucm_connected(self, flow: SipFlow) -> None:
         self.ucm_flows[flow.flow_id] = flow
@@ -177,8 +193,14 @@ class ExpcSip:
 
             flow_factory = lambda: SipFlow(on_message=on_message, on_closed=on_closed, name="sip-zone")  # noqa: E731
             _, flow = await asyncio.wait_for(
-                loop.create_connection(flow_factory, host, port, ssl=ssl_context, server_hostname=server_name,
-                                       local_addr=(self.address, 0)),
+                loop.create_connection(
+                    flow_factory,
+                    host,
+                    port,
+                    ssl=ssl_context,
+                    server_hostname=server_name,
+                    local_addr=(self.address, 0),
+                ),
                 timeout_s,
             )
             conn = ZoneSipConnection(flow, peer_name)
@@ -212,7 +234,9 @@ class ExpcSip:
         req.headers.add("Content-Length", "0")
         return req
 
-    async def _authenticate(self, conn: ZoneSipConnection, server_name: str, username: str, password: str) -> None:
+    async def _authenticate(
+        self, conn: ZoneSipConnection, server_name: str, username: str, password: str
+    ) -> None:
         req = self._zone_request("REGISTER", server_name, username)
         fut = conn.expect(req.call_id or "")
         conn.flow.send(req)
@@ -224,8 +248,9 @@ class ExpcSip:
             via = Via(self.address, None, "TLS")
             via.params.set("branch", new_branch())
             retry.headers.replace("Via", str(via))
-            retry.headers.replace("Authorization",
-                                  compute_authorization(challenge, "REGISTER", req.uri, username, password))
+            retry.headers.replace(
+                "Authorization", compute_authorization(challenge, "REGISTER", req.uri, username, password)
+            )
             fut = conn.expect(retry.call_id or "")
             conn.flow.send(retry)
             resp = await fut
@@ -234,8 +259,9 @@ class ExpcSip:
             reason = warning.split('"')[1] if warning.count('"') >= 2 else f"{resp.status_code} {resp.reason}"
             raise LinkRejectedError(reason)
 
-    async def _keepalive(self, conn: ZoneSipConnection, server_name: str, interval_s: float,
-                         timeout_s: float) -> None:
+    async def _keepalive(
+        self, conn: ZoneSipConnection, server_name: str, interval_s: float, timeout_s: float
+    ) -> None:
         username = self.settings.zone.username
         try:
             while conn.flow.is_open:
@@ -264,8 +290,10 @@ class ExpcSip:
         for candidate in (req.headers.get_all("Route")[:1], [req.uri]):
             for text in candidate:
                 try:
-                    uri = NameAddr.parse(text).uri if candidate is not None and text.startswith("<") else Uri.parse(
-                        text
+                    uri = (
+                        NameAddr.parse(text).uri
+                        if candidate is not None and text.startswith("<")
+                        else Uri.parse(text)
                     )
                 except SipParseError:
                     continue
@@ -288,10 +316,14 @@ class ExpcSip:
             port = node.sip_tls_port if tls else node.sip_tcp_port
             loop = asyncio.get_running_loop()
             _, new_flow = await asyncio.wait_for(
-                loop.create_connection(self._ucm_flow_factory, node.address, port,
-                                       ssl=self._ucm_ctx if tls else None,
-                                       server_hostname=node.fqdn if tls else None,
-                                       local_addr=(self.address, 0)),
+                loop.create_connection(
+                    self._ucm_flow_factory,
+                    node.address,
+                    port,
+                    ssl=self._ucm_ctx if tls else None,
+                    server_hostname=node.fqdn if tls else None,
+                    local_addr=(self.address, 0),
+                ),
                 3.0,
             )
             self.ucm_out[node.name] = new_flow
@@ -318,13 +350,18 @@ class ExpcSip:
             flow.send(error_response(req, 483, "Too Many Hops", agent=self.settings.name))
             return
         if self.maintenance() and req.method in ("REGISTER", "INVITE") and req.to_tag is None:
-            flow.send(error_response(req, 503, "Service Unavailable", "maintenance mode", agent=self.settings.name))
+            flow.send(
+                error_response(req, 503, "Service Unavailable", "maintenance mode", agent=self.settings.name)
+            )
             return
         try:
             stamp_top_via(req, flow.peer, ingress_zone=self.settings.zone.name)
             pop_own_routes(req, self._is_own)
             client_via = req.vias[1] if len(req.vias) > 1 else req.vias[0]
-            client_addr = (client_via.received or client_via.host, client_via.rport or client_via.port or 5061)
+            client_addr = (
+                client_via.received or client_via.host,
+                client_via.rport or client_via.port or 5061,
+            )
             if req.method == "REGISTER":
                 self.client_edge[client_addr] = flow.flow_id
                 self._count("register")
@@ -332,7 +369,7 @@ class ExpcSip:
         except SipParseError as exc:
             flow.send(error_response(req, exc.status_code, exc.reason, agent=self.settings.name))
             return
-        asyncio.ensure_future(self._to_ucm(req, flow))
+        self._spawn(self._to_ucm(req, flow))
 
     def _rewrite_contacts(self, req: Request, client_addr: tuple[str, int]) -> None:
         """Spec §5: Contact host:port → C with orig-hostport, or a Path header in Path mode."""
@@ -374,13 +411,24 @@ class ExpcSip:
             if flow is None:
                 self._count("ucm_unreachable")
                 if req.method != "ACK":
-                    zflow.send(error_response(req, 503, "Service Unavailable",
-                                              f"Unified CM unreachable: {exc}", agent=self.settings.name))
+                    zflow.send(
+                        error_response(
+                            req,
+                            503,
+                            "Service Unavailable",
+                            f"Unified CM unreachable: {exc}",
+                            agent=self.settings.name,
+                        )
+                    )
                 return
         if is_dialog_forming(req):
-            req.headers.prepend("Record-Route", f"<sip:{self.address}:{self.settings.sip_tls_port};transport=tls;lr>")
-            req.headers.prepend("Record-Route", f"<sip:{self.address}:{self.ucm_port};"
-                                                f"transport={self.settings.ucm_transport};lr>")
+            req.headers.prepend(
+                "Record-Route", f"<sip:{self.address}:{self.settings.sip_tls_port};transport=tls;lr>"
+            )
+            req.headers.prepend(
+                "Record-Route",
+                f"<sip:{self.address}:{self.ucm_port};transport={self.settings.ucm_transport};lr>",
+            )
         via = Via(self.address, self.ucm_port, self.settings.ucm_transport.upper())
         via.params.set("branch", stateless_branch(req, self.salt))
         via.params.set("egress-zone", f"CE{self.settings.ucm_transport}-{node.name}")
@@ -448,13 +496,20 @@ class ExpcSip:
         if conn is None:
             self._count("zone_down")
             if req.method != "ACK":
-                flow.send(error_response(req, 503, "Service Unavailable", "traversal zone down",
-                                         agent=self.settings.name))
+                flow.send(
+                    error_response(
+                        req, 503, "Service Unavailable", "traversal zone down", agent=self.settings.name
+                    )
+                )
             return
         if is_dialog_forming(req):
-            req.headers.prepend("Record-Route", f"<sip:{self.address}:{self.ucm_port};"
-                                                f"transport={self.settings.ucm_transport};lr>")
-            req.headers.prepend("Record-Route", f"<sip:{self.address}:{self.settings.sip_tls_port};transport=tls;lr>")
+            req.headers.prepend(
+                "Record-Route",
+                f"<sip:{self.address}:{self.ucm_port};transport={self.settings.ucm_transport};lr>",
+            )
+            req.headers.prepend(
+                "Record-Route", f"<sip:{self.address}:{self.settings.sip_tls_port};transport=tls;lr>"
+            )
         via = Via(self.address, self.settings.sip_tls_port, "TLS")
         via.params.set("branch", stateless_branch(req, self.salt))
         via.params.set("egress-zone", self.settings.zone.name)
@@ -465,7 +520,9 @@ class ExpcSip:
 
     def _edge_route(self, orig: str) -> str:
         edge = self.config.expe[0]
-        return f"<sip:{edge.internal_address}:{edge.traversal_sip_port};transport=tls;lr;orig-hostport={orig}>"
+        return (
+            f"<sip:{edge.internal_address}:{edge.traversal_sip_port};transport=tls;lr;orig-hostport={orig}>"
+        )
 
     # -- UCM keepalive --------------------------------------------------------------------
 

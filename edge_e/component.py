@@ -86,7 +86,9 @@ class ExpresswayE(BaseComponent):
         )
         self._runner = web.AppRunner(self.https.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, s.external_address, s.https_port, ssl_context=ctx, reuse_address=True)
+        site = web.TCPSite(
+            self._runner, s.external_address, s.https_port, ssl_context=ctx, reuse_address=True
+        )
         await site.start()
         self.add_listener("https", "tls", s.external_address, s.https_port)
 
@@ -125,7 +127,13 @@ class ExpresswayE(BaseComponent):
             "edge_https_requests_total", "HTTPS requests on E by outcome", self.https_counters, "outcome"
         )
         sip = self.sip.status()
-        yield Sample("edge_mra_registrations", "gauge", "MRA registrations through this E", sip["registrations"])
-        yield Sample("edge_mra_registrations_peak", "gauge", "Peak MRA registrations since start",
-                     sip["registrations_peak"])
+        yield Sample(
+            "edge_mra_registrations", "gauge", "MRA registrations through this E", sip["registrations"]
+        )
+        yield Sample(
+            "edge_mra_registrations_peak",
+            "gauge",
+            "Peak MRA registrations since start",
+            sip["registrations_peak"],
+        )
         yield from counter_samples("edge_sip_events_total", "SIP events on E", sip["counters"], "event")

@@ -106,8 +106,14 @@ class EdgeHttps:
         kind = classify(raw_path)
         if isinstance(kind, BadPath):
             self._count("rejected_path")
-            log.info("https %s %s from %s: %d %s", request.method, raw_path[:200], request.remote, kind.status,
-                     kind.reason)
+            log.info(
+                "https %s %s from %s: %d %s",
+                request.method,
+                raw_path[:200],
+                request.remote,
+                kind.status,
+                kind.reason,
+            )
             return plain(kind.status, kind.reason)
         if self._maintenance():
             self._count("maintenance")

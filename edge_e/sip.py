@@ -108,7 +108,9 @@ class EdgeSip:
         self.clients: dict[str, SipFlow] = {}
         self.clients_by_addr: dict[tuple[str, int], SipFlow] = {}
         self.zone_flows: dict[str, SipFlow] = {}
-        self.zone_status = ChannelStatus("sip", "expc", state="failed", reason="no connection from Expressway-C")
+        self.zone_status = ChannelStatus(
+            "sip", "expc", state="failed", reason="no connection from Expressway-C"
+        )
         self.registrations = RegistrationTable()
         self.counters: dict[str, int] = {}
         self._servers: list[asyncio.Server] = []
@@ -143,17 +145,34 @@ class EdgeSip:
 
     # -- listeners ------------------------------------------------------------------------
 
-    async def start(self, client_ctx: ssl.SSLContext, zone_ctx: ssl.SSLContext) -> list[tuple[str, str, str, int]]:
+    async def start(
+        self, client_ctx: ssl.SSLContext, zone_ctx: ssl.SSLContext
+    ) -> list[tuple[str, str, str, int]]:
         loop = asyncio.get_running_loop()
         client_server = await loop.create_server(
-            lambda: SipFlow(on_message=self._client_message, on_closed=self._client_closed,
-                            on_stun=self._client_stun, on_connected=self._client_connected, name="sip-client"),
-            self.external_address, self.client_port, ssl=client_ctx, reuse_address=True,
+            lambda: SipFlow(
+                on_message=self._client_message,
+                on_closed=self._client_closed,
+                on_stun=self._client_stun,
+                on_connected=self._client_connected,
+                name="sip-client",
+            ),
+            self.external_address,
+            self.client_port,
+            ssl=client_ctx,
+            reuse_address=True,
         )
         zone_server = await loop.create_server(
-            lambda: SipFlow(on_message=self._zone_message, on_closed=self._zone_closed,
-                            on_connected=self._zone_connected, name="sip-zone"),
-            self.internal_address, self.zone_port, ssl=zone_ctx, reuse_address=True,
+            lambda: SipFlow(
+                on_message=self._zone_message,
+                on_closed=self._zone_closed,
+                on_connected=self._zone_connected,
+                name="sip-zone",
+            ),
+            self.internal_address,
+            self.zone_port,
+            ssl=zone_ctx,
+            reuse_address=True,
         )
         self._servers = [client_server, zone_server]
         return [
@@ -228,9 +247,14 @@ class EdgeSip:
             return
         if is_dialog_forming(req):
             # RFC 5658 double record-route: the entry facing the client carries its flow.
-            req.headers.prepend("Record-Route", f"<sip:{flow.flow_id}@{self.external_address}:{self.client_port};"
-                                                f"transport=tls;lr;{FLOW_PARAM}>")
-            req.headers.prepend("Record-Route", f"<sip:{self.internal_address}:{self.zone_port};transport=tls;lr>")
+            req.headers.prepend(
+                "Record-Route",
+                f"<sip:{flow.flow_id}@{self.external_address}:{self.client_port};"
+                f"transport=tls;lr;{FLOW_PARAM}>",
+            )
+            req.headers.prepend(
+                "Record-Route", f"<sip:{self.internal_address}:{self.zone_port};transport=tls;lr>"
+            )
         via = Via(self.internal_address, self.zone_port, "TLS")
         via.params.set("branch", stateless_branch(req, self.salt))
         via.params.set("rport", None)
@@ -250,7 +274,9 @@ class EdgeSip:
             return
         zone.send(resp)
 
-    def _reply(self, flow: SipFlow, req: Request, status: int, reason: str, warning: str | None = None) -> None:
+    def _reply(
+        self, flow: SipFlow, req: Request, status: int, reason: str, warning: str | None = None
+    ) -> None:
         self._count(f"reply_{status}")
         if req.method == "ACK":
             return
@@ -301,7 +327,9 @@ class EdgeSip:
             flow.close("rejected")
             return
         if msg.method != "REGISTER":
-            flow.send(error_response(msg, 403, "Forbidden", "traversal zone not authenticated", agent=self.name))
+            flow.send(
+                error_response(msg, 403, "Forbidden", "traversal zone not authenticated", agent=self.name)
+            )
             return
         now = time.time()
         auth = msg.headers.get("Authorization")
@@ -317,7 +345,8 @@ class EdgeSip:
         password = self.credentials.get(username)
         verdict = (
             self.verifier.verify(auth, "REGISTER", now, password=password)
-            if password is not None else DigestVerdict.BAD_RESPONSE
+            if password is not None
+            else DigestVerdict.BAD_RESPONSE
         )
         if verdict == DigestVerdict.STALE:
             resp = make_response(msg, 401, "Unauthorized")
@@ -363,14 +392,22 @@ class EdgeSip:
             target = self.clients_by_addr.get((ruri.host, port))
         if target is None or not target.is_open:
             if req.method != "ACK":
-                zflow.send(error_response(req, 480, "Temporarily Unavailable", "client flow not connected",
-                                          agent=self.name))
+                zflow.send(
+                    error_response(
+                        req, 480, "Temporarily Unavailable", "client flow not connected", agent=self.name
+                    )
+                )
             self._count("client_gone")
             return
         if is_dialog_forming(req):
-            req.headers.prepend("Record-Route", f"<sip:{self.internal_address}:{self.zone_port};transport=tls;lr>")
-            req.headers.prepend("Record-Route", f"<sip:{target.flow_id}@{self.external_address}:{self.client_port};"
-                                                f"transport=tls;lr;{FLOW_PARAM}>")
+            req.headers.prepend(
+                "Record-Route", f"<sip:{self.internal_address}:{self.zone_port};transport=tls;lr>"
+            )
+            req.headers.prepend(
+                "Record-Route",
+                f"<sip:{target.flow_id}@{self.external_address}:{self.client_port};"
+                f"transport=tls;lr;{FLOW_PARAM}>",
+            )
         via = Via(self.external_address, self.client_port, "TLS")
         via.params.set("branch", stateless_branch(req, self.salt))
         via.params.set(ZONE_PARAM, zflow.flow_id)

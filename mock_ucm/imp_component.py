@@ -46,8 +46,12 @@ class ImpComponent(BaseComponent):
             ]
         )
         for host, port, mode in self.server.listeners:
-            self.add_listener("xmpp-client" if mode == "starttls" else "xmpp-edge", "tcp" if mode == "starttls"
-                              else "tls", host, port)
+            self.add_listener(
+                "xmpp-client" if mode == "starttls" else "xmpp-edge",
+                "tcp" if mode == "starttls" else "tls",
+                host,
+                port,
+            )
 
     async def stop(self) -> None:
         if hasattr(self, "server"):

@@ -46,10 +46,13 @@ class UcmComponent(BaseComponent):
         node: UcmNode = self.node
         pki = lab_pki(self.config)
         ctx = server_context(pki, self.name, require_client_cert=False)
-        https_app, tftp_app = build_ucm_http_apps(self.config, node, self.directory, self.oauth,
-                                                  registry=self.registry)
+        https_app, tftp_app = build_ucm_http_apps(
+            self.config, node, self.directory, self.oauth, registry=self.registry
+        )
         await self._serve(https_app, [("https", node.https_port, ctx)])
-        await self._serve(tftp_app, [("tftp-http", node.tftp_http_port, None), ("tftp-https", node.tftp_https_port, ctx)])
+        await self._serve(
+            tftp_app, [("tftp-http", node.tftp_http_port, None), ("tftp-https", node.tftp_https_port, ctx)]
+        )
         try:
             from mock_ucm.sip.service import UcmSipService
         except ImportError:  # the SIP side is optional until it lands
@@ -77,5 +80,9 @@ class UcmComponent(BaseComponent):
     def metric_samples(self) -> Iterable[Sample]:
         if self.sip is not None:
             st = self.sip.status()
-            yield Sample("edge_ucm_registrations", "gauge", "Devices registered on this UCM node",
-                         float(st.get("registrations", 0)))
+            yield Sample(
+                "edge_ucm_registrations",
+                "gauge",
+                "Devices registered on this UCM node",
+                float(st.get("registrations", 0)),
+            )

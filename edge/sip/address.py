@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from edge.sip.errors import SipParseError
-from edge.sip.headers import TOKEN_CHARS, Params, quote, split_quoted
+from edge.sip.headers import Params, is_token, quote, split_quoted
 from edge.sip.uri import Uri, split_hostport
 
 MAGIC_COOKIE = "z9hG4bK"
@@ -38,7 +38,7 @@ class NameAddr:
         if lt >= 0:
             if display is None and lt > 0:
                 words = s[:lt].split()
-                if not all(w and all(c in TOKEN_CHARS for c in w) for w in words):
+                if not all(is_token(w) for w in words):
                     raise SipParseError(400, "Malformed display name")
                 display = " ".join(words)
             gt = s.find(">", lt)
@@ -188,7 +188,7 @@ class CSeq:
         seq = int(parts[0])
         if seq > MAX_CSEQ:
             raise SipParseError(400, "CSeq out of range")
-        if not all(c in TOKEN_CHARS for c in parts[1]):
+        if not is_token(parts[1]):
             raise SipParseError(400, "Malformed CSeq method")
         return cls(seq, parts[1])
 

@@ -8,6 +8,7 @@ Structured values parsed from headers are cached per Headers object and dropped 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
@@ -67,14 +68,24 @@ _NO_SPLIT = frozenset(
 TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 
 
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_KEY_CACHE: dict[str, str] = {}
+_KEY_CACHE_MAX = 4096  # header names come from the network: keep the memo bounded
+
+
 def header_key(name: str) -> str:
     """The canonical lookup key: lower-case long form."""
-    low = name.lower()
-    return COMPACT_FORMS.get(low, low)
+    key = _KEY_CACHE.get(name)
+    if key is None:
+        low = name.lower()
+        key = COMPACT_FORMS.get(low, low)
+        if len(_KEY_CACHE) < _KEY_CACHE_MAX:
+            _KEY_CACHE[name] = key
+    return key
 
 
 def is_token(s: str) -> bool:
-    return bool(s) and all(c in TOKEN_CHARS for c in s)
+    return _TOKEN_RE.fullmatch(s) is not None
 
 
 class Field(NamedTuple):
@@ -84,35 +95,25 @@ class Field(NamedTuple):
     raw: str | None  # the original line when unmodified, else None
 
 
+_SPLITTERS = {sep: re.compile(r'"(?:[^"\\]|\\.)*"|<[^>]*>|' + re.escape(sep)) for sep in ",;"}
+
+
 def split_quoted(value: str, sep: str) -> list[str]:
-    """Split on `sep` outside double quotes (with backslash escapes) and outside <...>."""
+    """Split on `sep` (',' or ';') outside double quotes (with backslash escapes) and <...>.
+
+    An unbalanced quote or '<' is not diagnosed here; the value parsers that consume the parts
+    reject it (RFC 4475 quotbal).
+    """
     if sep not in value:
         return [value]
+    if '"' not in value and "<" not in value:
+        return value.split(sep)
     parts: list[str] = []
     start = 0
-    in_quote = False
-    in_angle = False
-    i = 0
-    n = len(value)
-    while i < n:
-        c = value[i]
-        if in_quote:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                in_quote = False
-        elif c == '"':
-            in_quote = True
-        elif c == "<":
-            in_angle = True
-        elif c == ">":
-            in_angle = False
-        elif c == sep and not in_angle:
-            parts.append(value[start:i])
-            start = i + 1
-        i += 1
-    if in_quote:
-        raise SipParseError(400, "Unterminated quoted string")
+    for m in _SPLITTERS[sep].finditer(value):
+        if m.end() - m.start() == 1 and value[m.start()] == sep:
+            parts.append(value[start : m.start()])
+            start = m.end()
     parts.append(value[start:])
     return parts
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections import Counter
 from collections.abc import Iterable
 
 from edge.sip.address import MAGIC_COOKIE, CSeq, NameAddr, Via, parse_contacts
@@ -432,23 +433,24 @@ def _small_int(value: str | None, maximum: int | None) -> int | None:
 def validate(msg: Request | Response) -> None:
     """The checks a proxy/UAS applies before using a message (RFC 3261 §8.2, §16.3; RFC 4475)."""
     h = msg.headers
+    counts = Counter(f.key for f in h._items)
     for key in _SINGLE_VALUED:
-        if h.count(key) > 1:
+        if counts[key] > 1:
             raise SipParseError(400, f"Multiple {key} headers")
     if isinstance(msg, Request):
         _validate_request_uri(msg)
-        if not h.get_lines("via"):
+        if not counts["via"]:
             raise SipParseError(400, "Missing Via")
     for key in ("call-id", "from", "to"):
-        if not h.get(key):
+        if not counts[key] or not h.get(key):
             raise SipParseError(400, f"Missing {key}")
     cseq = msg.cseq
     if isinstance(msg, Request) and cseq.method != msg.method:
         raise SipParseError(400, "CSeq method does not match request method")
     _ = msg.vias, msg.from_, msg.to, msg.contacts, msg.max_forwards
-    if (e := h.get("expires")) is not None and not (e.isascii() and e.isdigit()):
+    if counts["expires"] and not ((e := h.get("expires") or "").isascii() and e.isdigit()):
         raise SipParseError(400, "Malformed Expires")
-    if (date := h.get("date")) is not None and not _DATE_RE.match(date):
+    if counts["date"] and not _DATE_RE.match(h.get("date") or ""):
         raise SipParseError(400, "Malformed Date")
 
 

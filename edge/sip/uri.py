@@ -15,8 +15,7 @@ _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*\Z")
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.?)+\Z|[0-9.]+\Z", re.ASCII)
 _IPV6_RE = re.compile(r"\[[0-9A-Fa-f:.]+\]\Z")
 # Characters never legal unescaped anywhere in a SIP URI (RFC 3261 §25.1).
-_FORBIDDEN = frozenset(' \t\r\n<>"{}|\\^`')
-_USER_FORBIDDEN = frozenset(' \t\r\n<>"{}|\\^`@')
+_FORBIDDEN = re.compile(r'[\s<>"{}|\\^`]')
 
 SIP_SCHEMES = frozenset({"sip", "sips"})
 
@@ -42,11 +41,11 @@ class Uri:
             return _parse_sip(low, rest)
         if low == "tel":
             number, _, ptext = rest.partition(";")
-            if not number or any(c in _FORBIDDEN for c in number):
+            if not number or _FORBIDDEN.search(number):
                 raise SipParseError(400, "Malformed tel URI")
             params = Params.parse(ptext, what="URI parameter") if ptext else Params()
             return cls(scheme=low, user=number, params=params)
-        if not rest or any(c in _FORBIDDEN for c in rest):
+        if not rest or _FORBIDDEN.search(rest):
             raise SipParseError(400, "Malformed URI")
         return cls(scheme=low, opaque=rest)
 
@@ -100,7 +99,7 @@ class Uri:
 
 
 def _parse_sip(scheme: str, rest: str) -> Uri:
-    if any(c in _FORBIDDEN for c in rest):
+    if _FORBIDDEN.search(rest):
         raise SipParseError(400, "Illegal character in SIP URI")
     user: str | None = None
     password: str | None = None
