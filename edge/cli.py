@@ -193,14 +193,14 @@ def lab_up(
     config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, detach: bool, no_demo: bool
 ) -> None:
     """Start DNS, the mock UCM roles, Expressway-C and Expressway-E, each as its own process."""
-    from edge.lab import LabError, LabSupervisor, lab_status
+    from edge.lab import LabError, LabSupervisor, wait_zones_active
 
     config = _load(config_path, overrides, state_dir)
     sup = LabSupervisor(config)
 
     async def bring_up() -> dict[str, Any]:
         await sup.up()
-        return await lab_status(config)
+        return await wait_zones_active(config, config.lab.ready_timeout_s)
 
     try:
         status = asyncio.run(bring_up())
@@ -307,6 +307,118 @@ def print_status(status: dict[str, Any]) -> None:
         console.print(line)
     if status.get("counts"):
         console.print("counts: " + ", ".join(f"{k} {v}" for k, v in status["counts"].items()))
+
+
+# -- edge allowlist ---------------------------------------------------------------------
+
+
+@main.group("allowlist")
+def allowlist_group() -> None:
+    """Expressway-C's HTTP allow list (spec §4)."""
+
+
+@allowlist_group.command("test")
+@click.argument("rules_csv", type=click.Path(exists=True, dir_okay=False))
+@click.argument("tests_csv", type=click.Path(exists=True, dir_okay=False))
+def allowlist_test(rules_csv: str, tests_csv: str) -> None:
+    """Run CSV tests (Url,ExpectedResult,Deployment,Description,HttpMethod) against CSV rules
+    (Url,Deployment,HttpMethods,MatchType,Description), offline."""
+    from edge_c.allowlist_csv import allowlist_test_main
+
+    code, output = allowlist_test_main(Path(rules_csv).read_text(), Path(tests_csv).read_text())
+    click.echo(output)
+    sys.exit(code)
+
+
+# -- edge client ------------------------------------------------------------------------
+
+
+@main.group("client")
+def client_group() -> None:
+    """The MRA client emulator: what a Jabber client does over MRA, against any edge."""
+
+
+def client_options(func: F) -> F:
+    func = click.option("--user", "username", required=True, help="User name (e.g. alice).")(func)
+    func = click.option("--password", default=None, help="Password (lab default for lab users).")(func)
+    func = click.option("--domain", default=None, help="Edge domain (default: the lab's).")(func)
+    func = click.option(
+        "--dns",
+        "dns",
+        default=None,
+        metavar="HOST[:PORT]",
+        help="DNS server used for _collab-edge._tls discovery (default: the lab DNS).",
+    )(func)
+    func = click.option(
+        "--ca",
+        "ca_file",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="CA file to trust for the edge (default: the lab CA).",
+    )(func)
+    func = click.option("--json", "as_json", is_flag=True, help="Print the ladder as JSON.")(func)
+    return config_options(func)
+
+
+def _client_settings(
+    config: LabConfig,
+    username: str,
+    password: str | None,
+    domain: str | None,
+    dns: str | None,
+    ca_file: str | None,
+) -> Any:
+    from mra_client.demo import lab_client_settings
+
+    settings = lab_client_settings(config, username, password)
+    if domain:
+        settings.domain = domain
+    if dns:
+        host, _, port = dns.partition(":")
+        settings.dns_server = host
+        settings.dns_port = int(port) if port else 53
+    if ca_file:
+        settings.ca_file = ca_file
+    return settings
+
+
+@client_group.command("signin")
+@client_options
+def client_signin(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    state_dir: str | None,
+    username: str,
+    password: str | None,
+    domain: str | None,
+    dns: str | None,
+    ca_file: str | None,
+    as_json: bool,
+) -> None:
+    """Discovery, get_edge_config, UDS, TFTP, SIP REGISTER and STUN keepalive, as a ladder."""
+    from mra_client.demo import print_ladder
+    from mra_client.edge_http import StepError
+    from mra_client.signin import Ladder, sign_in, sign_out
+
+    config = _load(config_path, overrides, state_dir)
+    settings = _client_settings(config, username, password, domain, dns, ca_file)
+    ladder = Ladder()
+
+    async def flow() -> StepError | None:
+        try:
+            session = await sign_in(settings, ladder)
+        except StepError as exc:
+            return exc
+        await sign_out(session)
+        return None
+
+    error = asyncio.run(flow())
+    if as_json:
+        click.echo(json.dumps(ladder.as_dict(), indent=2))
+    else:
+        print_ladder(ladder, console, f"{username} signs in over MRA")
+    if error is not None:
+        raise click.ClickException(str(error))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -122,8 +122,8 @@ class AccessControl(_Model):
     """Off in the real product's defaults; the lab turns it on so Basic works out of the box."""
     check_internal_auth_availability: bool = False
     sip_token_extra_ttl_s: int = 0
-    credentials_refresh_min: int = 480
-    credentials_cleanup_min: int = 720
+    credentials_refresh_min: float = 480
+    credentials_cleanup_min: float = 720
     auth_rate_max: int = 8
     auth_rate_window_s: int = 300
 

@@ -293,6 +293,18 @@ async def lab_status(config: LabConfig) -> dict[str, Any]:
     }
 
 
+async def wait_zones_active(config: LabConfig, timeout_s: float) -> dict[str, Any]:
+    """Poll the aggregated status until every traversal zone is Active or `timeout_s` passes
+    (C dials E right after it starts); returns the last status either way."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = await lab_status(config)
+        zones = status.get("zones", [])
+        if (zones and all(z.get("state") == "Active" for z in zones)) or time.monotonic() >= deadline:
+            return status
+        await asyncio.sleep(0.1)
+
+
 def _summary(components: list[dict[str, Any]]) -> dict[str, Any]:
     """Lift zone, tunnel, link states and counts from the Expressways to the top level."""
     zones: list[dict[str, Any]] = []

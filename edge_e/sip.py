@@ -53,27 +53,36 @@ PATH_STATE_HEADER = "X-Edge-Path-State"
 
 
 class RegistrationTable:
-    """MRA registrations seen through E (current and peak since start), keyed by AOR+contact."""
+    """MRA registrations seen through E (current and peak since start): AOR → contact → expiry."""
 
     def __init__(self) -> None:
-        self._expiry: dict[tuple[str, str], float] = {}
+        self._by_aor: dict[str, dict[str, float]] = {}
+        self._count = 0
         self.peak = 0
 
-    def update(self, aor: str, contact: str, expires: int, now: float) -> None:
-        key = (aor, contact)
-        if expires <= 0:
-            self._expiry.pop(key, None)
-        else:
-            self._expiry[key] = now + expires
-        self.peak = max(self.peak, len(self._expiry))
+    def replace(self, aor: str, bindings: dict[str, int], now: float) -> None:
+        """A registrar's 2xx lists every current binding of the AOR (RFC 3261 §10.3 step 8)."""
+        old = self._by_aor.pop(aor, {})
+        fresh = {contact: now + expires for contact, expires in bindings.items() if expires > 0}
+        if fresh:
+            self._by_aor[aor] = fresh
+        self._count += len(fresh) - len(old)
+        self.peak = max(self.peak, self._count)
 
     def purge(self, now: float) -> None:
-        for key in [k for k, t in self._expiry.items() if t <= now]:
-            del self._expiry[key]
+        for aor in list(self._by_aor):
+            entries = self._by_aor[aor]
+            live = {c: t for c, t in entries.items() if t > now}
+            if len(live) != len(entries):
+                self._count -= len(entries) - len(live)
+                if live:
+                    self._by_aor[aor] = live
+                else:
+                    del self._by_aor[aor]
 
     def current(self, now: float) -> int:
         self.purge(now)
-        return len(self._expiry)
+        return self._count
 
 
 class EdgeSip:
@@ -441,11 +450,12 @@ class EdgeSip:
             contacts = resp.contacts
         except SipParseError:
             return
+        bindings: dict[str, int] = {}
         for contact in contacts:
             expires_text = contact.params.get("expires")
             expires = int(expires_text) if expires_text and expires_text.isdigit() else default
-            key = contact.params.get("+sip.instance") or str(contact.uri)
-            self.registrations.update(aor, key, expires, now)
+            bindings[contact.params.get("+sip.instance") or str(contact.uri)] = expires
+        self.registrations.replace(aor, bindings, now)
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()

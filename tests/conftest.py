@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,12 +20,25 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
 
 # Each lab a test starts gets its own 127.x block so tests never collide with a developer's
-# running `./dev lab` (127.10.x) nor with each other.
-_blocks = itertools.count(20)
+# running `./dev lab` (127.10.x), with each other, nor with a second test run on the machine.
+_blocks = itertools.count(20 + (os.getpid() % 50) * 4)
+
+
+def _free_block() -> int:
+    for _ in range(240):
+        b = 20 + (next(_blocks) - 20) % 230
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((f"127.{b}.0.53", 9080))
+            except OSError:
+                continue
+        return b
+    raise RuntimeError("no free 127.x block for a test lab")
 
 
 def lab_overrides(state_dir: Path, block: int | None = None) -> list[str]:
-    b = next(_blocks) if block is None else block
+    b = _free_block() if block is None else block
     p = f"127.{b}"
     return [
         f'lab.state_dir="{state_dir}"',

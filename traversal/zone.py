@@ -110,6 +110,7 @@ class ChannelSupervisor:
 
     async def run(self) -> None:
         attempt = 0
+        lost: str | None = None  # why the last established channel went down, until one is up again
         while not self._stopping:
             try:
                 conn = await self._connect()
@@ -118,10 +119,13 @@ class ChannelSupervisor:
             except Exception as exc:
                 reason = describe_failure(exc)
                 self.status.failures += 1
-                self.status.set("failed", reason)
+                # Keep saying that the channel was lost (and why) while reconnects fail: "connection
+                # refused" alone would hide from the operator that an established link went down.
+                self.status.set("failed", reason if lost is None else f"lost: {lost}; reconnect: {reason}")
                 log.warning("zone %s to %s: %s", self.status.channel, self.status.peer, reason)
             else:
                 attempt = 0
+                lost = None
                 if self.status.connects:
                     self.status.reconnects += 1
                 self.status.connects += 1
@@ -138,6 +142,7 @@ class ChannelSupervisor:
                         self._on_down(conn, "channel lost")
                 if self._stopping:
                     break
+                lost = reason
                 self.status.set("failed", f"lost: {reason}")
                 log.warning("zone %s to %s: lost (%s)", self.status.channel, self.status.peer, reason)
             delay = backoff_delay(

@@ -69,6 +69,9 @@ TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+# RFC 3261 §25.1 uri-parameter values may also hold param-unreserved characters ("[" "]" "/" ":"
+# "&" "+" "$"), e.g. `orig-hostport=198.51.100.7:51000` (spec §5) or an IPv6 `maddr`.
+_PARAM_VALUE_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~\[\]/:&$]+")
 _KEY_CACHE: dict[str, str] = {}
 _KEY_CACHE_MAX = 4096  # header names come from the network: keep the memo bounded
 
@@ -110,7 +113,8 @@ def split_quoted(value: str, sep: str) -> list[str]:
         return value.split(sep)
     parts: list[str] = []
     start = 0
-    for m in _SPLITTERS[sep].finditer(value):
+    splitter = _SPLITTERS.get(sep) or re.compile(r'"(?:[^"\\]|\\.)*"|<[^>]*>|' + re.escape(sep))
+    for m in splitter.finditer(value):
         if m.end() - m.start() == 1 and value[m.start()] == sep:
             parts.append(value[start : m.start()])
             start = m.end()
@@ -158,7 +162,7 @@ class Params:
                 raise SipParseError(400, f"Malformed {what}")
             if eq:
                 v = val.strip()
-                if not v or not (is_token(v) or _is_quoted(v) or _is_bracketed(v)):
+                if not v or not (_PARAM_VALUE_RE.fullmatch(v) or _is_quoted(v) or _is_bracketed(v)):
                     raise SipParseError(400, f"Malformed {what} value")
                 items.append((name, v))
             else:

@@ -190,7 +190,8 @@ class CallControl:
         via = invite.top_via
         transport = "tls" if via is not None and via.transport == "TLS" else "tcp"
         dialled = (invite.request_uri.user or "").split(";", 1)[0]
-        call = Call(next(self._ids), Leg(invite, key, new_tag(), transport, self.local.contact(dialled, transport)))
+        leg = Leg(invite, key, new_tag(), transport, self.local.contact(dialled, transport))
+        call = Call(next(self._ids), leg)
         if invite.max_forwards == 0:
             self._fail(call, 483, now)
         elif dialled == self.echo_number:
@@ -305,11 +306,10 @@ class CallControl:
         code = resp.status_code
         if code == 100:
             return
-        if call.state in (CallState.CANCELLING, CallState.TERMINATED):
+        if call.state is CallState.CANCELLING:
             if 200 <= code < 300:  # the answer crossed the CANCEL: ACK it, then hang up (§15)
                 self._ack_and_bye(b, resp, now)
             if code >= 200:
-                self._by_b_invite.pop(b.key, None)
                 self._finish(call)
             return
         if code >= 300:
@@ -372,14 +372,16 @@ class CallControl:
         if other is None or other.dialog is None:
             self.io.respond(key, make_response(request, 481), now)
             return True
-        out_key = self._send_in_dialog(other, request.method, request, now)
+        sent, out_key = self._send_in_dialog(other, request.method, request, now)
         if out_key is not None:
-            self._relays[out_key] = _Relay(call, key, request, self._last_sent, "b" if side == "a" else "a")
+            self._relays[out_key] = _Relay(call, key, request, sent, "b" if side == "a" else "a")
         if request.method == "BYE":
             self._finish(call)
         return True
 
-    def _send_in_dialog(self, leg: Leg, method: str, incoming: Request, now: float) -> TransactionKey | None:
+    def _send_in_dialog(
+        self, leg: Leg, method: str, incoming: Request, now: float
+    ) -> tuple[Request, TransactionKey | None]:
         assert leg.dialog is not None
         target = dialog_target(leg.dialog)
         contact = leg.contact if method in TARGET_REFRESH else None
@@ -392,11 +394,10 @@ class CallControl:
             max_forwards=70 if mf is None else max(0, mf - 1),
         )
         _copy_end_to_end(incoming.headers, out.headers)
-        self._last_sent = out
         if method == "ACK":
             self.io.send_ack(out, target)
-            return None
-        return self.io.send_request(out, target, now)
+            return out, None
+        return out, self.io.send_request(out, target, now)
 
     def _echo_in_dialog(self, call: Call, key: TransactionKey, request: Request, now: float) -> None:
         """The echo is a UAS: BYE ends it, a re-INVITE gets a fresh answer, the rest 200."""
@@ -472,7 +473,7 @@ class CallControl:
         for leg in (call.a, call.b):
             if leg is not None and leg.dialog is not None:
                 self._by_dialog.pop((leg.dialog.call_id, leg.tag), None)
-        if call.b is not None and call.state is not CallState.CANCELLING:
+        if call.b is not None:
             self._by_b_invite.pop(call.b.key, None)
         if call.echo is not None:
             self._close_echo(call.echo)
@@ -481,8 +482,6 @@ class CallControl:
     def _close_echo(self, session: EchoSession) -> None:
         self.counters.echo_packets_closed += session.packets
         self.echo_ports.close(session)
-
-    _last_sent: Request
 
 
 def dialog_target(dialog: Dialog) -> Target:
@@ -507,6 +506,7 @@ def make_cancel(invite: Request) -> Request:
 
 def _copy_end_to_end(src: Headers, dst: Headers) -> None:
     """Copy every header that is not leg state, byte-exact (Cisco x-cisco-*, Supported, Allow...)."""
+    present = {f.key for f in dst.fields()}
     for f in src.fields():
-        if f.key not in _LEG_HEADERS and f.key not in dst:
+        if f.key not in _LEG_HEADERS and f.key not in present:
             dst.add(f.name, f.value)

@@ -126,7 +126,7 @@ class EchoSession:
 
     transcoder: SrtpTranscoder
     packets: int = 0
-    bytes: int = 0
+    octets: int = 0
     dropped: int = 0
 
     def receive_datagram(self, data: bytes) -> bytes | None:
@@ -140,5 +140,5 @@ class EchoSession:
             self.dropped += 1
             return None
         self.packets += 1
-        self.bytes += len(data)
+        self.octets += len(data)
         return out
