@@ -51,7 +51,7 @@ def test_client_signin_over_raw_https(lab: RunningLab) -> None:
         host, port, address = await discover_edge(
             lab.config.lab.domain, lab.config.dns.address, lab.config.dns.port
         )
-        assert address == lab.config.expe[0].external_address
+        assert (host, port, address) == ("expe.example.com", 8443, lab.config.expe[0].external_address)
         async with _client(lab, address) as client:
             config, result = await client.get_edge_config("alice", "lab-pass")
             assert result.headers["Server"] == "CE_C ECS"
@@ -236,7 +236,7 @@ def test_backend_down_is_502_and_client_cli_names_the_step(lab: RunningLab) -> N
             assert r.status == 200
             os.kill(cuc_pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and pid_alive(cuc_pid):
+            while time.monotonic() < deadline and pid_alive(cuc_pid):  # noqa: ASYNC110 - polling a pid
                 await asyncio.sleep(0.05)
             r = await client.request(
                 "GET",
