@@ -12,9 +12,10 @@ from aiohttp import web
 from edge.config import LabConfig, UcmNode
 from edge.lab_pki import lab_pki
 from edge.metrics import Sample, StatusCollector
-from edge.pki import server_context
+from edge.pki import client_context, server_context
 from edge.runtime import BaseComponent
 from mock_ucm.directory import Directory
+from mock_ucm.http_common import STATS_KEY
 from mock_ucm.http_apps import build_ucm_http_apps
 from mock_ucm.oauth import OAuthIssuer
 
@@ -58,7 +59,7 @@ class UcmComponent(BaseComponent):
         except ImportError:  # the SIP side is optional until it lands
             log.warning("%s: SIP service not available", self.name)
             return
-        self.sip = UcmSipService(self.config, node, ssl_context=ctx)
+        self.sip = UcmSipService(self.config, node, ssl_context=ctx, client_ssl_context=client_context(pki, None))
         await self.sip.start()
         for name, transport, host, port in self.sip.listeners:
             self.add_listener(name, transport, host, port)
@@ -73,6 +74,8 @@ class UcmComponent(BaseComponent):
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"users": len(self.directory), "fqdn": self.node.fqdn}
+        out["http"] = {name: r.app[STATS_KEY].snapshot() for name, r in zip(("https", "tftp"), self._runners,
+                                                                             strict=False)}
         if self.sip is not None:
             out["sip"] = self.sip.status()
         return out

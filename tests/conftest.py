@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,10 +107,11 @@ class RunningLab:
         return asyncio.run(lab_status(self.config))
 
     def component(self, name: str) -> dict[str, Any]:
-        for comp in self.status()["components"]:
-            if comp["name"] == name:
-                return dict(comp)
-        raise KeyError(name)
+        """One component's live /status (plain blocking HTTP: usable inside a coroutine too)."""
+        host, port = self.config.admin_endpoint(name)
+        with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=5) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+        return data
 
     def listener(self, component: str, name: str) -> tuple[str, int]:
         for lst in self.component(component)["listeners"]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,10 +23,11 @@ from typing import Any
 
 import pytest
 
+from edge.config import load_config
 from edge.lab import pid_alive
 from edge.lab_pki import cert_specs
 from edge.pki import ensure_lab_pki
-from tests.conftest import REPO, RunningLab
+from tests.conftest import REPO, RunningLab, lab_overrides
 from tests.netns import fetch_status, https_request
 
 LabFactory = Callable[..., RunningLab]
@@ -38,6 +41,42 @@ FAST = (
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def private_block(tmp_path: Path) -> tuple[str, ...]:
+    """Address overrides for a 127.<b> block nobody uses right now.
+
+    conftest numbers blocks from 127.20 per pytest process, so two test sessions running at once
+    in the same tree collide; a random block checked for free admin ports avoids that.
+    """
+    rng = random.Random()
+    for _ in range(50):
+        block = rng.randrange(150, 250)
+        extra = [o for o in lab_overrides(tmp_path, block) if not o.startswith("lab.")]
+        config = load_config(None, overrides=extra, environ={})
+        if all(_bindable(*config.admin_endpoint(name)) for name, _ in config.components()):
+            return tuple(extra)
+    raise AssertionError("no free 127.x block for a lab")
+
+
+@pytest.fixture
+def start_lab(lab_factory: LabFactory, tmp_path: Path) -> LabFactory:
+    """`lab_factory` on a loopback block of its own (see `private_block`)."""
+
+    def start(*extra: str) -> RunningLab:
+        return lab_factory(*private_block(tmp_path), *extra)
+
+    return start
 
 
 def c_zone(lab: RunningLab) -> dict[str, Any]:
@@ -156,8 +195,8 @@ def hand_started() -> Iterator[HandStarted]:
 # -- tests ------------------------------------------------------------------------------------
 
 
-def test_default_lab_zone_active_on_both_sides(lab_factory: LabFactory) -> None:
-    lab = lab_factory()
+def test_default_lab_zone_active_on_both_sides(start_lab: LabFactory) -> None:
+    lab = start_lab()
     started = time.monotonic()
     zc = wait_zone(lambda: c_zone(lab), is_active, "Active on C")
     ze = wait_zone(lambda: e_zone(lab), is_active, "Active on E")
@@ -177,8 +216,8 @@ def test_default_lab_zone_active_on_both_sides(lab_factory: LabFactory) -> None:
     assert summary == {"expc": "Active", "expe": "Active"}
 
 
-def test_wrong_zone_password_stays_failed(lab_factory: LabFactory) -> None:
-    lab = lab_factory('expc.zone.password="nope"', "expc.zone.reconnect_max_s=1")
+def test_wrong_zone_password_stays_failed(start_lab: LabFactory) -> None:
+    lab = start_lab('expc.zone.password="nope"', "expc.zone.reconnect_max_s=1")
     zc = wait_zone(lambda: c_zone(lab), all_failed_with("authentication failed"), "Failed (auth) on C")
     assert "authentication failed" in zc["reason"]
     ze = wait_zone(lambda: e_zone(lab), all_failed_with("authentication failed"), "Failed (auth) on E")
@@ -194,8 +233,8 @@ def test_wrong_zone_password_stays_failed(lab_factory: LabFactory) -> None:
     assert c_zone(lab)["state"] == "Failed" and c_zone(lab)["reconnects"] == 0
 
 
-def test_wrong_tls_verify_subject_name_fails(lab_factory: LabFactory) -> None:
-    lab = lab_factory('expe.0.tls_verify_subject_name="someone-else.example.com"')
+def test_wrong_tls_verify_subject_name_fails(start_lab: LabFactory) -> None:
+    lab = start_lab('expe.0.tls_verify_subject_name="someone-else.example.com"')
     zc = wait_zone(lambda: c_zone(lab), all_failed_with("TLS verify subject name"), "Failed (SAN) on C")
     assert "someone-else.example.com" in zc["reason"]
     ze = wait_zone(lambda: e_zone(lab), all_failed_with("TLS verify subject name"), "Failed (SAN) on E")
@@ -203,9 +242,9 @@ def test_wrong_tls_verify_subject_name_fails(lab_factory: LabFactory) -> None:
 
 
 def test_e_certificate_from_another_ca_fails_verification(
-    lab_factory: LabFactory, hand_started: HandStarted, tmp_path: Path
+    start_lab: LabFactory, hand_started: HandStarted, tmp_path: Path
 ) -> None:
-    lab = lab_factory(*FAST)
+    lab = start_lab(*FAST)
     wait_zone(lambda: c_zone(lab), is_active, "Active on C")
     certs = lab.state_dir / "certs"
     # A throwaway CA issues E a certificate with exactly the names the lab CA gave it.
@@ -222,9 +261,9 @@ def test_e_certificate_from_another_ca_fails_verification(
 
 
 def test_zone_recovers_after_e_is_killed_and_restarted(
-    lab_factory: LabFactory, hand_started: HandStarted
+    start_lab: LabFactory, hand_started: HandStarted
 ) -> None:
-    lab = lab_factory(*FAST)
+    lab = start_lab(*FAST)
     wait_zone(lambda: c_zone(lab), is_active, "Active on C")
     killed = time.monotonic()
     kill_and_reap(int(lab.component("expe")["pid"]))
@@ -246,8 +285,8 @@ def test_zone_recovers_after_e_is_killed_and_restarted(
     print(f"loss detected in {detected:.2f} s; Active again {recovered:.2f} s after E was ready")
 
 
-def test_https_answers_502_when_c_is_killed(lab_factory: LabFactory) -> None:
-    lab = lab_factory(*FAST)
+def test_https_answers_502_when_c_is_killed(start_lab: LabFactory) -> None:
+    lab = start_lab(*FAST)
     wait_zone(lambda: e_zone(lab), is_active, "Active on E")
     kill_and_reap(int(lab.component("expc")["pid"]))
     edge = lab.config.expe[0]
