@@ -15,9 +15,10 @@ from edge.metrics import Sample, StatusCollector
 from edge.pki import client_context, server_context
 from edge.runtime import BaseComponent
 from mock_ucm.directory import Directory
-from mock_ucm.http_common import STATS_KEY
 from mock_ucm.http_apps import build_ucm_http_apps
+from mock_ucm.http_common import STATS_KEY
 from mock_ucm.oauth import OAuthIssuer
+from mock_ucm.sip.service import UcmSipService
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class UcmComponent(BaseComponent):
         self.directory = Directory.from_config(config)
         self.oauth = OAuthIssuer.for_node(config, self.node)
         self._runners: list[web.AppRunner] = []
-        self.sip: Any = None
+        self.sip: UcmSipService | None = None
         self.registry.register(StatusCollector(self))
 
     async def _serve(self, app: web.Application, sites: list[tuple[str, int, Any]]) -> None:
@@ -54,12 +55,9 @@ class UcmComponent(BaseComponent):
         await self._serve(
             tftp_app, [("tftp-http", node.tftp_http_port, None), ("tftp-https", node.tftp_https_port, ctx)]
         )
-        try:
-            from mock_ucm.sip.service import UcmSipService
-        except ImportError:  # the SIP side is optional until it lands
-            log.warning("%s: SIP service not available", self.name)
-            return
-        self.sip = UcmSipService(self.config, node, ssl_context=ctx, client_ssl_context=client_context(pki, None))
+        self.sip = UcmSipService(
+            self.config, node, ssl_context=ctx, client_ssl_context=client_context(pki, None)
+        )
         await self.sip.start()
         for name, transport, host, port in self.sip.listeners:
             self.add_listener(name, transport, host, port)
@@ -74,8 +72,10 @@ class UcmComponent(BaseComponent):
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"users": len(self.directory), "fqdn": self.node.fqdn}
-        out["http"] = {name: r.app[STATS_KEY].snapshot() for name, r in zip(("https", "tftp"), self._runners,
-                                                                             strict=False)}
+        out["http"] = {
+            name: r.app[STATS_KEY].snapshot()
+            for name, r in zip(("https", "tftp"), self._runners, strict=False)
+        }
         if self.sip is not None:
             out["sip"] = self.sip.status()
         return out
