@@ -293,6 +293,9 @@ async def lab_status(config: LabConfig) -> dict[str, Any]:
     }
 
 
+_REFUSALS = ("rejected", "TLS verification", "authentication failed")
+
+
 async def wait_zones_active(config: LabConfig, timeout_s: float) -> dict[str, Any]:
     """Poll the aggregated status until every traversal zone is Active or `timeout_s` passes
     (C dials E right after it starts); returns the last status either way."""
@@ -301,6 +304,9 @@ async def wait_zones_active(config: LabConfig, timeout_s: float) -> dict[str, An
         status = await lab_status(config)
         zones = status.get("zones", [])
         if (zones and all(z.get("state") == "Active" for z in zones)) or time.monotonic() >= deadline:
+            return status
+        # A peer that refuses us (credentials, certificate names, CA) will not change its mind.
+        if any(_MISCONFIGURED in str(z.get("reason", "")) for z in zones for _MISCONFIGURED in _REFUSALS):
             return status
         await asyncio.sleep(0.1)
 

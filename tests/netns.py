@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -33,7 +34,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,11 @@ class Topology:
         for name in (self.inside, self.dmz, self.outside):
             self._add_namespace(name)
         # Each veth pair is created directly with its two ends in their namespaces.
-        _run(["ip", "-n", self.inside, "link", "add", INSIDE_IF, "type", "veth",
-              "peer", "name", DMZ_INSIDE_IF, "netns", self.dmz])  # fmt: skip
-        _run(["ip", "-n", self.outside, "link", "add", OUTSIDE_IF, "type", "veth",
-              "peer", "name", DMZ_OUTSIDE_IF, "netns", self.dmz])  # fmt: skip
+        for ns, here, there in (
+            (self.inside, INSIDE_IF, DMZ_INSIDE_IF),
+            (self.outside, OUTSIDE_IF, DMZ_OUTSIDE_IF),
+        ):
+            _run(["ip", "-n", ns, *f"link add {here} type veth peer name {there} netns {self.dmz}".split()])
         for ns, ifname, addr in (
             (self.inside, INSIDE_IF, f"{INSIDE_LINK_ADDR}/24"),
             (self.dmz, DMZ_INSIDE_IF, f"{DMZ_INSIDE_ADDR}/24"),
@@ -130,9 +132,11 @@ class Topology:
 
     def dmz_firewall(self) -> None:
         """Spec §1: the DMZ may answer the inside but never open a connection towards it."""
+        if shutil.which("iptables") is None:
+            raise NetnsError("iptables is not installed (scripts/install-system-deps lists it)")
         for chain in ("OUTPUT", "FORWARD"):
-            _run(ns_argv(self.dmz, "iptables", "-w", "-A", chain, "-o", DMZ_INSIDE_IF,
-                         "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"))  # fmt: skip
+            rule = f"-A {chain} -o {DMZ_INSIDE_IF} -m conntrack --ctstate NEW -j DROP"
+            _run(ns_argv(self.dmz, "iptables", "-w", *rule.split()))
 
     def dropped_packets(self) -> int:
         """Packets the DMZ's OUTPUT rule dropped so far (proof that the rule is in force)."""
@@ -226,16 +230,6 @@ def ns_tool(ns: str, command: str, args: dict[str, Any], *, timeout_s: float = 1
     if proc.returncode != 0:
         raise NetnsError(f"tests.netns {command} in {ns} exited {proc.returncode}: {proc.stderr.strip()}")
     return json.loads(proc.stdout)
-
-
-@contextlib.contextmanager
-def topology(inside_hosts: Sequence[str]) -> Iterator[Topology]:
-    topo = Topology()
-    try:
-        topo.build(inside_hosts)
-        yield topo
-    finally:
-        topo.close()
 
 
 # -- the probes (stdlib only: they also run inside a namespace) ---------------------------------

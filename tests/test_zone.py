@@ -39,6 +39,9 @@ FAST = (
     "expc.zone.reconnect_max_s=2",
 )
 
+# `edge lab up` waits up to lab.ready_timeout_s for the zone to be Active; a lab whose zone can
+# never come up need not wait the default 20 s for that.
+NO_LONG_WAIT = ("lab.ready_timeout_s=10",)
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -127,7 +130,7 @@ def all_failed_with(text: str) -> Callable[[dict[str, Any]], bool]:
 
 
 def is_active(zone: dict[str, Any]) -> bool:
-    return zone["state"] == "Active"
+    return bool(zone["state"] == "Active")
 
 
 def kill_and_reap(pid: int) -> None:
@@ -217,7 +220,7 @@ def test_default_lab_zone_active_on_both_sides(start_lab: LabFactory) -> None:
 
 
 def test_wrong_zone_password_stays_failed(start_lab: LabFactory) -> None:
-    lab = start_lab('expc.zone.password="nope"', "expc.zone.reconnect_max_s=1")
+    lab = start_lab('expc.zone.password="nope"', "expc.zone.reconnect_max_s=1", *NO_LONG_WAIT)
     zc = wait_zone(lambda: c_zone(lab), all_failed_with("authentication failed"), "Failed (auth) on C")
     assert "authentication failed" in zc["reason"]
     ze = wait_zone(lambda: e_zone(lab), all_failed_with("authentication failed"), "Failed (auth) on E")
@@ -234,7 +237,7 @@ def test_wrong_zone_password_stays_failed(start_lab: LabFactory) -> None:
 
 
 def test_wrong_tls_verify_subject_name_fails(start_lab: LabFactory) -> None:
-    lab = start_lab('expe.0.tls_verify_subject_name="someone-else.example.com"')
+    lab = start_lab('expe.0.tls_verify_subject_name="someone-else.example.com"', *NO_LONG_WAIT)
     zc = wait_zone(lambda: c_zone(lab), all_failed_with("TLS verify subject name"), "Failed (SAN) on C")
     assert "someone-else.example.com" in zc["reason"]
     ze = wait_zone(lambda: e_zone(lab), all_failed_with("TLS verify subject name"), "Failed (SAN) on E")

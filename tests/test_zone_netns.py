@@ -32,8 +32,13 @@ from tests.netns import (
 
 pytestmark = pytest.mark.netns
 
-INSIDE = {"dns": "198.18.10.53", "expc": "198.18.10.10", "ucm": "198.18.10.20",
-          "imp": "198.18.10.30", "cuc": "198.18.10.40"}  # fmt: skip
+INSIDE = {
+    "dns": "198.18.10.53",
+    "expc": "198.18.10.10",
+    "ucm": "198.18.10.20",
+    "imp": "198.18.10.30",
+    "cuc": "198.18.10.40",
+}
 READY_DEADLINE_S = 20.0
 ZONE_DEADLINE_S = 15.0
 
