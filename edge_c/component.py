@@ -23,6 +23,7 @@ from edge_c.https import TunnelHttpHandler
 from edge_c.internal import NodeHealth, make_session
 from edge_c.provisioning import Provisioning
 from edge_c.sip import ExpcSip
+from edge_c.xmpp import GatewayXmpp
 from traversal.channel import LinkConfig
 from traversal.client import PeerTarget, ZoneClient
 
@@ -135,6 +136,10 @@ class ExpresswayC(BaseComponent):
                 ),
             )
         self.zone.add_link_channel("https", on_stream=self.https.handle_stream)
+        self.xmpp = GatewayXmpp(
+            cfg, ssl_context=internal_ctx, imp_down=self.health.is_down, local_address=self.settings.address
+        )
+        self.zone.add_link_channel("xmpp", on_stream=self.xmpp.handle_stream)
         self.zone.start()
         self.spawn(self.sip.ucm_keepalive(self.settings.ucm_keepalive_interval_s), name="ucm-keepalive")
         self.spawn(self.refresh_servers(), name="refresh-servers")
@@ -192,6 +197,7 @@ class ExpresswayC(BaseComponent):
         return {
             "zones": [self.zone.status()],
             "sip": self.sip.status(),
+            "xmpp": self.xmpp.status(),
             "maintenance": self.maintenance,
             "refreshing": self.refreshing,
             "last_refresh": self.last_refresh,

@@ -21,6 +21,7 @@ from edge.pki import server_context
 from edge.runtime import BaseComponent
 from edge_e.https import EdgeHttps
 from edge_e.sip import EdgeSip
+from edge_e.xmpp import EdgeXmpp
 from traversal.channel import LinkConfig
 from traversal.server import ZoneServer
 from traversal.zone import zone_summary
@@ -57,6 +58,8 @@ class ExpresswayE(BaseComponent):
         )
         port = await self.zone.listen("https", s.tunnel_port)
         self.add_listener("traversal-https", "tls", s.internal_address, port)
+        port = await self.zone.listen("xmpp", s.traversal_xmpp_port)
+        self.add_listener("traversal-xmpp", "tls", s.internal_address, port)
         await self._start_https(client_ctx)
         self.sip = EdgeSip(
             name=self.name,
@@ -73,6 +76,14 @@ class ExpresswayE(BaseComponent):
         )
         for name, transport, host, lport in await self.sip.start(client_ctx, zone_ctx):
             self.add_listener(name, transport, host, lport)
+        self.xmpp = EdgeXmpp(
+            domain=self.config.lab.domain,
+            address=s.external_address,
+            port=s.xmpp_port,
+            ssl_context=client_ctx,
+            open_stream=self.zone.pool("xmpp").open_stream,
+        )
+        self.add_listener(*await self.xmpp.start())
 
     async def _start_https(self, ctx: ssl.SSLContext) -> None:
         s = self.settings
@@ -95,6 +106,8 @@ class ExpresswayE(BaseComponent):
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if hasattr(self, "xmpp"):
+            await self.xmpp.stop()
         if hasattr(self, "sip"):
             await self.sip.stop()
         if hasattr(self, "zone"):
@@ -112,11 +125,13 @@ class ExpresswayE(BaseComponent):
             "maintenance": self.maintenance,
             "https": dict(self.https_counters),
             "sip": sip,
+            "xmpp": self.xmpp.status(),
             "counts": {
                 "registrations": sip["registrations"],
                 "registrations_peak": sip["registrations_peak"],
                 "calls": 0,
-                "xmpp_sessions": 0,
+                "xmpp_sessions": self.xmpp.current,
+                "xmpp_sessions_peak": self.xmpp.peak,
             },
             "time": time.time(),
         }
