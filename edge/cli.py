@@ -421,6 +421,52 @@ def client_signin(
         raise click.ClickException(str(error))
 
 
+@client_group.command("chat")
+@client_options
+@click.option("--to", "to", required=True, help="Lab user signed in inside (e.g. bob).")
+@click.argument("text")
+def client_chat(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    state_dir: str | None,
+    username: str,
+    password: str | None,
+    domain: str | None,
+    dns: str | None,
+    ca_file: str | None,
+    as_json: bool,
+    to: str,
+    text: str,
+) -> None:
+    """Sign in over MRA, chat with an inside user (signed in straight to the IM&P), both ways."""
+    from mra_client.demo import chat_over_mra, print_ladder
+    from mra_client.edge_http import StepError
+    from mra_client.signin import Ladder, sign_in, sign_out
+
+    config = _load(config_path, overrides, state_dir)
+    settings = _client_settings(config, username, password, domain, dns, ca_file)
+    ladder = Ladder()
+
+    async def flow() -> StepError | None:
+        try:
+            session = await sign_in(settings, ladder, register=False)
+            try:
+                await chat_over_mra(config, ladder, session, settings, to, text)
+            finally:
+                await sign_out(session)
+        except StepError as exc:
+            return exc
+        return None
+
+    error = asyncio.run(flow())
+    if as_json:
+        click.echo(json.dumps(ladder.as_dict(), indent=2))
+    else:
+        print_ladder(ladder, console, f"{username} chats with {to} over MRA")
+    if error is not None:
+        raise click.ClickException(str(error))
+
+
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import slixmpp
 from rich.console import Console
 
 from edge.config import LabConfig
 from mra_client.edge_http import StepError
-from mra_client.signin import ClientSettings, Ladder, sign_in, sign_out
+from mra_client.signin import ClientSettings, Ladder, SignedIn, sign_in, sign_out
+from mra_client.xmpp import MraXmppClient
 
 
 def lab_client_settings(config: LabConfig, username: str, password: str | None = None) -> ClientSettings:
@@ -31,17 +33,59 @@ def print_ladder(ladder: Ladder, console: Console, title: str) -> None:
         console.print(f"  {mark} {step.name:<18} {step.elapsed_ms:>8.1f} ms  {step.detail}")
 
 
+async def chat_over_mra(
+    config: LabConfig, ladder: Ladder, session: SignedIn, settings: ClientSettings, to: str, text: str
+) -> str:
+    """Alice over MRA (E's xmppEdgeServer) chats with a user signed in inside (straight to IM&P)."""
+    if not session.config.xmpp_edge:
+        raise StepError("XMPP sign-in", "no xmppEdgeServer in the edge config")
+    domain = settings.domain
+    peer_user = next((u for u in config.all_users() if u.username == to), None)
+    if peer_user is None:
+        raise StepError("chat", f"no lab user {to!r}")
+    imp = config.imp[0]
+    mra = MraXmppClient(f"{settings.username}@{domain}/mra", settings.password, settings.ca_file)
+    inside = MraXmppClient(f"{to}@{domain}/desk", peer_user.password, settings.ca_file)
+    host = session.edge[2]
+    port = session.config.xmpp_edge[0][1]
+    try:
+        await ladder.run(
+            "XMPP sign-in",
+            lambda: mra.sign_in(host, port),
+            lambda ms: f"STARTTLS + SASL through {session.config.xmpp_edge[0][0]}:{port}",
+        )
+        await inside.sign_in(imp.address, imp.client_port)
+
+        async def exchange() -> str:
+            mra.send_message(mto=slixmpp.JID(f"{to}@{domain}"), mbody=text, mtype="chat")
+            got = await inside.wait_message()
+            inside.send_message(
+                mto=slixmpp.JID(f"{settings.username}@{domain}"), mbody=f"re: {got['body']}", mtype="chat"
+            )
+            reply = await mra.wait_message()
+            return str(reply["body"])
+
+        return await ladder.run("chat", exchange, lambda r: f"{settings.username} → {to} and back: {r!r}")
+    finally:
+        await mra.sign_out()
+        await inside.sign_out()
+
+
 async def _demo(config: LabConfig, console: Console) -> int:
     ladder = Ladder()
     settings = lab_client_settings(config, "alice")
+    title = "demo: alice signs in over MRA, chats with bob"
     try:
         session = await sign_in(settings, ladder)
+        try:
+            await chat_over_mra(config, ladder, session, settings, "bob", "hello from MRA")
+        finally:
+            await sign_out(session)
     except StepError as exc:
-        print_ladder(ladder, console, "demo: alice signs in over MRA")
+        print_ladder(ladder, console, title)
         console.print(f"[red]demo failed at {exc}[/red]")
         return 1
-    print_ladder(ladder, console, "demo: alice signs in over MRA")
-    await sign_out(session)
+    print_ladder(ladder, console, title)
     return 0
 
 

@@ -112,3 +112,18 @@ def test_component_that_cannot_bind_fails_cleanly(tmp_path: Path) -> None:
     finally:
         blocker.close()
         lab.down()
+
+
+def test_lab_up_runs_the_demo_flow(tmp_path: Path) -> None:
+    """The README's lab command: every component up, then the demo MRA flow, printed."""
+    state = tmp_path / "state"
+    lab = RunningLab(state, [*lab_overrides(state), "lab.demo=true"])
+    try:
+        out = edge_cli("lab", "up", "--detach", *lab.args, timeout=180)
+        assert "MRA lab: ready" in out.stdout
+        assert "demo:" in out.stdout
+        assert "✗" not in out.stdout, out.stdout
+        for step in ("get_edge_config", "REGISTER", "STUN keepalive", "XMPP sign-in", "chat"):
+            assert step in out.stdout
+    finally:
+        lab.down()

@@ -4,6 +4,7 @@ traversal link → C → IM&P) and bob inside (straight to the IM&P) with real s
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import ssl
@@ -15,7 +16,7 @@ from typing import Any
 from edge.lab import pid_alive
 from edge.xmpp.events import StanzaReceived, StreamErrorDetected
 from edge.xmpp.stanza import NS_SASL, NS_STREAM_ERRORS, qn
-from tests.conftest import RunningLab
+from tests.conftest import RunningLab, edge_cli
 from tests.xmpp.xmpp_helpers import RawXmppClient, send_chat, start_client, stop_client
 
 
@@ -159,3 +160,11 @@ def test_link_drop_ends_session_with_stream_error(lab_factory: Any) -> None:
     while pid_alive(expc_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pid_alive(expc_pid)
+
+
+def test_client_chat_cli(lab: RunningLab) -> None:
+    out = edge_cli("client", "chat", "--user", "alice", "--to", "bob", "hello bob", "--json", *lab.args)
+    ladder = json.loads(out.stdout)
+    assert ladder["ok"] is True
+    chat = next(s for s in ladder["steps"] if s["name"] == "chat")
+    assert "re: hello bob" in chat["detail"]
