@@ -197,6 +197,9 @@ class InsideNode(_Model):
     fqdn: str
     address: str
     admin_port: Port = 9080
+    external: bool = False
+    """A real server run outside the lab (e.g. Prosody as the IM&P): the supervisor does not start
+    it, but DNS, certificates and Expressway-C still point at it."""
 
     _ip = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
 
@@ -309,9 +312,9 @@ class LabConfig(_Model):
     def components(self) -> list[tuple[str, str]]:
         """(name, role) of every process, in start order: DNS, inside servers, C, then E."""
         out: list[tuple[str, str]] = [(self.dns.name, "dns")]
-        out += [(n.name, "ucm") for n in self.ucm]
-        out += [(n.name, "imp") for n in self.imp]
-        out += [(n.name, "cuc") for n in self.cuc]
+        out += [(n.name, "ucm") for n in self.ucm if not n.external]
+        out += [(n.name, "imp") for n in self.imp if not n.external]
+        out += [(n.name, "cuc") for n in self.cuc if not n.external]
         out += [(e.name, "expe") for e in self.expe]
         out.append((self.expc.name, "expc"))
         return out

@@ -15,7 +15,8 @@ from typing import Any
 
 from edge.sip.events import FramingError, KeepaliveReceived, MessageReceived, StunReceived
 from edge.sip.framing import StreamFramer
-from edge.sip.message import Request, Response, make_response
+from edge.sip.errors import SipParseError
+from edge.sip.message import Request, Response, make_response, parse_message
 
 log = logging.getLogger(__name__)
 

@@ -438,6 +438,9 @@ class CallControl:
     ) -> Response:
         """A response on leg A's INVITE, with our tag and Contact; `source`'s headers relayed."""
         resp = make_response(leg.invite, status, reason, to_tag=leg.tag)
+        if 100 < status < 300:  # RFC 3261 §12.1.1: the dialog's route set comes from Record-Route
+            for rr in leg.invite.headers.get_lines("record-route"):
+                resp.headers.add("Record-Route", rr)
         if contact and status < 300:
             resp.headers.add("Contact", leg.contact)
         if source is not None:
