@@ -15,8 +15,7 @@ from typing import Any
 
 from edge.sip.events import FramingError, KeepaliveReceived, MessageReceived, StunReceived
 from edge.sip.framing import StreamFramer
-from edge.sip.errors import SipParseError
-from edge.sip.message import Request, Response, make_response, parse_message
+from edge.sip.message import Request, Response, make_response
 
 log = logging.getLogger(__name__)
 
