@@ -86,14 +86,16 @@ def set_args(config: LabConfig, overrides: list[str]) -> list[str]:
 class RunningLab:
     """A lab brought up with `edge lab up --detach` through the real CLI."""
 
-    def __init__(self, state_dir: Path, overrides: list[str]) -> None:
+    def __init__(self, state_dir: Path, overrides: list[str], config_file: Path | None = None) -> None:
         self.state_dir = state_dir
         self.overrides = overrides
-        self.config = load_config(None, overrides=overrides, environ={})
+        self.config_file = config_file
+        self.config = load_config(config_file, overrides=overrides, environ={})
 
     @property
     def args(self) -> list[str]:
-        return [a for item in self.overrides for a in ("--set", item)]
+        extra = ["--config", str(self.config_file)] if self.config_file else []
+        return extra + [a for item in self.overrides for a in ("--set", item)]
 
     def up(self) -> None:
         edge_cli("lab", "up", "--detach", *self.args, timeout=120)
