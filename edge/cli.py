@@ -467,6 +467,75 @@ def client_chat(
         raise click.ClickException(str(error))
 
 
+@client_group.command("call")
+@client_options
+@click.option("--to", "to", default="9999", show_default=True, help="Number to call (9999: echo test).")
+@click.option("--seconds", default=10.0, show_default=True, help="Media duration.")
+@click.option("--suite", default="AES_CM_128_HMAC_SHA1_80", show_default=True, help="SRTP suite offered.")
+def client_call(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    state_dir: str | None,
+    username: str,
+    password: str | None,
+    domain: str | None,
+    dns: str | None,
+    ca_file: str | None,
+    as_json: bool,
+    to: str,
+    seconds: float,
+    suite: str,
+) -> None:
+    """Sign in over MRA and call a number with SRTP media both ways; report setup, loss, jitter, RTT."""
+    from mra_client.call import CallReport, place_call
+    from mra_client.demo import print_ladder
+    from mra_client.edge_http import StepError
+    from mra_client.signin import Ladder, sign_in, sign_out
+
+    config = _load(config_path, overrides, state_dir)
+    settings = _client_settings(config, username, password, domain, dns, ca_file)
+    ladder = Ladder()
+    result: dict[str, CallReport] = {}
+
+    async def flow() -> StepError | None:
+        try:
+            session = await sign_in(settings, ladder)
+            try:
+                assert session.sip is not None
+                sip = session.sip
+                report = await ladder.run(
+                    "call",
+                    lambda: place_call(sip, to, seconds, suite=suite),
+                    lambda r: (
+                        f"{r.received}/{r.sent} packets back, loss {r.loss_pct}%, rtt p50 {r.rtt_ms_p50} ms"
+                    ),
+                )
+                result["call"] = report
+            finally:
+                await sign_out(session)
+        except StepError as exc:
+            return exc
+        return None
+
+    error = asyncio.run(flow())
+    if as_json:
+        out = ladder.as_dict()
+        if "call" in result:
+            out["call"] = result["call"].as_dict()
+        click.echo(json.dumps(out, indent=2))
+    else:
+        print_ladder(ladder, console, f"{username} calls {to} over MRA")
+        if "call" in result:
+            r = result["call"]
+            console.print(
+                f"  setup {r.setup_ms} ms, {r.suite}, media to {r.remote[0]}:{r.remote[1]}; "
+                f"sent {r.sent}, received {r.received}, loss {r.loss_pct}%, jitter {r.jitter_ms} ms, "
+                f"rtt p50 {r.rtt_ms_p50} ms p99 {r.rtt_ms_p99} ms, BYE {r.bye_status}"
+            )
+    if error is not None:
+        raise click.ClickException(str(error))
+
+
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()
