@@ -40,3 +40,19 @@ class MediaSession(Protocol):
     def snapshot(self) -> dict[str, Any]:
         """Streams and counters for status pages."""
         ...
+
+
+class PassthroughMedia:
+    """No anchoring: SDP passes unchanged (signalling-only calls, for labs without a relay)."""
+
+    def process_offer(self, call: str, ingress: Side, sdp: bytes) -> bytes:
+        return sdp
+
+    def process_answer(self, call: str, ingress: Side, sdp: bytes) -> bytes:
+        return sdp
+
+    def end_call(self, call: str) -> None:
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"anchored": False}

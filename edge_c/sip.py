@@ -37,6 +37,9 @@ from edge.sip_proxy import (
     stamp_top_via,
     stateless_branch,
 )
+from edge.media_hooks import MediaSession, PassthroughMedia, Side
+from edge_c.b2bua import B2bua
+from edge_c.b2bua_events import B2buaOutput, CallAnswered, CallEnded, CallStarted, SendToUcm, SendToZone
 from traversal.channel import LinkRejectedError
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ class ExpcSip:
         *,
         ucm_health: Callable[[], bool],
         maintenance: Callable[[], bool],
+        media: MediaSession | None = None,
     ) -> None:
         self.config = config
         self.settings = config.expc
@@ -103,6 +107,21 @@ class ExpcSip:
         self.ucm_port = (
             config.expc.sip_tls_port if config.expc.ucm_transport == "tls" else config.expc.sip_tcp_port
         )
+        self.media: MediaSession = media or PassthroughMedia()
+        transport = config.expc.ucm_transport
+        # Spec §5: C is a B2BUA for every MRA call; everything else stays on the proxy path.
+        self.b2bua = B2bua(
+            self.address,
+            zone_contact=f"<sip:{self.address}:{config.expc.sip_tls_port};transport=tls>",
+            ucm_contact=f"<sip:{self.address}:{self.ucm_port};transport={transport}>",
+            media=self.media,
+            agent=config.expc.name,
+            max_calls=5000,
+            via_for=self._via_for,
+        )
+        self._b2bua_timer: asyncio.TimerHandle | None = None
+        self.calls_active = 0
+        self.calls_peak = 0
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -339,8 +358,92 @@ class ExpcSip:
         finally:
             self._connecting.pop(node.name, None)
 
+    # -- the B2BUA ------------------------------------------------------------------------
+
+    def _via_for(self, side: Side) -> Via:
+        if side == "outside":
+            return Via(self.address, self.settings.sip_tls_port, "TLS")
+        return Via(self.address, self.ucm_port, self.settings.ucm_transport.upper())
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _run(self, outs: list[B2buaOutput]) -> None:
+        for out in outs:
+            if isinstance(out, SendToZone):
+                self._b2bua_to_zone(out)
+            elif isinstance(out, SendToUcm):
+                self._b2bua_to_ucm(out)
+            elif isinstance(out, CallStarted):
+                self._count("calls_started")
+                self.calls_active += 1
+                self.calls_peak = max(self.calls_peak, self.calls_active)
+            elif isinstance(out, CallAnswered):
+                self._count("calls_answered")
+            elif isinstance(out, CallEnded):
+                self._count("calls_ended")
+                self.calls_active = max(0, self.calls_active - 1)
+        self._arm_b2bua_timer()
+
+    def _arm_b2bua_timer(self) -> None:
+        if self._b2bua_timer is not None:
+            self._b2bua_timer.cancel()
+            self._b2bua_timer = None
+        deadline = self.b2bua.get_timer()
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._b2bua_timer = loop.call_at(deadline, self._b2bua_timer_fired)
+
+    def _b2bua_timer_fired(self) -> None:
+        self._b2bua_timer = None
+        self._run(self.b2bua.handle_timer(self._now()))
+
+    def _send_failed(self, msg: Request | Response) -> None:
+        if isinstance(msg, Request):
+            self._run(self.b2bua.send_failed(msg, self._now()))
+
+    def _b2bua_to_zone(self, out: SendToZone) -> None:
+        conn = self.zone_conns.get(out.flow_hint or "")
+        if conn is None or not conn.flow.is_open:
+            msg = out.message
+            zone_id = None
+            if isinstance(msg, Request):
+                uri = msg.request_uri
+                zone_id = self.client_edge.get((uri.host, uri.port or 5061))
+            conn = self.zone_conns.get(zone_id or "") or next(
+                (c for c in self.zone_conns.values() if c.flow.is_open), None
+            )
+        if conn is None or not conn.flow.send(out.message):
+            self._count("zone_down")
+            self._send_failed(out.message)
+
+    def _b2bua_to_ucm(self, out: SendToUcm) -> None:
+        flow = self.ucm_flows.get(out.node_hint or "")
+        if flow is not None and flow.send(out.message):
+            return
+        msg = out.message
+        if not isinstance(msg, Request):
+            self._count("ucm_flow_gone")
+            return
+
+        async def connect_and_send() -> None:
+            try:
+                target = await self._ucm_flow(self._pick_ucm(msg))
+            except (OSError, TimeoutError, ConnectionError):
+                target = None
+            if target is None or not target.send(msg):
+                self._count("ucm_unreachable")
+                self._send_failed(msg)
+
+        self._spawn(connect_and_send())
+
+    # -- from the zone --------------------------------------------------------------------
+
     def _zone_message(self, conn: ZoneSipConnection, msg: Request | Response) -> None:
         if isinstance(msg, Response):
+            if self.b2bua.owns(msg):
+                self._run(self.b2bua.receive_from_zone(msg, conn.flow.flow_id, self._now()))
+                return
             self._zone_response(msg)
             return
         req = msg
@@ -365,6 +468,9 @@ class ExpcSip:
             if req.method == "REGISTER":
                 self.client_edge[client_addr] = flow.flow_id
                 self._count("register")
+            if self.b2bua.owns(req):
+                self._run(self.b2bua.receive_from_zone(req, flow.flow_id, self._now()))
+                return
             self._rewrite_contacts(req, client_addr)
         except SipParseError as exc:
             flow.send(error_response(req, exc.status_code, exc.reason, agent=self.settings.name))
@@ -452,6 +558,9 @@ class ExpcSip:
 
     def _ucm_message(self, flow: SipFlow, msg: Request | Response) -> None:
         if isinstance(msg, Response):
+            if self.b2bua.owns(msg):
+                self._run(self.b2bua.receive_from_ucm(msg, flow.flow_id, self._now()))
+                return
             via = pop_via(msg)
             if via is None or via.host != self.address:
                 self._count("stray_response")
@@ -488,6 +597,9 @@ class ExpcSip:
             uri.params.remove("orig-hostport")
             uri.params.set("transport", "tls")
             req.uri = uri
+        if self.b2bua.owns(req):
+            self._run(self.b2bua.receive_from_ucm(req, flow.flow_id, self._now()))
+            return
         client_addr = host_port(orig) if orig else None
         zone_id = self.client_edge.get((client_addr[0], client_addr[1] or 5061)) if client_addr else None
         conn = self.zone_conns.get(zone_id or "") or next(
@@ -552,6 +664,15 @@ class ExpcSip:
         req.headers.add("Content-Length", "0")
         flow.send(req)
 
+    def _calls_status(self) -> dict[str, Any]:
+        b2bua = self.b2bua.status()
+        return {
+            "current": self.calls_active,
+            "peak": self.calls_peak,
+            "legs": b2bua["active"][:100],  # bounded: status pages page through at most this
+            "counts": b2bua["counts"],
+        }
+
     def status(self) -> dict[str, Any]:
         return {
             "zone_connections": [
@@ -562,4 +683,6 @@ class ExpcSip:
             "ucm_connections": {name: f.flow_id for name, f in self.ucm_out.items() if f.is_open},
             "ucm_down": dict(self.ucm_down),
             "counters": dict(self.counters),
+            "calls": self._calls_status(),
+            "media": self.media.snapshot(),
         }
