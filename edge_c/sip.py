@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from edge.config import LabConfig, UcmNode
+from edge.media_hooks import MediaSession, PassthroughMedia, Side
 from edge.sip.address import NameAddr, Via
 from edge.sip.auth import compute_authorization
 from edge.sip.errors import SipParseError
@@ -37,7 +38,6 @@ from edge.sip_proxy import (
     stamp_top_via,
     stateless_branch,
 )
-from edge.media_hooks import MediaSession, PassthroughMedia, Side
 from edge_c.b2bua import B2bua
 from edge_c.b2bua_events import B2buaOutput, CallAnswered, CallEnded, CallStarted, SendToUcm, SendToZone
 from traversal.channel import LinkRejectedError
@@ -564,6 +564,9 @@ class ExpcSip:
             via = pop_via(msg)
             if via is None or via.host != self.address:
                 self._count("stray_response")
+                return
+            if FLOW_PARAM not in via.params and msg.cseq.method == "OPTIONS":
+                self._count("ucm_keepalive_ok")  # our own 30 s keepalive (spec §5)
                 return
             conn = self.zone_conns.get(via.params.get(FLOW_PARAM) or "")
             if conn is None or not conn.flow.is_open:
