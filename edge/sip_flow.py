@@ -38,14 +38,17 @@ class SipFlow(asyncio.Protocol):
         on_connected: Callable[[SipFlow], None] | None = None,
         max_message_bytes: int = 65535,
         name: str = "sip",
+        strict: bool = True,
     ) -> None:
+        """`strict=False` skips full validation for flows from peers that already validated (E's
+        zone flow into C, UCM): framing and parsing stay bounded either way."""
         self.flow_id = f"f{next(_ids):x}"
         self.name = name
         self._on_message = on_message
         self._on_closed = on_closed
         self._on_stun = on_stun
         self._on_connected = on_connected
-        self.framer = StreamFramer(max_message_bytes)
+        self.framer = StreamFramer(max_message_bytes, strict=strict)
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)

@@ -160,6 +160,7 @@ class ExpcSip:
             on_closed=self._ucm_closed,
             on_connected=self._ucm_connected,
             name="sip-ucm",
+            strict=False,
         )
 
     def _ucm_connected(self, flow: SipFlow) -> None:
@@ -210,7 +211,9 @@ class ExpcSip:
                 if conn_box:
                     self.zone_conns.pop(flow.flow_id, None)
 
-            flow_factory = lambda: SipFlow(on_message=on_message, on_closed=on_closed, name="sip-zone")  # noqa: E731
+            flow_factory = lambda: SipFlow(  # noqa: E731
+                on_message=on_message, on_closed=on_closed, name="sip-zone", strict=False
+            )
             _, flow = await asyncio.wait_for(
                 loop.create_connection(
                     flow_factory,

@@ -177,6 +177,7 @@ class EdgeSip:
                 on_closed=self._zone_closed,
                 on_connected=self._zone_connected,
                 name="sip-zone",
+                strict=False,
             ),
             self.internal_address,
             self.zone_port,
