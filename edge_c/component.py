@@ -7,20 +7,22 @@ HTTP allow list, and proxies to Unified CM, IM&P and Unity Connection.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from edge.config import LabConfig
+from edge.config import AccessControl, LabConfig
 from edge.dns.resolver import LabResolver
 from edge.lab_pki import lab_pki
-from edge.metrics import StatusCollector
+from edge.metrics import Sample, StatusCollector, counter_samples, zone_samples
 from edge.pki import client_context, server_context
 from edge.runtime import BaseComponent
 from edge_c.allowlist import AllowList, Rule, automatic_rules
 from edge_c.https import TunnelHttpHandler
 from edge_c.internal import NodeHealth, make_session
+from edge_c.media import GatewayMedia
 from edge_c.provisioning import Provisioning
 from edge_c.sip import ExpcSip
 from edge_c.xmpp import GatewayXmpp
@@ -116,7 +118,11 @@ class ExpresswayC(BaseComponent):
             reconnect_initial_s=zs.reconnect_initial_s,
             reconnect_max_s=zs.reconnect_max_s,
         )
-        self.sip = ExpcSip(cfg, ucm_health=self._ucm_reachable, maintenance=lambda: self.maintenance)
+        self.media = GatewayMedia(self.settings, on_stream_timeout=self._media_timeout)
+        await self.media.start()
+        self.sip = ExpcSip(
+            cfg, ucm_health=self._ucm_reachable, maintenance=lambda: self.maintenance, media=self.media
+        )
         ucm_server_ctx = server_context(self.pki, self.name, require_client_cert=False)
         for name, transport, host, port in await self.sip.start(ucm_server_ctx, internal_ctx):
             self.add_listener(name, transport, host, port)
@@ -143,6 +149,9 @@ class ExpresswayC(BaseComponent):
         self.zone.start()
         self.spawn(self.sip.ucm_keepalive(self.settings.ucm_keepalive_interval_s), name="ucm-keepalive")
         self.spawn(self.refresh_servers(), name="refresh-servers")
+
+    def _media_timeout(self, call: str, event: object) -> None:
+        log.info("media of call %s idle: %s", call, event)
 
     def _ucm_reachable(self) -> bool:
         return any(n.name not in self.sip.ucm_down for n in self.config.ucm)
@@ -186,6 +195,8 @@ class ExpresswayC(BaseComponent):
             await self.zone.stop()
         if hasattr(self, "sip"):
             await self.sip.stop()
+        if hasattr(self, "media"):
+            await self.media.stop()
         if hasattr(self, "session"):
             await self.session.close()
         await super().stop()
@@ -215,3 +226,50 @@ class ExpresswayC(BaseComponent):
             "counts": {"provisioning_sessions": len(prov.sessions)},
             "allow_list": {"rules": len(self.allow_list.rules())},
         }
+
+    # -- admin API (edge/admin_api.py) ----------------------------------------------------
+
+    def apply_access_control(self, values: dict[str, Any]) -> None:
+        """New access-control settings: flags apply to the next request, limits to the live
+        rate control, cookie issuer and credential cache."""
+        access = AccessControl.model_validate(values)
+        self.settings.access = access
+        prov = self.provisioning
+        prov.rate.limit, prov.rate.window_s = access.auth_rate_max, access.auth_rate_window_s
+        prov.cookies.lifetime_s = access.credentials_refresh_min * 60
+        prov.credentials.refresh_s = access.credentials_refresh_min * 60
+        prov.credentials.cleanup_s = access.credentials_cleanup_min * 60
+
+    def apply_zone_keepalive(self, interval_s: float, timeout_s: float) -> None:
+        """New keepalive timers for links established from now on (live links keep theirs)."""
+        zs = self.settings.zone
+        zs.keepalive_interval_s, zs.keepalive_timeout_s = interval_s, timeout_s
+        self.zone.link_config = dataclasses.replace(
+            self.zone.link_config, keepalive_interval_s=interval_s, keepalive_timeout_s=timeout_s
+        )
+
+    def metric_samples(self) -> Iterable[Sample]:
+        yield from zone_samples(self.zone.status())
+        yield Sample("edge_maintenance", "gauge", "1 while maintenance mode is on", float(self.maintenance))
+        yield Sample(
+            "edge_provisioning_sessions",
+            "gauge",
+            "Users provisioned over MRA (get_edge_config) on this C",
+            float(len(self.provisioning.sessions)),
+        )
+        for role, nodes in (("ucm", self.config.ucm), ("imp", self.config.imp), ("cuc", self.config.cuc)):
+            for n in nodes:
+                yield Sample(
+                    "edge_node_down",
+                    "gauge",
+                    "1 while C holds an internal node down",
+                    float(self.health.is_down(n.fqdn)),
+                    {"node": n.fqdn, "node_role": role},
+                )
+        yield Sample("edge_allowlist_rules", "gauge", "HTTP allow-list rules", float(len(self.allow_list)))
+        yield from counter_samples(
+            "edge_https_requests_total",
+            "Proxied HTTPS requests on C by outcome",
+            self.https.counters,
+            "outcome",
+        )

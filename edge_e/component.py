@@ -20,6 +20,7 @@ from edge.metrics import Sample, StatusCollector, counter_samples, zone_samples
 from edge.pki import server_context
 from edge.runtime import BaseComponent
 from edge_e.https import EdgeHttps
+from edge_e.media import EdgeMedia
 from edge_e.sip import EdgeSip
 from edge_e.xmpp import EdgeXmpp
 from traversal.channel import LinkConfig
@@ -61,6 +62,10 @@ class ExpresswayE(BaseComponent):
         port = await self.zone.listen("xmpp", s.traversal_xmpp_port)
         self.add_listener("traversal-xmpp", "tls", s.internal_address, port)
         await self._start_https(client_ctx)
+        self.media = EdgeMedia(s, on_stream_timeout=lambda call, _event: self.sip.sdp.end(call))
+        await self.media.start()
+        self.add_listener("media-demux-rtp", "udp", s.internal_address, s.demux_rtp_port)
+        self.add_listener("media-demux-rtcp", "udp", s.internal_address, s.demux_rtcp_port)
         self.sip = EdgeSip(
             name=self.name,
             external_address=s.external_address,
@@ -73,6 +78,7 @@ class ExpresswayE(BaseComponent):
             verify_subject_name=s.tls_verify_subject_name,
             maintenance=lambda: self.maintenance,
             keepalive_timeout_s=zs.keepalive_timeout_s,
+            media=self.media,
         )
         for name, transport, host, lport in await self.sip.start(client_ctx, zone_ctx):
             self.add_listener(name, transport, host, lport)
@@ -110,6 +116,8 @@ class ExpresswayE(BaseComponent):
             await self.xmpp.stop()
         if hasattr(self, "sip"):
             await self.sip.stop()
+        if hasattr(self, "media"):
+            await self.media.stop()
         if hasattr(self, "zone"):
             await self.zone.close()
         await super().stop()
@@ -126,6 +134,7 @@ class ExpresswayE(BaseComponent):
             "https": dict(self.https_counters),
             "sip": sip,
             "xmpp": self.xmpp.status(),
+            "media": self.media.snapshot(),
             "counts": {
                 "registrations": sip["registrations"],
                 "registrations_peak": sip["registrations_peak"],

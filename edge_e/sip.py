@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from edge.media_hooks import MediaRejected, MediaSession, PassthroughMedia, Side
 from edge.pki import peer_has_san
 from edge.sip.address import NameAddr, Via
 from edge.sip.auth import DigestCredentials, DigestVerdict, DigestVerifier
@@ -85,6 +86,89 @@ class RegistrationTable:
         return self._count
 
 
+class SdpTracker:
+    """Which side made the pending SDP offer of each call (E is stateless for SIP, but media
+    anchoring needs the offer/answer state): Call-ID → offering side; established calls."""
+
+    def __init__(self, media: MediaSession) -> None:
+        self.media = media
+        self.offer_side: dict[str, Side | None] = {}
+        self.established: set[str] = set()
+        self.rejected = 0
+
+    def on_request(self, req: Request, ingress: Side) -> Response | None:
+        """Rewrite the SDP of a request in place; a response to send back if media refuses it."""
+        call = req.call_id or ""
+        if req.method == "BYE":
+            self.end(call)
+            return None
+        body = _sdp_body(req)
+        if body is None:
+            return None
+        try:
+            if req.method in ("INVITE", "UPDATE"):
+                new = self.media.process_offer(call, ingress, body)
+                self.offer_side[call] = ingress
+            elif req.method in ("ACK", "PRACK") and self.offer_side.get(call) not in (None, ingress):
+                new = self.media.process_answer(call, ingress, body)
+                self.offer_side[call] = None
+            else:
+                return None
+        except MediaRejected as exc:
+            self.rejected += 1
+            if req.method == "ACK":
+                return None
+            return error_response(req, exc.status, "Not Acceptable Here", exc.reason)
+        _set_body(req, new)
+        return None
+
+    def on_response(self, resp: Response, ingress: Side) -> None:
+        call = resp.call_id or ""
+        method = resp.cseq.method
+        if method not in ("INVITE", "UPDATE"):
+            return
+        code = resp.status_code
+        if method == "INVITE" and code >= 300 and call not in self.established:
+            self.end(call)
+            return
+        if method == "INVITE" and 200 <= code < 300:
+            self.established.add(call)
+        body = _sdp_body(resp)
+        if body is None or code < 101 or code >= 300:
+            return
+        pending = self.offer_side.get(call)
+        try:
+            if pending is not None and pending != ingress:
+                new = self.media.process_answer(call, ingress, body)
+                if code >= 200:
+                    self.offer_side[call] = None
+            elif pending is None:  # late offer: the offer comes in the 2xx, the answer in the ACK
+                new = self.media.process_offer(call, ingress, body)
+                self.offer_side[call] = ingress
+            else:
+                return
+        except MediaRejected as exc:
+            self.rejected += 1
+            log.warning("media refused the SDP of %s: %s", call, exc.reason)
+            return
+        _set_body(resp, new)
+
+    def end(self, call: str) -> None:
+        self.media.end_call(call)
+        self.offer_side.pop(call, None)
+        self.established.discard(call)
+
+
+def _sdp_body(msg: Request | Response) -> bytes | None:
+    ctype = (msg.content_type or "").split(";", 1)[0].strip().lower()
+    return msg.body if ctype == "application/sdp" and msg.body else None
+
+
+def _set_body(msg: Request | Response, body: bytes) -> None:
+    msg.body = body
+    msg.headers.replace("Content-Length", str(len(body)))
+
+
 class EdgeSip:
     def __init__(
         self,
@@ -100,6 +184,7 @@ class EdgeSip:
         verify_subject_name: str,
         maintenance: Callable[[], bool],
         keepalive_timeout_s: float,
+        media: MediaSession | None = None,
     ) -> None:
         self.name = name
         self.external_address = external_address
@@ -121,6 +206,7 @@ class EdgeSip:
             "sip", "expc", state="failed", reason="no connection from Expressway-C"
         )
         self.registrations = RegistrationTable()
+        self.sdp = SdpTracker(media or PassthroughMedia())
         self.counters: dict[str, int] = {}
         self._servers: list[asyncio.Server] = []
 
@@ -255,6 +341,10 @@ class EdgeSip:
             self._count("zone_down")
             self._reply(flow, req, 503, "Service Unavailable", "traversal zone to Expressway-C is down")
             return
+        refusal = self.sdp.on_request(req, "outside")
+        if refusal is not None:
+            flow.send(refusal)
+            return
         if is_dialog_forming(req):
             # RFC 5658 double record-route: the entry facing the client carries its flow.
             req.headers.prepend(
@@ -282,6 +372,7 @@ class EdgeSip:
         if zone is None:
             self._count("zone_down")
             return
+        self.sdp.on_response(resp, "outside")
         zone.send(resp)
 
     def _reply(
@@ -409,6 +500,10 @@ class EdgeSip:
                 )
             self._count("client_gone")
             return
+        refusal = self.sdp.on_request(req, "inside")
+        if refusal is not None:
+            zflow.send(refusal)
+            return
         if is_dialog_forming(req):
             req.headers.prepend(
                 "Record-Route", f"<sip:{self.internal_address}:{self.zone_port};transport=tls;lr>"
@@ -441,6 +536,7 @@ class EdgeSip:
             return
         if resp.cseq.method == "REGISTER" and 200 <= resp.status_code < 300:
             self._track_registration(resp)
+        self.sdp.on_response(resp, "inside")
         flow.send(resp)
 
     def _track_registration(self, resp: Response) -> None:
@@ -467,4 +563,5 @@ class EdgeSip:
             "zone_flows": len([f for f in self.zone_flows.values() if f.is_open]),
             "path_alive": self.path_alive(),
             "counters": dict(self.counters),
+            "media_calls": len(self.sdp.offer_side),
         }

@@ -290,6 +290,32 @@ class SessionDescription:
         """The effective c= of an m= section: its own, else the session's (RFC 4566 §5.7)."""
         return self.media[index].connection or self.session.connection
 
+    def media_remote(self, index: int) -> tuple[tuple[str, int], tuple[str, int]]:
+        """Where an m= section receives: ``((addr, rtp port), (addr, rtcp port))``. RTCP goes to
+        ``a=rtcp`` (RFC 3605, with its own address if given), the RTP port with ``a=rtcp-mux``
+        (RFC 5761), else RTP port + 1 (RFC 3550 §11)."""
+        m = self.media[index]
+        conn = self.media_connection(index)
+        if conn is None:
+            raise SdpError(f"m= section {index} has no c= line (RFC 4566 §5.7)")
+        rtcp = m.rtcp
+        if rtcp is not None:
+            rtcp_addr = (rtcp.connection.address if rtcp.connection else conn.address, rtcp.port)
+        elif m.rtcp_mux:
+            rtcp_addr = (conn.address, m.port)
+        else:
+            rtcp_addr = (conn.address, m.port + 1)
+        return (conn.address, m.port), rtcp_addr
+
+    def set_media_address(self, index: int, address: str) -> None:
+        """Point one m= section's connection at ``address``: its own c= if it has one, and the
+        session's c= if present or needed (relays move every stream they anchor)."""
+        m = self.media[index]
+        if m.connection is not None:
+            m.set_connection(address)
+        if self.session.connection is not None or m.connection is None:
+            self.session.set_connection(address)
+
     @property
     def origin_address(self) -> str | None:
         found = self.session._find("o=")

@@ -87,9 +87,12 @@ class LegSpec:
 
     ``local_rtcp_port == local_rtp_port`` means rtcp-mux (RFC 5761) on that leg. For a demuxed
     leg ``remote_rtp`` (and ``remote_rtcp`` unless muxed) are required: they are the demux keys.
-    A latching leg ignores ``remote_*`` (SDP addresses lie behind NAT): it sends nothing until
-    its first packet; ``expected_ip`` optionally restricts who may latch it. A non-latching leg
-    sends to and accepts only from its configured ``remote_*``.
+    A latching leg learns its remote from its first packet; ``expected_ip`` optionally restricts
+    who may latch it. Without ``remote_*`` it sends nothing until then (E's client leg: SDP
+    addresses lie behind NAT). With ``remote_*`` it is *pre-latched*: it sends to those SDP
+    addresses until its first packet, then follows the packet's source (C's inside leg: symmetric
+    RTP towards an endpoint that may wait for media before it sends). A non-latching leg sends to
+    and accepts only from its configured ``remote_*``.
     """
 
     local_rtp_port: int
@@ -173,6 +176,12 @@ class Endpoint:
         self.remote = remote
         self.route = None if remote is None else (self.local_port, remote)
 
+    def prelatch(self, remote: Addr | None) -> None:
+        """Send to ``remote`` (an SDP address) but accept nothing yet: ``remote`` stays None, so
+        the first packet from a permitted source goes through ``RelayTable._latch``."""
+        self.remote = None
+        self.route = None if remote is None else (self.local_port, remote)
+
     def drops(self) -> dict[str, int]:
         return {
             "garbage": self.garbage_drops,
@@ -194,6 +203,10 @@ class Leg:
             self.rtp.set_remote(spec.remote_rtp)
             if not spec.rtcp_mux:
                 self.rtcp.set_remote(spec.remote_rtcp)
+        else:
+            self.rtp.prelatch(spec.remote_rtp)
+            if not spec.rtcp_mux:
+                self.rtcp.prelatch(spec.remote_rtcp)
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         return (self.rtp,) if self.rtcp is self.rtp else (self.rtp, self.rtcp)
@@ -248,6 +261,7 @@ def _leg_snapshot(leg: Leg) -> dict[str, Any]:
         "local_rtcp_port": leg.spec.local_rtcp_port,
         "remote_rtp": _fmt(leg.rtp.remote),
         "remote_rtcp": _fmt(leg.rtcp.remote),
+        "send_to_rtp": None if leg.rtp.route is None else _fmt(leg.rtp.route[1]),
         "latched": leg.rtp.latched,
         "rx_packets": sum(ep.rx_packets for ep in eps),
         "rx_bytes": sum(ep.rx_bytes for ep in eps),
@@ -327,8 +341,10 @@ class RelayTable:
     ) -> tuple[int, Addr, bytes] | None:
         """Like ``receive_datagram`` but applies the ingress leg's transcoder (C's B2BUA).
 
-        The packet is authenticated (SRTP unprotect) before it may latch a leg. Byte counters
-        count the ingress size.
+        The source is checked before any cryptography (a packet from a stranger must neither cost
+        an SRTP operation nor advance the outbound SRTP state of the stream it targets), and the
+        packet is authenticated (SRTP unprotect) before it may latch a leg. Byte counters count
+        the ingress size.
         """
         ep = self._ports.get(local_port)
         transcoder = None if ep is None else ep.transcoder
@@ -338,6 +354,11 @@ class RelayTable:
         n = len(data)
         if n < _MIN_DATAGRAM_BYTES or n > MAX_DATAGRAM_BYTES or data[0] & 0xC0 != 0x80:
             self._garbage(ep)
+            return None
+        if ep.remote != addr and not (
+            ep.latch and not ep.latched and (ep.expected_ip is None or addr[0] == ep.expected_ip)
+        ):
+            ep.unlatched_drops += 1
             return None
         try:
             out = transcoder.transcode(data, ep.is_rtcp_port or RTCP_PT_MIN <= data[1] <= RTCP_PT_MAX)
@@ -458,12 +479,16 @@ class RelayTable:
             else:
                 ep.set_remote(remote)
 
-    def relatch(self, stream_id: str, leg: int) -> None:
-        """Forget what a latching leg learnt; its next packet latches again."""
-        for ep in self._streams[stream_id].legs[leg].endpoints():
+    def relatch(
+        self, stream_id: str, leg: int, remote_rtp: Addr | None = None, remote_rtcp: Addr | None = None
+    ) -> None:
+        """Forget what a latching leg learnt; its next packet latches again. With ``remote_*``
+        (a re-INVITE's SDP) the leg is pre-latched: it sends there until then."""
+        lg = self._streams[stream_id].legs[leg]
+        for ep in lg.endpoints():
             if ep.latch:
                 ep.latched = False
-                ep.set_remote(None)
+                ep.prelatch(remote_rtcp if ep.is_rtcp_port else remote_rtp)
 
     def set_transcoder(self, stream_id: str, ingress_leg: int, transcoder: Transcoder | None) -> None:
         """Transform packets received on ``ingress_leg`` (dedicated legs only) for the other leg."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -69,8 +70,56 @@ class _Ipv6PortProtocol(_PortProtocol):
         super().datagram_received(data, (addr[0], addr[1]))
 
 
+class _Ipv6TranscodingProtocol(_TranscodingProtocol):
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        super().datagram_received(data, (addr[0], addr[1]))
+
+
+class _PendingTransport(asyncio.DatagramTransport):
+    """A socket bound synchronously (``RelayWorker.bind_port_now``) that has not joined the loop.
+
+    It already owns its port; datagrams sent to it wait in the kernel buffer; ``sendto`` writes
+    straight to the socket, so the relay and ``RelayWorker.send`` can use it at once. Replaced by
+    the loop's transport one iteration later.
+    """
+
+    def __init__(self, sock: socket.socket, worker: RelayWorker) -> None:
+        super().__init__()
+        self.sock = sock
+        self.closed = False
+        self.attaching = False
+        self._worker = worker
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except OSError:
+            self._worker.socket_errors += 1
+
+    def close(self) -> None:
+        self.closed = True
+        if not self.attaching:
+            self.sock.close()  # the port is free at once (a new call may want it)
+        # else the attach task owns the socket: it closes the transport once it exists
+        # (cancelling the task instead could leak the fd under uvloop).
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self.sock
+        if name == "sockname":
+            return self.sock.getsockname()
+        return default
+
+
 class RelayWorker:
-    """Binds ports on ``host`` and relays between them according to one ``RelayTable``."""
+    """Binds ports on ``host`` and relays between them according to one ``RelayTable``.
+
+    Ports may also be bound on other local addresses (``host=`` of the bind methods; E's stream
+    legs span its external and internal addresses); a port number is unique within a worker.
+    """
 
     def __init__(
         self,
@@ -93,19 +142,27 @@ class RelayWorker:
         self._stream_pairs: dict[str, list[int]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._attaching: set[asyncio.Task[None]] = set()
+
+    def time(self) -> float:
+        """The relay table's clock (the loop's)."""
+        return self._loop.time()
 
     @property
     def ports(self) -> list[int]:
         return sorted(self._transports)
 
-    async def bind_port(self, port: int) -> int:
-        """Bind one local UDP port (``0`` = any; e.g. E's shared 2776/2777). Returns the port."""
+    def _factory(self, host: str) -> type[_PortProtocol]:
         if self.transcoding:
-            factory: type[_PortProtocol] = _TranscodingProtocol
-        else:
-            factory = _Ipv6PortProtocol if ":" in self.host else _PortProtocol
+            return _Ipv6TranscodingProtocol if ":" in host else _TranscodingProtocol
+        return _Ipv6PortProtocol if ":" in host else _PortProtocol
+
+    async def bind_port(self, port: int, *, host: str | None = None) -> int:
+        """Bind one local UDP port (``0`` = any; e.g. E's shared 2776/2777). Returns the port."""
+        host = self.host if host is None else host
+        factory = self._factory(host)
         transport, _ = await self._loop.create_datagram_endpoint(
-            lambda: factory(self), local_addr=(self.host, port)
+            lambda: factory(self), local_addr=(host, port)
         )
         bound = int(transport.get_extra_info("sockname")[1])
         if bound in self._transports:
@@ -114,35 +171,123 @@ class RelayWorker:
         self._transports[bound] = transport
         return bound
 
-    async def bind_pair(self, rtp_port: int | None = None, *, rtcp_mux: bool = False) -> tuple[int, int]:
+    async def bind_pair(
+        self, rtp_port: int | None = None, *, rtcp_mux: bool = False, host: str | None = None
+    ) -> tuple[int, int]:
         """Bind an RTP/RTCP pair: the given even port (and +1), or the allocator's next free pair."""
         if rtp_port is not None:
-            return await self._bind_exact(rtp_port, rtcp_mux)
+            return await self._bind_exact(rtp_port, rtcp_mux, host)
         if self.allocator is None:
             raise ValueError("no allocator: pass rtp_port")
         for _ in range(_BIND_ATTEMPTS):
             rtp, _rtcp = self.allocator.allocate()
             try:
-                pair = await self._bind_exact(rtp, rtcp_mux)
+                pair = await self._bind_exact(rtp, rtcp_mux, host)
             except OSError as exc:
                 self.allocator.release(rtp)
                 if exc.errno != errno.EADDRINUSE:
                     raise
                 continue
+            except BaseException:  # e.g. ValueError: the port is bound here on another host
+                self.allocator.release(rtp)
+                raise
             self._allocated.add(rtp)
             return pair
         raise PortsExhaustedError(f"{_BIND_ATTEMPTS} port pairs in a row were in use")
 
-    async def _bind_exact(self, rtp_port: int, rtcp_mux: bool) -> tuple[int, int]:
-        await self.bind_port(rtp_port)
+    async def _bind_exact(self, rtp_port: int, rtcp_mux: bool, host: str | None) -> tuple[int, int]:
+        await self.bind_port(rtp_port, host=host)
         if rtcp_mux:
             return rtp_port, rtp_port
         try:
-            await self.bind_port(rtp_port + 1)
+            await self.bind_port(rtp_port + 1, host=host)
         except BaseException:
             self.close_port(rtp_port)
             raise
         return rtp_port, rtp_port + 1
+
+    # -- synchronous binding (SDP handling in SIP code cannot await) -----------------------------
+
+    def bind_port_now(self, port: int, *, host: str | None = None) -> int:
+        """``bind_port`` without awaiting: the socket is bound (the port is ours) on return and
+        joins the loop in a later iteration; until then datagrams wait in the kernel buffer and
+        sends go straight to the socket. ``wait_bound()`` waits for every such port."""
+        host = self.host if host is None else host
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((host, port))
+            bound = int(sock.getsockname()[1])
+            if bound in self._transports:
+                raise ValueError(f"port {bound} already bound by this worker")
+        except BaseException:
+            sock.close()
+            raise
+        pending = _PendingTransport(sock, self)
+        self._transports[bound] = pending
+        task = self._loop.create_task(self._attach(bound, pending, host))
+        self._attaching.add(task)
+        task.add_done_callback(self._attaching.discard)
+        return bound
+
+    async def _attach(self, port: int, pending: _PendingTransport, host: str) -> None:
+        if pending.closed:
+            return
+        pending.attaching = True
+        factory = self._factory(host)
+        try:
+            transport, _ = await self._loop.create_datagram_endpoint(lambda: factory(self), sock=pending.sock)
+        except OSError as exc:
+            log.warning("port %d could not join the loop: %s", port, exc)
+            self.socket_errors += 1
+            pending.sock.close()
+            if self._transports.get(port) is pending:
+                del self._transports[port]
+            return
+        if pending.closed or self._transports.get(port) is not pending:
+            transport.close()
+        else:
+            self._transports[port] = transport
+
+    def bind_pair_now(self, *, rtcp_mux: bool = False, host: str | None = None) -> tuple[int, int]:
+        """``bind_pair()`` from the allocator, without awaiting (see ``bind_port_now``)."""
+        if self.allocator is None:
+            raise ValueError("no allocator")
+        for _ in range(_BIND_ATTEMPTS):
+            rtp, _rtcp = self.allocator.allocate()
+            try:
+                self.bind_port_now(rtp, host=host)
+                if not rtcp_mux:
+                    try:
+                        self.bind_port_now(rtp + 1, host=host)
+                    except BaseException:
+                        self.close_port(rtp)
+                        raise
+            except OSError as exc:
+                self.allocator.release(rtp)
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            except BaseException:
+                self.allocator.release(rtp)
+                raise
+            self._allocated.add(rtp)
+            return rtp, rtp if rtcp_mux else rtp + 1
+        raise PortsExhaustedError(f"{_BIND_ATTEMPTS} port pairs in a row were in use")
+
+    async def wait_bound(self) -> None:
+        """Until every port from ``bind_port_now`` has joined the loop (or failed to)."""
+        while self._attaching:
+            await asyncio.gather(*self._attaching, return_exceptions=True)
+
+    def send(self, local_port: int, data: bytes, addr: Addr) -> bool:
+        """Send one datagram from a bound local port (e.g. C's first packet towards E, which
+        opens the DMZ firewall, spec §7). Returns False when the port is not bound here."""
+        transport = self._transports.get(local_port)
+        if transport is None:
+            return False
+        transport.sendto(data, addr)
+        return True
 
     def close_port(self, port: int) -> None:
         transport = self._transports.pop(port, None)
@@ -237,4 +382,5 @@ class RelayWorker:
             self._timer = None
         for port in list(self._transports):
             self.close_port(port)
+        await self.wait_bound()  # pending ports close their transports as they attach
         await asyncio.sleep(0)  # let transports run their connection_lost callbacks
