@@ -309,6 +309,89 @@ def print_status(status: dict[str, Any]) -> None:
         console.print("counts: " + ", ".join(f"{k} {v}" for k, v in status["counts"].items()))
 
 
+@lab_group.command("console")
+@config_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to serve on.")
+@click.option("--port", default=9099, show_default=True, type=click.IntRange(0, 65535))
+def lab_console(
+    config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, host: str, port: int
+) -> None:
+    """Serve the lab status page (every component) and /api/lab/status until Ctrl-C."""
+    from edge.console import serve_console
+
+    config = _load(config_path, overrides, state_dir)
+    asyncio.run(serve_console(config, host, port))
+
+
+# -- edge admin -------------------------------------------------------------------------
+
+
+@main.command("admin")
+@click.argument("component")
+@click.argument("method", type=click.Choice(["get", "put", "post", "delete"], case_sensitive=False))
+@click.argument("path")
+@click.option("--data", default=None, metavar="JSON|@FILE", help="Request body, or @file to read it from.")
+@click.option(
+    "--content-type",
+    default=None,
+    help="Body type (default: text/csv for @*.csv files, else application/json).",
+)
+@config_options
+def admin_cmd(
+    component: str,
+    method: str,
+    path: str,
+    data: str | None,
+    content_type: str | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    state_dir: str | None,
+) -> None:
+    """Call an Expressway's admin API, e.g. `edge admin expc get allowlist/rules` or
+    `edge admin expc put maintenance --data '{"enabled": true}'`. PATH is below /api/v1."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    config = _load(config_path, overrides, state_dir)
+    try:
+        name = config.component_name(component)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    host, port = config.admin_endpoint(name)
+    body: bytes | None = None
+    ctype = content_type or "application/json"
+    if data is not None:
+        if data.startswith("@"):
+            try:
+                body = Path(data[1:]).read_bytes()
+            except OSError as exc:
+                raise click.ClickException(f"--data {data}: {exc}") from None
+            if content_type is None and data.lower().endswith(".csv"):
+                ctype = "text/csv"
+        else:
+            body = data.encode()
+    url = f"http://{host}:{port}/api/v1/{path.lstrip('/')}"
+    auth = base64.b64encode(f"{config.lab.admin_username}:{config.lab.admin_password}".encode()).decode()
+    req = urllib.request.Request(url, data=body, method=method.upper())
+    req.add_header("Authorization", f"Basic {auth}")
+    if body is not None:
+        req.add_header("Content-Type", ctype)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            status, text = resp.status, resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode("utf-8", "replace")
+    except OSError as exc:
+        raise click.ClickException(f"{url}: {exc}") from None
+    try:
+        click.echo(json.dumps(json.loads(text), indent=2) if text else "")
+    except ValueError:
+        click.echo(text, nl=not text.endswith("\n"))
+    if status >= 400:
+        sys.exit(1)
+
+
 # -- edge allowlist ---------------------------------------------------------------------
 
 

@@ -296,8 +296,8 @@ class Sipp:
 class Baresip:
     """baresip with one account, driven over ctrl_tcp (netstring-framed JSON).
 
-    Audio is a sine source and a file player so no sound device is needed; the calls are for
-    signalling (the lab's media relay is not wired into the call path yet).
+    Audio is a sine source and a file player so no sound device is needed; media is SDES-SRTP
+    when the account says `mediaenc=srtp-mand`.
     """
 
     def __init__(self, *, workdir: Path, local_ip: str, account: str, ca_file: Path) -> None:
@@ -323,6 +323,7 @@ class Baresip:
                     f"rtp_ports {20000 + self.ctrl[1] % 20000}-{20099 + self.ctrl[1] % 20000}",
                     "module_path /usr/lib/baresip/modules",
                     "module g711.so",
+                    "module srtp.so",
                     "module ausine.so",
                     "module aufile.so",
                     "module_tmp uuid.so",

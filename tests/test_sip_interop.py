@@ -283,8 +283,9 @@ def test_baresip_registers_and_calls_echo(lab: RunningLab, tmp_path: Path) -> No
     """A real UA (baresip 1.0) registers sip:1001@example.com over TLS with E as outbound proxy
     (no `sipRequest` route; UCM asks no digest by default) and dials the echo number 9999.
 
-    Signalling only: the media relay is not wired into the call path yet, so no RTP is asserted.
-    baresip 1.0 does not verify the server certificate (its `sip_cafile` only loads the CA); the
+    Media is SDES-SRTP (`mediaenc=srtp-mand`, spec §7: MRA media is always encrypted): baresip's
+    sine tone reaches the echo through E's relay and C's SRTP termination and comes back, which E's
+    relay counters show. baresip 1.0 does not verify the server certificate (its `sip_cafile` only loads the CA); the
     verified TLS path is the stunnel one above.
     """
     _ready(lab)
@@ -293,7 +294,7 @@ def test_baresip_registers_and_calls_echo(lab: RunningLab, tmp_path: Path) -> No
     account = (
         f"<sip:1001@{lab.config.lab.domain};transport=tls>"
         f';outbound="sip:{e_host}:{e_port};transport=tls"'
-        ";regint=120;mwi=no;audio_codecs=PCMU;answermode=manual"
+        ";regint=120;mwi=no;audio_codecs=PCMU;answermode=manual;mediaenc=srtp-mand"
     )
     with Baresip(workdir=tmp_path, local_ip=_ip(lab, 130), account=account, ca_file=_ca(lab)) as ua:
         instance = (tmp_path / "uuid").read_text().strip()
@@ -306,6 +307,8 @@ def test_baresip_registers_and_calls_echo(lab: RunningLab, tmp_path: Path) -> No
             rf"<sip:1001[^@]*@{re.escape(c)}:5060;transport=tcp;orig-hostport=", binding["contact"]
         )
         before = _ucm_sip(lab)["calls"]
+        relayed_before = lab.component("expe")["media"]["totals"]["tx_packets"]
+        echoed_before = _ucm_sip(lab)["echo"]["packets"]
         in_other = _e_counter(lab, "in_other")
         assert ua.command("dial", "9999")["ok"] is True
         established = ua.wait_event("CALL_ESTABLISHED", WAIT_S)
@@ -313,6 +316,13 @@ def test_baresip_registers_and_calls_echo(lab: RunningLab, tmp_path: Path) -> No
         during = _ucm_sip(lab)["calls"]
         assert during["echo_calls"] == before["echo_calls"] + 1
         assert during["answered"] == before["answered"] + 1
+        # 50 pps each way: wait for a second's worth through E's relay and the inside echo.
+        wait_for(
+            lambda: lab.component("expe")["media"]["totals"]["tx_packets"] - relayed_before >= 100,
+            WAIT_S,
+            "baresip's SRTP relayed by E both ways",
+        )
+        assert _ucm_sip(lab)["echo"]["packets"] - echoed_before >= 40, "plain RTP reached the inside echo"
         assert ua.command("hangup")["ok"] is True
         closed = ua.wait_event("CALL_CLOSED", WAIT_S)
         assert closed["id"] == established["id"]
