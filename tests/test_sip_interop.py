@@ -285,8 +285,8 @@ def test_baresip_registers_and_calls_echo(lab: RunningLab, tmp_path: Path) -> No
 
     Media is SDES-SRTP (`mediaenc=srtp-mand`, spec §7: MRA media is always encrypted): baresip's
     sine tone reaches the echo through E's relay and C's SRTP termination and comes back, which E's
-    relay counters show. baresip 1.0 does not verify the server certificate (its `sip_cafile` only loads the CA); the
-    verified TLS path is the stunnel one above.
+    relay counters show. baresip 1.0 does not verify the server certificate (its `sip_cafile`
+    only loads the CA); the verified TLS path is the stunnel one above.
     """
     _ready(lab)
     e_host, e_port = _e_client(lab)
