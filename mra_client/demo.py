@@ -9,6 +9,7 @@ import slixmpp
 from rich.console import Console
 
 from edge.config import LabConfig
+from mra_client.call import place_call
 from mra_client.edge_http import StepError
 from mra_client.signin import ClientSettings, Ladder, SignedIn, sign_in, sign_out
 from mra_client.xmpp import MraXmppClient
@@ -74,10 +75,20 @@ async def chat_over_mra(
 async def _demo(config: LabConfig, console: Console) -> int:
     ladder = Ladder()
     settings = lab_client_settings(config, "alice")
-    title = "demo: alice signs in over MRA, chats with bob"
+    title = "demo: alice signs in over MRA, calls 9999, chats with bob"
     try:
         session = await sign_in(settings, ladder)
         try:
+            sip = session.sip
+            assert sip is not None
+            await ladder.run(
+                "call 9999",
+                lambda: place_call(sip, config.echo_number, 2.0),
+                lambda r: (
+                    f"SRTP {r.suite} via {r.remote[0]}:{r.remote[1]}: {r.received}/{r.sent} back, "
+                    f"loss {r.loss_pct}%, rtt p50 {r.rtt_ms_p50} ms"
+                ),
+            )
             await chat_over_mra(config, ladder, session, settings, "bob", "hello from MRA")
         finally:
             await sign_out(session)

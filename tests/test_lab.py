@@ -123,7 +123,7 @@ def test_lab_up_runs_the_demo_flow(tmp_path: Path) -> None:
         assert "MRA lab: ready" in out.stdout
         assert "demo:" in out.stdout
         assert "✗" not in out.stdout, out.stdout
-        for step in ("get_edge_config", "REGISTER", "STUN keepalive", "XMPP sign-in", "chat"):
+        for step in ("get_edge_config", "REGISTER", "STUN keepalive", "call 9999", "XMPP sign-in", "chat"):
             assert step in out.stdout
     finally:
         lab.down()
