@@ -4,13 +4,17 @@ mock UCM, what UCM stores (spec §5), STUN keepalives tied to the whole path, ho
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import signal
 import time
+import urllib.request
 from typing import Any
 
 from edge.lab import pid_alive
 from edge.sip.message import Request
+from mra_client.call import CallReport, place_call
 from mra_client.demo import lab_client_settings
 from mra_client.edge_http import StepError
 from mra_client.signin import Ladder, SignedIn, sign_in, sign_out
@@ -120,3 +124,66 @@ def test_stun_keepalive_only_while_path_to_ucm_alive(lab_factory: Any) -> None:
     assert before is not None
     assert after is None, "E stops answering STUN once C no longer reaches UCM (spec §5 MRA HA)"
     assert took < 10
+
+
+def _admin_put(lab: RunningLab, component: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    host, port = lab.config.admin_endpoint(component)
+    req = urllib.request.Request(
+        f"http://{host}:{port}/api/v1{path}",
+        data=json.dumps(body).encode(),
+        method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
+    creds = f"{lab.config.lab.admin_username}:{lab.config.lab.admin_password}".encode()
+    req.add_header("Authorization", "Basic " + base64.b64encode(creds).decode())
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+    return data
+
+
+def test_maintenance_mode_drains_calls_and_refuses_new_ones(lab: RunningLab) -> None:
+    """Spec §8: in maintenance new calls and registrations get 503; a call in progress goes on."""
+
+    async def flow() -> tuple[CallReport, int, int, int]:
+        alice = await _signin(lab, "alice")
+        bob = await _signin(lab, "bob")
+        assert alice.sip is not None and bob.sip is not None
+        try:
+            call = asyncio.ensure_future(place_call(alice.sip, "9999", 3.0))
+            await asyncio.sleep(0.5)  # the call is up and its media flowing before maintenance starts
+            assert await asyncio.to_thread(_admin_put, lab, "expc", "/maintenance", {"enabled": True})
+            try:
+                refused_register = (await bob.sip.transact(bob.sip._register_request(3600), 5)).status_code
+                with_sdp = await _invite_status(bob.sip)
+            finally:
+                await asyncio.to_thread(_admin_put, lab, "expc", "/maintenance", {"enabled": False})
+            report = await call
+            restored = (await bob.sip.transact(bob.sip._register_request(3600), 5)).status_code
+            return report, refused_register, with_sdp, restored
+        finally:
+            await sign_out(alice)
+            await sign_out(bob)
+
+    report, refused_register, refused_invite, restored = asyncio.run(flow())
+    assert refused_register == 503
+    assert refused_invite == 503
+    assert report.received == report.sent and report.bye_status == 200, "the call in progress survived"
+    assert restored == 200
+
+
+async def _invite_status(sip: Any) -> int:
+    from media_relay.srtp import generate_crypto
+    from mra_client.call import offer_sdp
+
+    body = offer_sdp(sip.local[0], 40000, generate_crypto(1), 1)
+    invite = sip._request(
+        "INVITE",
+        "sip:9999@example.com",
+        to="<sip:9999@example.com>",
+        call_id="maint-1",
+        from_tag="m1",
+        body=body,
+        content_type="application/sdp",
+    )
+    invite.headers.add("Contact", f"<sip:{sip.dn}@{sip.local[0]}:{sip.local[1]};transport=tls>")
+    return int((await sip.transact(invite, 5)).status_code)
