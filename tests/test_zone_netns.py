@@ -140,8 +140,12 @@ def test_zone_through_dmz_firewall(topo: Topology, procs: ProcessGroup, tmp_path
     c_zone = wait_zone(topo.inside, *c_admin, "Active")
     e_zone = wait_zone(topo.dmz, *e_admin, "Active")
     print(f"all components ready and zone Active after {time.monotonic() - started:.2f} s")
-    assert {ch["channel"]: ch["state"] for ch in c_zone["channels"]} == {"sip": "active", "https": "active"}
-    assert {ch["channel"] for ch in e_zone["channels"]} >= {"sip", "https"}
+    assert {ch["channel"]: ch["state"] for ch in c_zone["channels"]} == {
+        "sip": "active",
+        "https": "active",
+        "xmpp": "active",
+    }
+    assert {ch["channel"] for ch in e_zone["channels"]} >= {"sip", "https", "xmpp"}
 
     # The firewall is in force: from the DMZ, C's SIP port does not even answer a SYN, while the
     # same port accepts a connection from the inside.
