@@ -162,3 +162,48 @@ def test_console_serves_the_lab_status(console: tuple[RunningLab, str]) -> None:
     assert {c["name"] for c in data["components"]} == {"dns", "ucm1", "imp1", "cuc1", "expc", "expe"}
     status, ctype, html = _get(url + "/")
     assert 'data-source="/api/lab/status"' in html
+
+
+def _count(component: str, name: str) -> str:
+    return (
+        f'(() => {{ const el = document.querySelector(\'[data-component="{component}"] '
+        f'[data-count="{name}"]\'); return el && el.textContent; }})()'
+    )
+
+
+def test_page_shows_registration_and_live_media(console: tuple[RunningLab, str]) -> None:
+    """Spec §8 / issue: a registered client holding a call to 9999; the aggregated page shows the
+    registration and a media packet counter that grows between two reads, without a reload."""
+    from mra_client.call import place_call
+    from mra_client.demo import lab_client_settings
+    from mra_client.signin import Ladder, sign_in, sign_out
+
+    lab, console_url = console
+
+    async def flow() -> tuple[str, int, int]:
+        session = await sign_in(lab_client_settings(lab.config, "alice"), Ladder())
+        assert session.sip is not None
+        call = asyncio.ensure_future(place_call(session.sip, "9999", 4.0))
+        try:
+            async with Browser() as page:
+                await page.goto(console_url + "/")
+                regs = await page.wait_for(
+                    f"(() => {{ const t = {_count('expe', 'MRA registrations')};"
+                    " return t && t.includes('MRA registrations: 1 ') && t; })()"
+                )
+                first = await page.wait_for(_count("expe", "Media packets relayed"))
+                n1 = int(str(first).split(":")[1])
+                second = await page.wait_for(
+                    f"(() => {{ const t = {_count('expe', 'Media packets relayed')};"
+                    f" return t && parseInt(t.split(':')[1]) > {n1} && t; }})()"
+                )
+                await page.screenshot(ARTIFACTS / "status-page-lab-call.png")
+                return str(regs), n1, int(str(second).split(":")[1])
+        finally:
+            report = await call
+            assert report.received == report.sent
+            await sign_out(session)
+
+    regs, n1, n2 = asyncio.run(flow())
+    assert "MRA registrations: 1 " in regs
+    assert n2 > n1

@@ -93,6 +93,11 @@ function counts(c) {
   if ("sessions" in xmpp) items.push(["XMPP sessions", `${xmpp.sessions} (peak ${xmpp.sessions_peak ?? "?"})`]);
   const media = (c.media && c.media.streams) ?? (sip.media && sip.media.streams);
   if (media !== undefined) items.push(["Media streams", media]);
+  const mt = c.media && c.media.totals;
+  if (mt) {
+    items.push(["Media packets relayed", mt.tx_packets]);
+    items.push(["Media drops", (mt.garbage_drops || 0) + (mt.unlatched_drops || 0) + (mt.not_latched_drops || 0)]);
+  }
   if (c.allow_list) items.push(["Allow-list rules", c.allow_list.rules]);
   if (c.uptime_s !== undefined) items.push(["Uptime", `${Math.round(c.uptime_s)} s`]);
   return `<div class="kv">` + items.map(([n, v]) => `<div data-count="${esc(n)}"><span>${esc(n)}:</span> ${esc(v)}</div>`).join("") + "</div>";
