@@ -142,7 +142,17 @@ function expressway(c) {
   const legs = ((c.sip || {}).calls || {}).legs || [];
   if (legs.length) {
     html += "<h3>Calls</h3>";
-    html += table(`${key}/calls`, [["Call", (l) => esc(typeof l === "object" ? JSON.stringify(l) : l)]], legs);
+    const legText = (call, name) => {
+      const leg = (call.legs || []).find((x) => x.leg === name);
+      return leg ? `${leg.side}: ${leg.call_id}` : "";
+    };
+    html += table(`${key}/calls`, [
+      ["Call", (l) => esc(l.call)],
+      ["State", (l) => badge(l.state, l.state === "confirmed")],
+      ["Leg A", (l) => esc(legText(l, "a"))],
+      ["Leg B", (l) => esc(legText(l, "b"))],
+      ["Since", (l) => esc(l.answered_at ? "answered" : "setting up")],
+    ], legs);
   }
   html += "<h3>Listeners</h3>";
   html += table(`${key}/listeners`, [
