@@ -146,13 +146,15 @@ class GatewayXmpp:
 
     async def _relay(self, stream: Any, auth_raw: bytes, username: str) -> None:
         node = self._node_for(username)
+        # SNI and certificate check name the XMPP domain, not the node (RFC 6120 §13.7.2.1):
+        # real XMPP servers (Prosody) refuse an unknown SNI with alert 112.
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
                     node.address,
                     node.edge_port,
                     ssl=self.ssl_context,
-                    server_hostname=node.fqdn,
+                    server_hostname=self.domain,
                     local_addr=(self.local_address, 0) if self.local_address else None,
                 ),
                 5.0,
