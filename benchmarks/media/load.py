@@ -1,0 +1,361 @@
+"""Packet generator, sink and echo of the media benchmarks: one synchronous loop on one core.
+
+G.711-like packets: 12-byte RTP header + 160-byte payload = 172 bytes, 50 pps per stream per
+direction, sent round-robin over the flows so the aggregate rate is smooth. Every loop is bounded
+by a packet count and a hard deadline.
+
+Latency is ``kernel receive timestamp (SO_TIMESTAMPNS) - time.time_ns() just before sendto``,
+both CLOCK_REALTIME in this one process, so the sink's own scheduling does not count; a
+generator -> sink (or -> echo -> client) baseline at the same rate gives what the harness adds.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import select
+import socket
+import struct
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+Addr = tuple[str, int]
+
+PACKET_BYTES = 172
+PAYLOAD_BYTES = PACKET_BYTES - 12
+PTIME_PPS = 50
+BURST = 64  # packets sent per loop turn at most, before the sockets are drained
+DRAIN = 256  # packets read per socket per loop turn at most
+RCVBUF_BYTES = 32 << 20
+
+SO_TIMESTAMPNS = int(getattr(socket, "SO_TIMESTAMPNS", 35))
+SO_RCVBUFFORCE = int(getattr(socket, "SO_RCVBUFFORCE", 33))
+_ANC_BYTES = socket.CMSG_SPACE(16)
+RTP = struct.Struct("!BBHII")
+STAMP = struct.Struct("!QI")  # send time (ns, CLOCK_REALTIME) and run id, right after the header
+_TIMESPEC = struct.Struct("@qq")
+
+
+def udp_socket(host: str, *, timestamps: bool = True) -> socket.socket:
+    """A non-blocking UDP socket with a large receive buffer (forced: we run as root)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_BYTES)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    if timestamps:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    sock.bind((host, 0))
+    sock.setblocking(False)
+    return sock
+
+
+def addr_of(sock: socket.socket) -> Addr:
+    host, port = sock.getsockname()
+    return str(host), int(port)
+
+
+def cpu_of_self() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a whole process (all threads), /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Window:
+    """One measurement window: counts, latencies (ns) and CPU seconds per process."""
+
+    sent: int
+    received: int
+    send_errors: int
+    send_s: float  # first to last send
+    behind_s: float  # how late the last send was against its schedule (generator saturation)
+    latencies_ns: array[int]
+    cpu_s: dict[str, float]
+    bad: int = 0  # packets that came back wrong (SRTP authentication failed on a sample)
+    checked: int = 0
+
+    @property
+    def loss_pct(self) -> float:
+        return 100.0 * (self.sent - self.received) / max(self.sent, 1)
+
+    @property
+    def pps(self) -> float:
+        return self.received / max(self.send_s, 1e-9)
+
+    def percentile_us(self, q: float) -> float:
+        if not self.latencies_ns:
+            return float("nan")
+        ordered = sorted(self.latencies_ns)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
+
+    def cpu_pct(self, name: str) -> float:
+        return 100.0 * self.cpu_s.get(name, 0.0) / max(self.send_s, 1e-9)
+
+
+def _kernel_ns(anc: list[tuple[int, int, bytes]]) -> int:
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            return int(sec) * 1_000_000_000 + int(nsec)
+    return time.time_ns()
+
+
+def _drain_stamped(sock: socket.socket, lat: array[int], run_id: int) -> int:
+    """Read what waits on a sink socket; keep the latency of this run's packets."""
+    got = 0
+    for _ in range(DRAIN):
+        try:
+            data, anc, _flags, _addr = sock.recvmsg(2048, _ANC_BYTES)
+        except BlockingIOError:
+            break
+        if len(data) < 24:
+            continue
+        sent_ns, rid = STAMP.unpack_from(data, 12)
+        if rid != run_id:
+            continue
+        lat.append(_kernel_ns(anc) - sent_ns)
+        got += 1
+    return got
+
+
+def udp_rcvbuf_errors() -> int:
+    """The kernel's count of UDP datagrams dropped because a receive queue was full (host-wide)."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Udp:")]
+    return int(rows[1][rows[0].index("RcvbufErrors")])
+
+
+class CpuProbe:
+    """CPU seconds of named processes between ``start()`` and ``stop()``; "load" is this one;
+    "rcvbuf_drops" is the host's UDP receive-queue overflow count over the same span."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._t0: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        now["load"] = cpu_of_self()
+        now["rcvbuf_drops"] = float(udp_rcvbuf_errors())
+        return now
+
+    def start(self) -> None:
+        self._t0 = self._now()
+
+    def stop(self) -> None:
+        end = self._now()
+        self.used = {k: end[k] - self._t0[k] for k in end}
+
+
+def run_plain(
+    tx: Sequence[socket.socket],
+    flows: Sequence[tuple[int, Addr]],
+    rx: Sequence[socket.socket],
+    rate: float,
+    count: int,
+    run_id: int,
+    probe: CpuProbe,
+    drain_s: float = 0.5,
+) -> Window:
+    """Part 1: send ``count`` packets round-robin over ``flows`` (tx socket index, destination)
+    at ``rate`` pps, with the send time in the payload; count this run's packets on ``rx``."""
+    buf = bytearray(PACKET_BYTES)
+    pack_rtp, pack_stamp, time_ns, clock = RTP.pack_into, STAMP.pack_into, time.time_ns, time.perf_counter
+    lat: array[int] = array("q")
+    nflows = len(flows)
+    sent = received = errors = 0
+    probe.start()
+    t0 = clock()
+    hard_end = t0 + count / rate + 2.0
+    last = t0
+    while sent < count:
+        now = clock()
+        if now >= hard_end:
+            break
+        due = min(count, int((now - t0) * rate) + 1)
+        stop = min(due, sent + BURST)
+        while sent < stop:
+            j = sent % nflows
+            k = sent // nflows
+            si, dest = flows[j]
+            pack_rtp(buf, 0, 0x80, 0, k & 0xFFFF, (k * 160) & 0xFFFFFFFF, j + 1)
+            pack_stamp(buf, 12, time_ns(), run_id)
+            try:
+                tx[si].sendto(buf, dest)
+            except OSError:
+                errors += 1
+            sent += 1
+        last = clock()
+        got = 0
+        for s in rx:
+            got += _drain_stamped(s, lat, run_id)
+        received += got
+        if got == 0 and sent >= due:
+            wait = t0 + sent / rate - clock()
+            if wait > 0:
+                select.select(rx, [], [], wait)
+    probe.stop()
+    behind = last - (t0 + (sent - 1) / rate)
+    end = clock() + drain_s
+    while clock() < end:
+        got = sum(_drain_stamped(s, lat, run_id) for s in rx)
+        received += got
+        if got == 0:
+            select.select(rx, [], [], 0.02)
+    return Window(sent, received, errors, last - t0, behind, lat, probe.used)
+
+
+def warm_plain(
+    tx: Sequence[socket.socket], flows: Sequence[tuple[int, Addr]], rx: Sequence[socket.socket], run_id: int
+) -> int:
+    """One packet per flow (latches every relay leg), then drain for a moment."""
+    buf = bytearray(PACKET_BYTES)
+    for j, (si, dest) in enumerate(flows):
+        RTP.pack_into(buf, 0, 0x80, 0, 0xFFF0, 0, j + 1)
+        STAMP.pack_into(buf, 12, time.time_ns(), run_id)
+        tx[si].sendto(buf, dest)
+        if j % 200 == 199:
+            time.sleep(0.002)  # do not burst thousands of packets into one relay socket queue
+    lat: array[int] = array("q")
+    got = 0
+    end = time.perf_counter() + 0.5
+    while time.perf_counter() < end:
+        got += sum(_drain_stamped(s, lat, run_id) for s in rx)
+        select.select(rx, [], [], 0.02)
+    return got
+
+
+def run_echo_path(
+    client: socket.socket,
+    echo: socket.socket,
+    dests: Sequence[Addr],
+    packets: Sequence[bytes],
+    first_round: int,
+    rate: float,
+    probe: CpuProbe,
+    verify: Callable[[int, bytes], bool] | None = None,
+    drain_s: float = 0.5,
+) -> Window:
+    """Part 2: the client sends ``packets[k * N + i]`` (round k of call i, precomputed SRTP) to
+    ``dests[i]`` for rounds ``first_round..``; the echo socket returns whatever it receives to
+    its source; the client matches what comes back by (SSRC = i + 1, seq = k) in the clear RTP
+    header. ``verify(i, data)`` is run on 1 packet in 64 (SRTP authentication of C's output)."""
+    n = len(dests)
+    start = first_round * n
+    count = len(packets) - start
+    sent_ns: array[int] = array("q", bytes(8 * len(packets)))
+    seen = bytearray(len(packets))
+    lat: array[int] = array("q")
+    time_ns, clock, unpack = time.time_ns, time.perf_counter, RTP.unpack_from
+    csend, esend, erecv = client.sendto, echo.sendto, echo.recvfrom
+    sent = received = errors = bad = checked = 0
+    socks = [client, echo]
+
+    def drain() -> tuple[int, int]:
+        nonlocal bad, checked
+        moved = 0
+        for _ in range(DRAIN):  # the echo first: its queueing is part of the measured path
+            try:
+                data, src = erecv(2048)
+            except BlockingIOError:
+                break
+            esend(data, src)
+            moved += 1
+        got = 0
+        for _ in range(DRAIN):
+            try:
+                data, anc, _flags, _addr = client.recvmsg(2048, _ANC_BYTES)
+            except BlockingIOError:
+                break
+            if len(data) < 12:
+                continue
+            _b0, _b1, seq, _ts, ssrc = unpack(data)
+            idx = seq * n + ssrc - 1
+            if not start <= idx < len(packets) or seen[idx]:
+                continue
+            seen[idx] = 1
+            lat.append(_kernel_ns(anc) - sent_ns[idx])
+            got += 1
+            if verify is not None and (received + got) % 64 == 0:
+                checked += 1
+                if not verify(ssrc - 1, data):
+                    bad += 1
+        return moved, got
+
+    probe.start()
+    t0 = clock()
+    hard_end = t0 + count / rate + 2.0
+    last = t0
+    while sent < count:
+        now = clock()
+        if now >= hard_end:
+            break
+        due = min(count, int((now - t0) * rate) + 1)
+        stop = min(due, sent + BURST)
+        while sent < stop:
+            idx = start + sent
+            sent_ns[idx] = time_ns()
+            try:
+                csend(packets[idx], dests[idx % n])
+            except OSError:
+                errors += 1
+            sent += 1
+        last = clock()
+        moved, got = drain()
+        received += got
+        if moved + got == 0 and sent >= due:
+            wait = t0 + sent / rate - clock()
+            if wait > 0:
+                select.select(socks, [], [], wait)
+    probe.stop()
+    behind = last - (t0 + (sent - 1) / rate)
+    end = clock() + drain_s
+    while clock() < end:
+        moved, got = drain()
+        received += got
+        if moved + got == 0:
+            select.select(socks, [], [], 0.02)
+    return Window(sent, received, errors, last - t0, behind, lat, probe.used, bad, checked)
+
+
+def warm_echo_path(
+    client: socket.socket,
+    echo: socket.socket,
+    dests: Sequence[Addr],
+    packets: Sequence[bytes],
+    timeout_s: float,
+) -> int:
+    """Round 0 of every call (latches E's client legs and C's inside legs); count the echoes."""
+    n = len(dests)
+    for i in range(n):
+        client.sendto(packets[i], dests[i])
+        if i % 100 == 99:
+            time.sleep(0.002)
+    back = 0
+    end = time.perf_counter() + timeout_s
+    while time.perf_counter() < end and back < n:
+        for _ in range(DRAIN):
+            try:
+                data, src = echo.recvfrom(2048)
+            except BlockingIOError:
+                break
+            echo.sendto(data, src)
+        for _ in range(DRAIN):
+            try:
+                client.recv(2048)
+            except BlockingIOError:
+                break
+            back += 1
+        select.select([client, echo], [], [], 0.01)
+    return back
