@@ -21,25 +21,11 @@ from edge.mra_paths import BadPath, DescriptorPath, EdgeConfigPath, EdgeSsoPath,
 from edge_c.allowlist import AllowList
 from edge_c.internal import is_connect_failure, summarize
 from edge_c.provisioning import Answer, NextHopError, Provisioning
-from traversal.http_tunnel import HeadReader, TunnelProtocolError, TunnelRequest, TunnelResponse
+from traversal.http_tunnel import HOP_BY_HOP, HeadReader, TunnelProtocolError, TunnelRequest, TunnelResponse
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BODY = 8 * 1024 * 1024
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "host",
-    }
-)
 
 
 class TunnelHttpHandler:

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge.config import ExpcSettings
-from edge.media_hooks import MediaRejected, Side
+from edge.media_hooks import Side
+from media_relay.anchor import AnchorBase
 from media_relay.errors import MediaError
 from media_relay.events import StreamTimedOut
 from media_relay.sdp import MediaSection, RtcpAttribute, SessionDescription
@@ -147,7 +148,9 @@ class _Call:
     offer_refused: set[int] = field(default_factory=set)  # m= C set to port 0 in its offer
 
 
-class GatewayMedia:
+class GatewayMedia(AnchorBase):
+    what = "media anchor"
+
     """C's ``MediaSession`` (``edge.media_hooks``): anchors both legs, terminates SRTP outside.
 
     ``await start()`` before the first ``process_*``; ``await stop()`` ends every call and closes
@@ -166,10 +169,9 @@ class GatewayMedia:
         self.on_stream_timeout = on_stream_timeout
         wanted = DEFAULT_SUITES + (GCM_SUITES if settings.aes_gcm else ())
         self.suites: tuple[str, ...] = tuple(s for s in wanted if s in SUITES)
-        self._worker: RelayWorker | None = None
+        super().__init__()
         self._calls: dict[str, _Call] = {}
         self._by_stream: dict[str, tuple[str, int]] = {}
-        self.rejected = 0
         self.pinholes_sent = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -577,24 +579,6 @@ class GatewayMedia:
                 "drops": {} if snap is None else snap["drops"],
             }
         return out
-
-    def _running(self) -> RelayWorker:
-        if self._worker is None:
-            self.rejected += 1
-            raise MediaRejected("media anchor not running", 503)
-        return self._worker
-
-    def _reject(self, call: str, reason: str) -> MediaRejected:
-        self.rejected += 1
-        log.info("call %s: media rejected: %s", call, reason)
-        return MediaRejected(reason)
-
-    def _parse(self, sdp: bytes) -> SessionDescription:
-        try:
-            return SessionDescription.parse(sdp)
-        except (MediaError, ValueError) as exc:
-            self.rejected += 1
-            raise MediaRejected(f"bad SDP: {exc}") from None
 
 
 def _fmt(addr: Addr) -> str:

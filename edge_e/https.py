@@ -17,25 +17,11 @@ from typing import Any
 from aiohttp import web
 
 from edge.mra_paths import BadPath, DescriptorPath, EdgeConfigPath, EdgeSsoPath, classify
-from traversal.http_tunnel import HeadReader, TunnelProtocolError, TunnelRequest, TunnelResponse
+from traversal.http_tunnel import HOP_BY_HOP, HeadReader, TunnelProtocolError, TunnelRequest, TunnelResponse
 
 log = logging.getLogger(__name__)
 
 SERVER_HEADER = "CE_C ECS"
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "host",
-    }
-)
 
 
 class TunnelUnavailable(Exception):

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge.config import ExpeSettings
-from edge.media_hooks import MediaRejected, Side
+from edge.media_hooks import Side
+from media_relay.anchor import AnchorBase
 from media_relay.errors import MediaError
 from media_relay.events import StreamTimedOut
 from media_relay.sdp import RtcpAttribute, SessionDescription
@@ -67,7 +68,9 @@ class _Call:
     offer_active: set[int] = field(default_factory=set)
 
 
-class EdgeMedia:
+class EdgeMedia(AnchorBase):
+    what = "media relay"
+
     """E's ``MediaSession`` (``edge.media_hooks``): relays SRTP client <-> E <-> C.
 
     ``await start()`` binds the demux ports and must precede the first ``process_*``;
@@ -89,10 +92,9 @@ class EdgeMedia:
         self.settings = settings
         self.inactivity_timeout_s = inactivity_timeout_s
         self.on_stream_timeout = on_stream_timeout
-        self._worker: RelayWorker | None = None
+        super().__init__()
         self._calls: dict[str, _Call] = {}
         self._by_stream: dict[str, tuple[str, int]] = {}
-        self.rejected = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -252,24 +254,6 @@ class EdgeMedia:
         }
 
     # -- internals --------------------------------------------------------------------------------
-
-    def _running(self) -> RelayWorker:
-        if self._worker is None:
-            self.rejected += 1
-            raise MediaRejected("media relay not running", 503)
-        return self._worker
-
-    def _reject(self, call: str, reason: str) -> MediaRejected:
-        self.rejected += 1
-        log.info("call %s: media rejected: %s", call, reason)
-        return MediaRejected(reason)
-
-    def _parse(self, sdp: bytes) -> SessionDescription:
-        try:
-            return SessionDescription.parse(sdp)
-        except (MediaError, ValueError) as exc:
-            self.rejected += 1
-            raise MediaRejected(f"bad SDP: {exc}") from None
 
     def _rewrite(self, sd: SessionDescription, i: int, st: _Stream, towards: Side) -> None:
         s = self.settings

@@ -13,6 +13,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_HEAD_BYTES = 65536
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+    }
+)
+"""Headers that describe one hop (RFC 9110 §7.6.1) and never cross the tunnel or the proxy."""
 
 
 class TunnelProtocolError(Exception):
