@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -465,6 +465,51 @@ def _client_settings(
     return settings
 
 
+def _client_flow(
+    settings: Any, *, register: bool = True, work: Callable[[Any, Any], Awaitable[None]] | None = None
+) -> tuple[Any, Exception | None]:
+    """Sign in (ladder), run `work(ladder, session)`, always sign out; the failed step, if any."""
+    from mra_client.edge_http import StepError
+    from mra_client.signin import Ladder, sign_in, sign_out
+
+    ladder = Ladder()
+
+    async def flow() -> StepError | None:
+        try:
+            session = await sign_in(settings, ladder, register=register)
+            try:
+                if work is not None:
+                    await work(ladder, session)
+            finally:
+                await sign_out(session)
+        except StepError as exc:
+            return exc
+        return None
+
+    return ladder, asyncio.run(flow())
+
+
+def _client_output(
+    ladder: Any,
+    error: Exception | None,
+    *,
+    as_json: bool,
+    title: str,
+    extra: dict[str, Any] | None = None,
+    summary: str | None = None,
+) -> None:
+    from mra_client.demo import print_ladder
+
+    if as_json:
+        click.echo(json.dumps({**ladder.as_dict(), **(extra or {})}, indent=2))
+    else:
+        print_ladder(ladder, console, title)
+        if summary:
+            console.print(summary)
+    if error is not None:
+        raise click.ClickException(str(error))
+
+
 @client_group.command("signin")
 @client_options
 def client_signin(
@@ -479,29 +524,9 @@ def client_signin(
     as_json: bool,
 ) -> None:
     """Discovery, get_edge_config, UDS, TFTP, SIP REGISTER and STUN keepalive, as a ladder."""
-    from mra_client.demo import print_ladder
-    from mra_client.edge_http import StepError
-    from mra_client.signin import Ladder, sign_in, sign_out
-
     config = _load(config_path, overrides, state_dir)
-    settings = _client_settings(config, username, password, domain, dns, ca_file)
-    ladder = Ladder()
-
-    async def flow() -> StepError | None:
-        try:
-            session = await sign_in(settings, ladder)
-        except StepError as exc:
-            return exc
-        await sign_out(session)
-        return None
-
-    error = asyncio.run(flow())
-    if as_json:
-        click.echo(json.dumps(ladder.as_dict(), indent=2))
-    else:
-        print_ladder(ladder, console, f"{username} signs in over MRA")
-    if error is not None:
-        raise click.ClickException(str(error))
+    ladder, error = _client_flow(_client_settings(config, username, password, domain, dns, ca_file))
+    _client_output(ladder, error, as_json=as_json, title=f"{username} signs in over MRA")
 
 
 @client_group.command("chat")
@@ -522,32 +547,16 @@ def client_chat(
     text: str,
 ) -> None:
     """Sign in over MRA, chat with an inside user (signed in straight to the IM&P), both ways."""
-    from mra_client.demo import chat_over_mra, print_ladder
-    from mra_client.edge_http import StepError
-    from mra_client.signin import Ladder, sign_in, sign_out
+    from mra_client.demo import chat_over_mra
 
     config = _load(config_path, overrides, state_dir)
     settings = _client_settings(config, username, password, domain, dns, ca_file)
-    ladder = Ladder()
 
-    async def flow() -> StepError | None:
-        try:
-            session = await sign_in(settings, ladder, register=False)
-            try:
-                await chat_over_mra(config, ladder, session, settings, to, text)
-            finally:
-                await sign_out(session)
-        except StepError as exc:
-            return exc
-        return None
+    async def chat(ladder: Any, session: Any) -> None:
+        await chat_over_mra(config, ladder, session, settings, to, text)
 
-    error = asyncio.run(flow())
-    if as_json:
-        click.echo(json.dumps(ladder.as_dict(), indent=2))
-    else:
-        print_ladder(ladder, console, f"{username} chats with {to} over MRA")
-    if error is not None:
-        raise click.ClickException(str(error))
+    ladder, error = _client_flow(settings, register=False, work=chat)
+    _client_output(ladder, error, as_json=as_json, title=f"{username} chats with {to} over MRA")
 
 
 @client_group.command("call")
@@ -571,52 +580,36 @@ def client_call(
 ) -> None:
     """Sign in over MRA and call a number with SRTP media both ways; report setup, loss, jitter, RTT."""
     from mra_client.call import CallReport, place_call
-    from mra_client.demo import print_ladder
-    from mra_client.edge_http import StepError
-    from mra_client.signin import Ladder, sign_in, sign_out
 
     config = _load(config_path, overrides, state_dir)
-    settings = _client_settings(config, username, password, domain, dns, ca_file)
-    ladder = Ladder()
     result: dict[str, CallReport] = {}
 
-    async def flow() -> StepError | None:
-        try:
-            session = await sign_in(settings, ladder)
-            try:
-                assert session.sip is not None
-                sip = session.sip
-                report = await ladder.run(
-                    "call",
-                    lambda: place_call(sip, to, seconds, suite=suite),
-                    lambda r: (
-                        f"{r.received}/{r.sent} packets back, loss {r.loss_pct}%, rtt p50 {r.rtt_ms_p50} ms"
-                    ),
-                )
-                result["call"] = report
-            finally:
-                await sign_out(session)
-        except StepError as exc:
-            return exc
-        return None
+    async def call(ladder: Any, session: Any) -> None:
+        sip = session.sip
+        result["call"] = await ladder.run(
+            "call",
+            lambda: place_call(sip, to, seconds, suite=suite),
+            lambda r: f"{r.received}/{r.sent} packets back, loss {r.loss_pct}%, rtt p50 {r.rtt_ms_p50} ms",
+        )
 
-    error = asyncio.run(flow())
-    if as_json:
-        out = ladder.as_dict()
-        if "call" in result:
-            out["call"] = result["call"].as_dict()
-        click.echo(json.dumps(out, indent=2))
-    else:
-        print_ladder(ladder, console, f"{username} calls {to} over MRA")
-        if "call" in result:
-            r = result["call"]
-            console.print(
-                f"  setup {r.setup_ms} ms, {r.suite}, media to {r.remote[0]}:{r.remote[1]}; "
-                f"sent {r.sent}, received {r.received}, loss {r.loss_pct}%, jitter {r.jitter_ms} ms, "
-                f"rtt p50 {r.rtt_ms_p50} ms p99 {r.rtt_ms_p99} ms, BYE {r.bye_status}"
-            )
-    if error is not None:
-        raise click.ClickException(str(error))
+    ladder, error = _client_flow(
+        _client_settings(config, username, password, domain, dns, ca_file), work=call
+    )
+    r = result.get("call")
+    _client_output(
+        ladder,
+        error,
+        as_json=as_json,
+        title=f"{username} calls {to} over MRA",
+        extra={"call": r.as_dict()} if r else None,
+        summary=(
+            f"  setup {r.setup_ms} ms, {r.suite}, media to {r.remote[0]}:{r.remote[1]}; sent {r.sent}, "
+            f"received {r.received}, loss {r.loss_pct}%, jitter {r.jitter_ms} ms, "
+            f"rtt p50 {r.rtt_ms_p50} ms p99 {r.rtt_ms_p99} ms, BYE {r.bye_status}"
+        )
+        if r
+        else None,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
