@@ -36,7 +36,12 @@ class CookieIssuer:
 
     def issue(self, username: str, now: float) -> str:
         body = json.dumps(
-            {"u": username, "iat": int(now), "exp": int(now + self.lifetime_s), "n": secrets.token_hex(6)},
+            {
+                "u": username,
+                "iat": int(now),
+                "exp": round(now + self.lifetime_s, 3),
+                "n": secrets.token_hex(6),
+            },
             separators=(",", ":"),
         ).encode()
         mac = hmac.new(self.secret, body, hashlib.sha256).digest()[:20]
