@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -27,6 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from edge.config import LabConfig, load_config  # noqa: E402
+from edge.lab_plan import block_overrides, find_free_block  # noqa: E402
 from mra_client.edge_http import EdgeHttpClient  # noqa: E402
 
 FD_LIMIT = 65536
@@ -45,40 +45,11 @@ def raise_fd_limit(wanted: int = FD_LIMIT) -> int:
 
 def free_block(first: int = 150) -> int:
     """A 127.x block nobody listens on (other labs, tests and `./dev lab` use their own)."""
-    for b in [*range(first, 250), *range(20, first)]:
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((f"127.{b}.0.53", 9080))
-            except OSError:
-                continue
-        busy = False
-        for octet in ("1.10", "2.10", "3.10", "3.20"):
-            with socket.socket() as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind((f"127.{b}.{octet}", 9080))
-                except OSError:
-                    busy = True
-        if not busy:
-            return int(b)
-    raise RuntimeError("no free 127.x block for a benchmark lab")
+    return find_free_block([*range(first, 250), *range(20, first)])
 
 
 def lab_overrides(state_dir: Path, block: int) -> list[str]:
-    p = f"127.{block}"
-    return [
-        f'lab.state_dir="{state_dir}"',
-        "lab.demo=false",
-        f'dns.address="{p}.0.53"',
-        f'dns.internal_clients=["{p}.2.0/24", "{p}.3.0/24"]',
-        f'expe.0.external_address="{p}.1.10"',
-        f'expe.0.internal_address="{p}.2.10"',
-        f'expc.address="{p}.3.10"',
-        f'ucm.0.address="{p}.3.20"',
-        f'imp.0.address="{p}.3.30"',
-        f'cuc.0.address="{p}.3.40"',
-    ]
+    return block_overrides(block, state_dir)
 
 
 def edge_cli(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from edge.config import LabConfig, load_config
+from edge.lab_plan import block_overrides, find_free_block
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -27,33 +27,12 @@ _blocks = itertools.count(20 + (os.getpid() % 50) * 4)
 
 
 def _free_block() -> int:
-    for _ in range(240):
-        b = 20 + (next(_blocks) - 20) % 230
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((f"127.{b}.0.53", 9080))
-            except OSError:
-                continue
-        return b
-    raise RuntimeError("no free 127.x block for a test lab")
+    # 240 candidates from this run's own counter, wrapped into 20..249.
+    return find_free_block(20 + (next(_blocks) - 20) % 230 for _ in range(240))
 
 
 def lab_overrides(state_dir: Path, block: int | None = None) -> list[str]:
-    b = _free_block() if block is None else block
-    p = f"127.{b}"
-    return [
-        f'lab.state_dir="{state_dir}"',
-        "lab.demo=false",
-        f'dns.address="{p}.0.53"',
-        f'dns.internal_clients=["{p}.2.0/24", "{p}.3.0/24"]',
-        f'expe.0.external_address="{p}.1.10"',
-        f'expe.0.internal_address="{p}.2.10"',
-        f'expc.address="{p}.3.10"',
-        f'ucm.0.address="{p}.3.20"',
-        f'imp.0.address="{p}.3.30"',
-        f'cuc.0.address="{p}.3.40"',
-    ]
+    return block_overrides(_free_block() if block is None else block, state_dir)
 
 
 def make_config(state_dir: Path, *extra: str, block: int | None = None) -> LabConfig:
