@@ -265,6 +265,23 @@ def lab_down(config_path: str | None, overrides: tuple[str, ...], state_dir: str
     click.echo(f"stopped: {', '.join(stopped)}" if stopped else "no lab running")
 
 
+@lab_group.command("restart")
+@config_options
+@click.argument("component")
+def lab_restart(
+    config_path: str | None, overrides: tuple[str, ...], state_dir: str | None, component: str
+) -> None:
+    """Stop one component of the running lab and start it again (e.g. `edge lab restart expe`)."""
+    from edge.lab import LabError, LabSupervisor
+
+    config = _load(config_path, overrides, state_dir)
+    try:
+        rec = asyncio.run(LabSupervisor(config).restart(component))
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{rec.name} restarted: pid {rec.pid}, ready")
+
+
 @lab_group.command("status")
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable status (spec §9).")

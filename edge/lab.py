@@ -211,7 +211,8 @@ class LabSupervisor:
         return self.state
 
     async def down(self) -> list[str]:
-        state = self.state or LabState.load(self.config.lab.state_path)
+        # lab.json is authoritative: `edge lab restart` may have replaced a process since `up`.
+        state = LabState.load(self.config.lab.state_path) or self.state
         if state is None:
             return []
         stopped = await stop_processes(state.processes, self.config.lab.stop_timeout_s)
@@ -224,8 +225,36 @@ class LabSupervisor:
         return stopped
 
     def crashed(self) -> list[tuple[str, int]]:
-        """Children that exited on their own (foreground mode), with exit codes."""
-        return [(n, p.returncode) for n, p in self._popen.items() if p.poll() is not None]
+        """Children that exited on their own (foreground mode), with exit codes. A child that
+        `edge lab restart` replaced (lab.json names another pid) did not crash."""
+        exited = [(n, p) for n, p in self._popen.items() if p.poll() is not None]
+        if not exited:
+            return []
+        current = LabState.load(self.config.lab.state_path)
+        pids = {} if current is None else {r.name: r.pid for r in current.processes}
+        return [(n, p.returncode) for n, p in exited if pids.get(n, p.pid) == p.pid]
+
+    async def restart(self, name: str) -> ProcessRecord:
+        """Stop one component of the running lab and start it again with the lab's effective
+        config; lab.json records the new pid. Raises LabError if no lab runs, the name is not a
+        component, or the new process does not become ready."""
+        state = LabState.load(self.config.lab.state_path)
+        if state is None:
+            raise LabError(f"no lab running from {self.config.lab.state_path}; run `edge lab up` first")
+        names = [p.name for p in state.processes]
+        if name not in names:
+            raise LabError(f"no component {name!r} in this lab; components: {', '.join(names)}")
+        index = names.index(name)
+        old = state.processes[index]
+        await stop_processes([old], self.config.lab.stop_timeout_s)
+        rec = self._spawn(name, old.role, state.config_path, state.state_dir)
+        # The component reads the lab's effective config: its admin endpoint has not moved.
+        rec.admin_host, rec.admin_port = old.admin_host, old.admin_port
+        state.processes[index] = rec
+        state.save()
+        self.state = state
+        await self._wait_ready(rec)
+        return rec
 
 
 async def stop_processes(processes: list[ProcessRecord], timeout_s: float) -> list[str]:

@@ -127,3 +127,38 @@ def test_lab_up_runs_the_demo_flow(tmp_path: Path) -> None:
             assert step in out.stdout
     finally:
         lab.down()
+
+
+def test_restart_one_component(tmp_path: Path) -> None:
+    """`edge lab restart expe`: a new E process, the zone Active again, the rest untouched, and
+    `lab down` stops the new process (lab.json records it)."""
+    lab = RunningLab(tmp_path / "state", lab_overrides(tmp_path / "state"))
+    lab.up()
+    try:
+        before = {
+            c["name"]: c["pid"]
+            for c in json.loads(edge_cli("lab", "status", "--json", *lab.args).stdout)["components"]
+        }
+        out = edge_cli("lab", "restart", "expe", *lab.args)
+        assert "expe restarted" in out.stdout
+        assert _pid_gone(before["expe"])
+        deadline = time.monotonic() + 20
+        while True:
+            status = json.loads(edge_cli("lab", "status", "--json", *lab.args, check=False).stdout)
+            if all(z["state"] == "Active" for z in status["zones"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        after = {c["name"]: c for c in status["components"]}
+        assert status["state"] == "ready"
+        assert after["expe"]["pid"] != before["expe"]
+        assert {n: c["pid"] for n, c in after.items() if n != "expe"} == {
+            n: p for n, p in before.items() if n != "expe"
+        }
+        assert [z["state"] for z in status["zones"]] == ["Active"] * len(status["zones"])
+        unknown = edge_cli("lab", "restart", "nosuch", *lab.args, check=False)
+        assert unknown.returncode != 0
+        assert "no component 'nosuch'" in unknown.stderr
+        assert "Traceback" not in unknown.stderr
+    finally:
+        edge_cli("lab", "down", *lab.args, check=False)
+    assert _pid_gone(after["expe"]["pid"])
