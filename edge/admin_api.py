@@ -456,13 +456,8 @@ def expc_api(component: ExpresswayC) -> AdminApi:
         }
 
     def nodes() -> dict[str, Any]:
-        def one(n: Any) -> dict[str, Any]:
-            return {"name": n.name, "fqdn": n.fqdn, "address": n.address, "down": c.health.is_down(n.fqdn)}
-
         return {
-            "ucm": [one(n) for n in cfg.ucm],
-            "imp": [one(n) for n in cfg.imp],
-            "cuc": [one(n) for n in cfg.cuc],
+            **c.node_status(),  # configured and discovered nodes with their last check (spec §8)
             "down_reasons": c.health.snapshot(),
             "refreshing": c.refreshing,
             "last_refresh": c.last_refresh,

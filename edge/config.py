@@ -158,6 +158,12 @@ class ExpcSettings(_Model):
     zone: ZoneClientSettings = ZoneClientSettings()
     access: AccessControl = AccessControl()
     allow_rules: list[AllowRule] = []
+    ucm_publishers: list[str] = []
+    """Unified CM servers configured on C (names of `ucm` nodes, one per cluster): "refresh servers"
+    discovers the other nodes of each cluster with UDS `servers` (spec §8). Empty: the first node."""
+    refresh_servers_on_start: bool = True
+    """Refresh servers when C starts; off, C knows only the configured servers until an admin
+    refreshes them (as after adding a Unified CM server on the real product)."""
 
     _ip = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
 
@@ -284,6 +290,10 @@ class LabConfig(_Model):
                 raise ValueError(f"expc.zone.peers names {peer!r}, which is not an expe node")
         if not self.ucm:
             raise ValueError("ucm: at least one Unified CM node is required")
+        ucm_names = {n.name for n in self.ucm}
+        for publisher in self.expc.ucm_publishers:
+            if publisher not in ucm_names:
+                raise ValueError(f"expc.ucm_publishers names {publisher!r}, which is not a ucm node")
         dns_seen = {u.dn for u in self.users}
         if len(dns_seen) != len(self.users):
             raise ValueError("users: directory numbers must be unique")

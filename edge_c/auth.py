@@ -1,5 +1,6 @@
-"""Expressway-C's authorization state (spec §4): X-Auth cookies, the credentials cache and
-authorization rate control. Time is an argument everywhere; no I/O here."""
+"""Expressway-C's authorization state (spec §4): X-Auth cookies, the credentials cache,
+authorization rate control and offline validation of Unified CM's OAuth access tokens. Time is an
+argument everywhere; no I/O here."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import hmac
 import json
 import secrets
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import jwt
 
 
 def _b64(data: bytes) -> str:
@@ -165,3 +170,91 @@ def parse_bearer(header: str) -> str | None:
         return None
     token = header[7:].strip()
     return token if 0 < len(token) <= 8192 else None
+
+
+# -- OAuth access tokens ------------------------------------------------------------------------
+
+TOKEN_ALGORITHM = "ES256"
+"""What Unified CM signs its self-describing tokens with (mock_ucm/oauth.py)."""
+
+
+class TokenRejected(Exception):
+    """A bearer token C refuses; `reason` goes into the 401's error_description (RFC 6750 §3)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TokenValidator:
+    """Offline validation of Unified CM access tokens with the keys C fetched from the cluster
+    (JWKS at `/ssp/oauth/keys`) when servers were refreshed (spec §4).
+
+    A token is accepted when it is an ES256 JWT signed by a known key (`kid`), issued by a known
+    cluster (`iss`) for that cluster (`aud`), of type access, not expired at `now`, with a subject.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, Any] = {}
+        self._audiences: dict[str, str] = {}  # issuer → the audience its tokens must name
+
+    @property
+    def key_count(self) -> int:
+        return len(self._keys)
+
+    def set_keys(self, keys: Mapping[str, Any], issuers: Mapping[str, str]) -> None:
+        """Replace the signing keys (kid → public key) and the clusters (issuer → audience)."""
+        self._keys = dict(keys)
+        self._audiences = dict(issuers)
+
+    def validate(self, token: str, now: float) -> str:
+        """The token's username (`sub`), or TokenRejected saying why not."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise TokenRejected("malformed token") from None
+        kid = header.get("kid")
+        if header.get("alg") != TOKEN_ALGORITHM or not isinstance(kid, str):
+            raise TokenRejected("unsupported token algorithm or no key id")
+        key = self._keys.get(kid)
+        if key is None:
+            raise TokenRejected("token signed by an unknown key")
+        try:
+            # Only the signature and the structure here; the claims are checked below against
+            # `now` and the clusters C knows, so every refusal has its own reason.
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[TOKEN_ALGORITHM],
+                options={
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                    "require": ["iss", "sub", "aud", "exp"],
+                },
+            )
+        except jwt.InvalidSignatureError:
+            raise TokenRejected("bad token signature") from None
+        except jwt.PyJWTError:
+            raise TokenRejected("malformed token") from None
+        audience = self._audiences.get(str(claims["iss"]))
+        if audience is None:
+            raise TokenRejected("token from an unknown issuer")
+        aud = claims["aud"]
+        if not (aud == audience or (isinstance(aud, list) and audience in aud)):
+            raise TokenRejected("token for another audience")
+        if claims.get("token_type", "access") != "access":
+            raise TokenRejected("not an access token")
+        exp, nbf = claims["exp"], claims.get("nbf", 0)
+        if not isinstance(exp, int | float) or not isinstance(nbf, int | float):
+            raise TokenRejected("malformed token")
+        if exp <= now:
+            raise TokenRejected("token expired")
+        if nbf > now:
+            raise TokenRejected("token not yet valid")
+        sub = claims["sub"]
+        if not isinstance(sub, str) or not sub or len(sub) > 256:
+            raise TokenRejected("token without a valid subject")
+        return sub

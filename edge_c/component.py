@@ -20,6 +20,7 @@ from edge.metrics import Sample, StatusCollector, counter_samples, zone_samples
 from edge.pki import client_context, server_context
 from edge.runtime import BaseComponent
 from edge_c.allowlist import AllowList, Rule, automatic_rules
+from edge_c.discovery import Discoverer, Inventory, configured_inventory
 from edge_c.https import TunnelHttpHandler
 from edge_c.internal import NodeHealth, make_session
 from edge_c.media import GatewayMedia
@@ -41,18 +42,19 @@ class ExpresswayC(BaseComponent):
         self.maintenance = False
         self.refreshing = False
         self.last_refresh: dict[str, Any] = {}
+        self.inventory: Inventory = configured_inventory(config)
         self.registry.register(StatusCollector(self))
 
     # -- allow list -----------------------------------------------------------------------
 
     def _automatic_rules(self) -> list[Rule]:
-        """Inbound rules for every discovered node (spec §4), rebuilt on "refresh servers"."""
-        cfg = self.config
+        """Inbound rules for every known node (spec §4), rebuilt on "refresh servers"."""
+        inv = self.inventory
         return list(
             automatic_rules(
-                ucm_nodes=[(n.fqdn, n.https_port, n.tftp_http_port, n.tftp_https_port) for n in cfg.ucm],
-                imp_nodes=[(n.fqdn, n.https_port) for n in cfg.imp],
-                cuc_nodes=[(n.fqdn, n.https_port) for n in cfg.cuc],
+                ucm_nodes=[(n.fqdn, n.https_port, n.tftp_http_port, n.tftp_https_port) for n in inv.ucm],
+                imp_nodes=[(n.fqdn, n.https_port) for n in inv.imp],
+                cuc_nodes=[(n.fqdn, n.https_port) for n in inv.cuc],
             )
         )
 
@@ -82,6 +84,7 @@ class ExpresswayC(BaseComponent):
         )
         self.health = NodeHealth()
         self.session = make_session(self.resolver, internal_ctx, self.settings.address)
+        self.discoverer = Discoverer(cfg, self.session, self.resolver, self.settings.address)
         self.provisioning = Provisioning(
             cfg, resolver=self.resolver, session=self.session, health=self.health
         )
@@ -148,7 +151,8 @@ class ExpresswayC(BaseComponent):
         self.zone.add_link_channel("xmpp", on_stream=self.xmpp.handle_stream)
         self.zone.start()
         self.spawn(self.sip.ucm_keepalive(self.settings.ucm_keepalive_interval_s), name="ucm-keepalive")
-        self.spawn(self.refresh_servers(), name="refresh-servers")
+        if self.settings.refresh_servers_on_start:
+            self.spawn(self.refresh_servers(), name="refresh-servers")
 
     def _media_timeout(self, call: str, event: object) -> None:
         log.info("media of call %s idle: %s", call, event)
@@ -169,26 +173,43 @@ class ExpresswayC(BaseComponent):
         return addrs[0]
 
     async def refresh_servers(self) -> dict[str, Any]:
-        """Rediscover nodes and keys; MRA requests get 503 while it runs (spec §8)."""
+        """Rediscover the internal nodes, check them, rebuild the automatic allow-list rules and
+        fetch the OAuth keys (spec §4); MRA requests get 503 while it runs (spec §8)."""
+        if self.refreshing:
+            return {"error": "a refresh is already running"}
         self.refreshing = True
         started = time.time()
         try:
-            keys = await self.provisioning.fetch_oauth_keys()
+            result = await self.discoverer.discover(self.inventory)
+            self.inventory = inv = result.inventory
+            for node in inv.nodes():
+                if node.state == "active":
+                    self.health.mark_up(node.fqdn)
+                elif node.state == "unreachable":
+                    self.health.mark_down(node.fqdn, node.reason)
+            self.provisioning.set_inventory(inv)
             self.allow_list.set_automatic(self._automatic_rules())
+            keys = await self.provisioning.fetch_oauth_keys()
             self.last_refresh = {
                 "at": started,
                 "duration_s": round(time.time() - started, 3),
                 "oauth_keys": keys,
-                "ucm": [n.fqdn for n in self.config.ucm],
-                "imp": [n.fqdn for n in self.config.imp],
-                "cuc": [n.fqdn for n in self.config.cuc],
+                "errors": result.errors,
+                **{role: [n.fqdn for n in nodes] for role, nodes in inv.by_role().items()},
             }
-        except Exception as exc:
-            log.warning("refresh servers failed: %s", exc)
-            self.last_refresh = {"at": started, "error": str(exc)}
+        except Exception as exc:  # the refresh reports it; C keeps the nodes it knew
+            log.exception("refresh servers failed")
+            self.last_refresh = {"at": started, "error": str(exc)[:200]}
         finally:
             self.refreshing = False
         return self.last_refresh
+
+    def node_status(self) -> dict[str, list[dict[str, Any]]]:
+        """Every known node with its check result and whether C currently holds it down."""
+        return {
+            role: [{**n.as_json(), "down": self.health.is_down(n.fqdn)} for n in nodes]
+            for role, nodes in self.inventory.by_role().items()
+        }
 
     async def stop(self) -> None:
         if hasattr(self, "zone"):
@@ -212,11 +233,7 @@ class ExpresswayC(BaseComponent):
             "maintenance": self.maintenance,
             "refreshing": self.refreshing,
             "last_refresh": self.last_refresh,
-            "nodes": {
-                "ucm": [{"fqdn": n.fqdn, "down": self.health.is_down(n.fqdn)} for n in self.config.ucm],
-                "imp": [{"fqdn": n.fqdn, "down": self.health.is_down(n.fqdn)} for n in self.config.imp],
-                "cuc": [{"fqdn": n.fqdn, "down": self.health.is_down(n.fqdn)} for n in self.config.cuc],
-            },
+            "nodes": self.node_status(),
             "https": dict(self.https.counters),
             "provisioning": {
                 **prov.counters,
@@ -257,7 +274,7 @@ class ExpresswayC(BaseComponent):
             "Users provisioned over MRA (get_edge_config) on this C",
             float(len(self.provisioning.sessions)),
         )
-        for role, nodes in (("ucm", self.config.ucm), ("imp", self.config.imp), ("cuc", self.config.cuc)):
+        for role, nodes in self.inventory.by_role().items():
             for n in nodes:
                 yield Sample(
                     "edge_node_down",

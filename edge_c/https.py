@@ -26,6 +26,8 @@ from traversal.http_tunnel import HOP_BY_HOP, HeadReader, TunnelProtocolError, T
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BODY = 8 * 1024 * 1024
+SMALL_RESPONSE_BYTES = 64 * 1024
+"""Backend answers up to this size are read whole and sent down the tunnel in one write."""
 
 
 class TunnelHttpHandler:
@@ -91,9 +93,7 @@ class TunnelHttpHandler:
     async def _send(self, stream: Any, answer: Answer) -> None:
         self._count(f"status_{answer.status}")
         try:
-            stream.write(TunnelResponse(answer.status, answer.reason, answer.headers).encode())
-            if answer.body:
-                stream.write(answer.body)
+            stream.write(TunnelResponse(answer.status, answer.reason, answer.headers).encode() + answer.body)
             stream.write_eof()
             await stream.drain()
         except Exception as exc:
@@ -178,11 +178,19 @@ class TunnelHttpHandler:
             ) as resp:
                 health.mark_up(kind.host)
                 out_headers = [(k, v) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP]
-                stream.write(TunnelResponse(resp.status, resp.reason or "", out_headers).encode())
-                head_sent = True
-                async for chunk in resp.content.iter_chunked(65536):
-                    stream.write(chunk)
-                    await stream.drain()
+                head = TunnelResponse(resp.status, resp.reason or "", out_headers).encode()
+                length = resp.content_length
+                if length is not None and length <= SMALL_RESPONSE_BYTES:
+                    # Small answer (most UDS/TFTP/VMREST): head, body and END leave together.
+                    body = await resp.read()
+                    head_sent = True
+                    stream.write(head + body)
+                else:
+                    stream.write(head)
+                    head_sent = True
+                    async for chunk in resp.content.iter_chunked(65536):
+                        stream.write(chunk)
+                        await stream.drain()
                 stream.write_eof()
                 await stream.drain()
                 self._count(f"status_{resp.status}")

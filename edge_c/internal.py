@@ -94,6 +94,10 @@ def make_session(
         timeout=aiohttp.ClientTimeout(total=15, connect=3),
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
+        # One session carries every user's proxied requests: a shared cookie jar would replay one
+        # user's backend session cookie (JSESSIONID) on another's requests. Cookies pass through
+        # as the clients' own headers instead.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
 
 

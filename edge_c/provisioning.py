@@ -3,6 +3,7 @@ requests (X-Auth cookie or OAuth bearer token)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import xml.etree.ElementTree as ET
@@ -16,13 +17,23 @@ import jwt
 
 from edge.config import LabConfig
 from edge.dns.resolver import DnsLookupError, LabResolver
-from edge_c.auth import CookieIssuer, CredentialCache, RateControl, parse_basic, parse_bearer
+from edge_c.auth import (
+    CookieIssuer,
+    CredentialCache,
+    RateControl,
+    TokenRejected,
+    TokenValidator,
+    parse_basic,
+    parse_bearer,
+)
+from edge_c.discovery import Inventory, Node, configured_inventory, configured_publishers
 from edge_c.internal import NodeHealth, is_connect_failure, summarize
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SERVICES = ("_cisco-uds", "_cuplogin")
 BASIC_CHALLENGE = 'Basic realm="Cisco-Edge"'
+MAX_JWKS_BYTES = 64 * 1024
 
 
 @dataclass
@@ -41,6 +52,12 @@ class Answer:
 
 def unauthorized(text: str = "Unauthorized") -> Answer:
     return Answer.text(401, "Unauthorized", text, WWW_Authenticate=BASIC_CHALLENGE)
+
+
+def invalid_token(reason: str) -> Answer:
+    """RFC 6750 §3.1: 401 with a Bearer challenge naming the error and why."""
+    challenge = f'Bearer realm="Cisco-Edge", error="invalid_token", error_description="{reason}"'
+    return Answer.text(401, "Unauthorized", f"invalid token: {reason}", WWW_Authenticate=challenge)
 
 
 class NextHopError(Exception):
@@ -72,7 +89,8 @@ class Provisioning:
             refresh_s=access.credentials_refresh_min * 60, cleanup_s=access.credentials_cleanup_min * 60
         )
         self.rate = RateControl(limit=access.auth_rate_max, window_s=access.auth_rate_window_s)
-        self.oauth_keys: dict[str, Any] = {}
+        self.tokens = TokenValidator()
+        self.inventory: Inventory = configured_inventory(config)
         self.counters: dict[str, int] = {}
         self.sessions: dict[str, float] = {}  # username → last provisioning time
 
@@ -81,32 +99,38 @@ class Provisioning:
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
 
-    def ucm_nodes(self) -> list[str]:
-        return [n.fqdn for n in self.config.ucm]
+    def ucm_nodes(self) -> list[Node]:
+        """The Unified CM nodes C knows (configured, then discovered by "refresh servers")."""
+        return self.inventory.ucm
 
-    def live(self, hosts: list[str]) -> list[str]:
-        return [h for h in hosts if not self.health.is_down(h)]
+    def live_ucm_nodes(self) -> list[Node]:
+        """Nodes not known to be failed (spec §4: never list a failed node): not held down after
+        a failure, and answering at the last refresh. All of them if none is."""
+        nodes = self.ucm_nodes()
+        live = [n for n in nodes if n.state != "unreachable" and not self.health.is_down(n.fqdn)]
+        return live or nodes
+
+    def set_inventory(self, inventory: Inventory) -> None:
+        self.inventory = inventory
 
     async def _uds_get(
         self, path: str, auth: aiohttp.BasicAuth | None = None, bearer: str | None = None
     ) -> tuple[int, bytes]:
         """GET a UDS resource from the first live UCM node, failing over to the next (spec §4)."""
-        nodes = self.live(self.ucm_nodes()) or self.ucm_nodes()
         last: Exception | None = None
-        for host in nodes:
-            port = next(n.https_port for n in self.config.ucm if n.fqdn == host)
+        for node in self.live_ucm_nodes():
             headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
             try:
                 async with self.session.get(
-                    f"https://{host}:{port}/cucm-uds/{path}", auth=auth, headers=headers
+                    f"https://{node.fqdn}:{node.https_port}/cucm-uds/{path}", auth=auth, headers=headers
                 ) as resp:
                     body = await resp.read()
-                    self.health.mark_up(host)
+                    self.health.mark_up(node.fqdn)
                     return resp.status, body
             except Exception as exc:
                 if not is_connect_failure(exc):
                     raise
-                self.health.mark_down(host, summarize(exc))
+                self.health.mark_down(node.fqdn, summarize(exc))
                 last = exc
         raise NextHopError(f"no Unified CM node reachable: {last}")
 
@@ -136,28 +160,21 @@ class Provisioning:
         self.credentials.forget(username)
         return False
 
-    def validate_token(self, token: str) -> str | None:
-        """Username of a valid self-describing OAuth access token (keys fetched from UCM)."""
-        if not self.oauth_keys:
-            return None
+    def authenticate_bearer(self, token: str, now: float) -> Principal | Answer:
+        """A Unified CM access token, validated offline with the keys fetched from the cluster
+        (spec §4 "authorize by OAuth token"); 401 with a Bearer challenge otherwise."""
+        access = self.config.expc.access
+        if not (access.authorize_by_oauth_refresh or access.authorize_by_oauth_sso):
+            self._count("token_refused_mode")
+            return invalid_token("authorization by OAuth token is off")
         try:
-            kid = jwt.get_unverified_header(token).get("kid")
-            key = self.oauth_keys.get(kid) if kid else None
-            if key is None:
-                return None
-            claims = jwt.decode(
-                token,
-                key=key,
-                algorithms=["ES256"],
-                options={"verify_aud": False},
-                leeway=self.config.expc.access.sip_token_extra_ttl_s,
-            )
-        except jwt.PyJWTError:
-            return None
-        if claims.get("token_type", "access") != "access":
-            return None
-        sub = claims.get("sub")
-        return str(sub) if sub else None
+            username = self.tokens.validate(token, now)
+        except TokenRejected as exc:
+            self._count("token_invalid")
+            log.info("bearer token refused: %s", exc.reason)
+            return invalid_token(exc.reason)
+        self._count("token_ok")
+        return Principal(username.lower(), "bearer")
 
     async def authenticate_basic(self, header: str, now: float) -> Principal | Answer:
         creds = parse_basic(header)
@@ -188,16 +205,7 @@ class Provisioning:
         auth = _header(headers, "authorization") or ""
         token = parse_bearer(auth)
         if token is not None:
-            user = self.validate_token(token)
-            if user is None:
-                self._count("token_invalid")
-                return Answer.text(
-                    401,
-                    "Unauthorized",
-                    "invalid or expired token",
-                    WWW_Authenticate='Bearer error="invalid_token"',
-                )
-            return Principal(user, "bearer")
+            return self.authenticate_bearer(token, now)
         cookie = _cookie(headers, "X-Auth")
         if cookie is None:
             return unauthorized("no X-Auth cookie")
@@ -215,16 +223,13 @@ class Provisioning:
             self._count("unknown_domain")
             return Answer.text(404, "Not Found", f"unknown domain {domain}")
         auth = _header(headers, "authorization") or ""
-        if parse_bearer(auth) is not None:
-            user = self.validate_token(parse_bearer(auth) or "")
-            if user is None:
-                return Answer.text(
-                    401,
-                    "Unauthorized",
-                    "invalid or expired token",
-                    WWW_Authenticate='Bearer error="invalid_token"',
-                )
-            principal: Principal | Answer = Principal(user, "bearer")
+        token = parse_bearer(auth)
+        principal: Principal | Answer
+        if token is not None:
+            principal = self.authenticate_bearer(token, now)
+        elif auth[:7].lower() == "bearer ":
+            self._count("token_invalid")
+            principal = invalid_token("malformed token")
         else:
             principal = await self.authenticate_basic(auth, now)
         if isinstance(principal, Answer):
@@ -263,8 +268,8 @@ class Provisioning:
     async def _edge_config_xml(self, username: str, services: list[str]) -> bytes:
         cfg = self.config
         svc = [await self._service_xml(name) for name in dict.fromkeys(services)]
-        for node in cfg.ucm:
-            if not self.health.is_down(node.fqdn):
+        for node in self.live_ucm_nodes():
+            if node.state != "unreachable" and not self.health.is_down(node.fqdn):
                 svc.append(
                     f"<service><name>tftpServer</name><address>{escape(node.fqdn)}</address></service>"
                 )
@@ -281,7 +286,7 @@ class Provisioning:
             for e in cfg.expe
         )
         route = f"&lt;sip:{cfg.expc.address}:{cfg.expc.sip_tls_port};transport=tls;zone-id=1;directed;lr&gt;"
-        uds = next((n for n in cfg.ucm if not self.health.is_down(n.fqdn)), cfg.ucm[0])
+        uds = self.live_ucm_nodes()[0]
         xml = (
             '<getEdgeConfigResponse version="1.0">'
             f"<serviceConfig>{''.join(svc)}</serviceConfig>"
@@ -325,28 +330,37 @@ class Provisioning:
     # -- keys -----------------------------------------------------------------------------
 
     async def fetch_oauth_keys(self) -> int:
-        """Fetch the UCM's token signing keys (JWKS) for offline validation (spec §4)."""
+        """Fetch the cluster's token signing keys (JWKS at `/ssp/oauth/keys`) from every live
+        Unified CM node, for offline validation (spec §4). Returns how many keys C now holds;
+        when no node answers, the keys of the last refresh stay."""
         keys: dict[str, Any] = {}
-        for node in self.config.ucm:
-            if self.health.is_down(node.fqdn):
+        answered = False
+        for node in self.ucm_nodes():
+            if node.state == "unreachable" or self.health.is_down(node.fqdn):
                 continue
+            url = f"https://{node.fqdn}:{node.https_port}/ssp/oauth/keys"
             try:
-                async with self.session.get(f"https://{node.fqdn}:{node.https_port}/ssp/oauth/keys") as resp:
+                async with self.session.get(url) as resp:
                     if resp.status != 200:
+                        log.warning("oauth keys from %s: HTTP %d", node.fqdn, resp.status)
                         continue
-                    jwks = await resp.json(content_type=None)
-            except Exception as exc:
-                if not is_connect_failure(exc) and not isinstance(exc, ValueError):
-                    raise
+                    jwks = json.loads(await resp.content.read(MAX_JWKS_BYTES))
+            except (ValueError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.warning("oauth keys from %s: %s", node.fqdn, summarize(exc))
                 continue
-            for entry in jwks.get("keys", []):
+            answered = True
+            entries = jwks.get("keys") if isinstance(jwks, dict) else None
+            for entry in entries if isinstance(entries, list) else []:
                 try:
-                    keys[entry["kid"]] = jwt.algorithms.ECAlgorithm.from_jwk(entry)
-                except (KeyError, ValueError, jwt.PyJWTError) as exc:
+                    keys[str(entry["kid"])] = jwt.algorithms.ECAlgorithm.from_jwk(entry)
+                except (KeyError, TypeError, ValueError, jwt.PyJWTError) as exc:
                     log.warning("oauth key from %s unusable: %s", node.fqdn, exc)
-        self.oauth_keys = keys
-        return len(keys)
+        issuers = {
+            f"https://{p.fqdn}:{p.https_port}/ssp/oauth": p.fqdn for p in configured_publishers(self.config)
+        }
+        if answered:
+            self.tokens.set_keys(keys, issuers)
+        return self.tokens.key_count
 
 
 def _header(headers: list[tuple[str, str]], name: str) -> str | None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from edge.mra_paths import BadPath, DescriptorPath, EdgeConfigPath, EdgeSsoPath, classify
 from traversal.http_tunnel import HOP_BY_HOP, HeadReader, TunnelProtocolError, TunnelRequest, TunnelResponse
@@ -22,6 +23,7 @@ from traversal.http_tunnel import HOP_BY_HOP, HeadReader, TunnelProtocolError, T
 log = logging.getLogger(__name__)
 
 SERVER_HEADER = "CE_C ECS"
+_SMALL_BODY_BYTES = 64 * 1024  # request bodies up to this size go down the tunnel with the head
 
 
 class TunnelUnavailable(Exception):
@@ -37,7 +39,13 @@ def plain(status: int, text: str, headers: dict[str, str] | None = None) -> web.
 
 
 def _has_x_auth(request: web.Request) -> bool:
-    return bool(request.cookies.get("X-Auth"))
+    # A scan of the raw header: aiohttp's `request.cookies` builds Morsels for every cookie.
+    for header in request.headers.getall("Cookie", ()):
+        for part in header.split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == "X-Auth" and value:
+                return True
+    return False
 
 
 def _has_bearer(request: web.Request) -> bool:
@@ -56,7 +64,7 @@ class EdgeHttps:
     def __init__(
         self,
         edge_name: str,
-        open_tunnel_stream: Callable[[dict[str, Any]], Any],
+        open_tunnel_stream: Callable[..., Awaitable[Any]],
         *,
         max_body_bytes: int,
         counters: dict[str, int],
@@ -130,18 +138,20 @@ class EdgeHttps:
         client = f"{peer[0]}:{peer[1]}" if peer else ""
         head = TunnelRequest(request.method, request.raw_path, headers, client=client, edge=self.edge_name)
         try:
-            stream = await self._open_stream({"kind": "http", "client": client})
+            # Head, body and END leave with the OPEN (early data, traversal/link.py): no round trip.
+            stream = await self._open_stream({"kind": "http", "client": client}, wait_accepted=False)
         except Exception as exc:  # no link, link lost, stream refused: all "next hop" failures
             self._count("next_hop_failed")
             log.warning("https: tunnel unavailable for %s: %s", request.raw_path[:120], exc)
             return plain(502, "Next Hop Connection Failed")
         try:
-            stream.write(head.encode())
-            if body:
+            stream.write(head.encode() + body if len(body) <= _SMALL_BODY_BYTES else head.encode())
+            if len(body) > _SMALL_BODY_BYTES:
                 stream.write(body)
             stream.write_eof()
             await stream.drain()
-            return await asyncio.wait_for(self._relay_response(request, stream), self.response_timeout_s)
+            async with asyncio.timeout(self.response_timeout_s):  # no extra task, unlike wait_for
+                return await self._relay_response(request, stream)
         except (TimeoutError, TunnelProtocolError, ConnectionError, OSError) as exc:
             self._count("next_hop_failed")
             log.warning("https: tunnel failed for %s: %s", request.raw_path[:120], exc)
@@ -163,14 +173,18 @@ class EdgeHttps:
             got = reader.feed(chunk)
         head_line, first = got
         head = TunnelResponse.decode(head_line)
-        resp = web.StreamResponse(status=head.status, reason=head.reason)
-        for key, value in head.headers:
-            if key.lower() not in HOP_BY_HOP:
-                resp.headers.add(key, value)
-        resp.headers["Server"] = SERVER_HEADER
+        headers = CIMultiDict((k, v) for k, v in head.headers if k.lower() not in HOP_BY_HOP)
+        headers["Server"] = SERVER_HEADER
+        body = first + stream.read_available()
+        if stream.eof_received:
+            # The whole answer is here (the usual case: C sends head, body and END together):
+            # one Response with Content-Length is one write to the client, not three.
+            self._count(f"status_{head.status // 100}xx")
+            return web.Response(status=head.status, reason=head.reason, headers=headers, body=body)
+        resp = web.StreamResponse(status=head.status, reason=head.reason, headers=headers)
         await resp.prepare(request)
-        if first:
-            await resp.write(first)
+        if body:
+            await resp.write(body)
         while True:
             chunk = await stream.read(65536)
             if not chunk:

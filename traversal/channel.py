@@ -123,6 +123,17 @@ class LinkStream:
         await self._wait_readable()
         return self._consume(min(n, len(self._buffer)))
 
+    def read_available(self) -> bytes:
+        """Whatever is buffered now, without waiting (b"" if nothing); StreamResetError if reset."""
+        if self._reset is not None:
+            raise StreamResetError(self._reset)
+        return self._consume(len(self._buffer)) if self._buffer else b""
+
+    @property
+    def eof_received(self) -> bool:
+        """The peer ended its side (data may still be buffered: see `at_eof`)."""
+        return self._eof
+
     async def readexactly(self, n: int) -> bytes:
         """Exactly `n` bytes, or `asyncio.IncompleteReadError` at EOF (reads as it goes)."""
         out = bytearray()
@@ -228,6 +239,17 @@ class LinkStream:
             self._drain_waiter.set_result(None)
 
 
+class _Unanswered:
+    """A stream the peer opened while no handler was set, and what it sent meanwhile."""
+
+    __slots__ = ("data", "ended", "opened")
+
+    def __init__(self, opened: ev.StreamOpened) -> None:
+        self.opened = opened
+        self.data = bytearray()
+        self.ended = False
+
+
 class LinkEndpoint:
     """One end of an established (or establishing) link, client or server side."""
 
@@ -253,7 +275,8 @@ class LinkEndpoint:
         self._timer_at = 0.0
         self._streams: dict[int, LinkStream] = {}
         self._open_waiters: dict[int, asyncio.Future[None]] = {}
-        self._unanswered: list[ev.StreamOpened] = []  # opened by the peer before a handler was set
+        # Opened by the peer before a handler was set, with any early data and END (link.py).
+        self._unanswered: dict[int, _Unanswered] = {}
         self._handler: StreamHandler | None = None
         self._gate: StreamGate | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -261,6 +284,7 @@ class LinkEndpoint:
         self._closed: asyncio.Future[str] = loop.create_future()
         self._write_paused = False
         self._reading_paused = False
+        self._flush_pending = False
         self._unread_bytes = 0
         self._since = time.time()
         self._peer_address = ""
@@ -284,13 +308,25 @@ class LinkEndpoint:
     def set_stream_handler(self, handler: StreamHandler, *, gate: StreamGate | None = None) -> None:
         """Serve streams the peer opens; `gate(metadata)` may return a reason to reject one."""
         self._handler, self._gate = handler, gate
-        waiting, self._unanswered = self._unanswered, []
-        for opened in waiting:
-            self._answer_open(opened)
+        waiting, self._unanswered = self._unanswered, {}
+        for early in waiting.values():
+            self._discard_unread(len(early.data))  # counted again below if the stream is served
+            stream = self._answer_open(early.opened)
+            if stream is not None:
+                if early.data:
+                    self._on_data(stream.stream_id, bytes(early.data))
+                if early.ended:
+                    stream._feed_eof()
+                    self._reap(stream.stream_id)
         self._flush()
 
-    async def open_stream(self, metadata: dict[str, Any]) -> LinkStream:
-        """Open a stream and wait for OPEN_ACCEPT (StreamRejectedError / StreamResetError)."""
+    async def open_stream(self, metadata: dict[str, Any], *, wait_accepted: bool = True) -> LinkStream:
+        """Open a stream and wait for OPEN_ACCEPT (StreamRejectedError / StreamResetError).
+
+        With `wait_accepted=False` the stream is returned at once and may be written and ended
+        right away: to a peer that takes early data the bytes leave with the OPEN, saving a round
+        trip; a rejection then shows as StreamResetError on the stream's next read or drain.
+        """
         if not self.is_open:
             raise LinkClosedError(self._core.close_reason or "link not established")
         try:
@@ -298,8 +334,10 @@ class LinkEndpoint:
         except LinkUsageError as exc:
             raise LinkError(str(exc)) from None
         stream = self._streams[stream_id] = LinkStream(self, stream_id, metadata)
-        waiter = self._open_waiters[stream_id] = self.loop.create_future()
         self._flush()
+        if not wait_accepted:
+            return stream
+        waiter = self._open_waiters[stream_id] = self.loop.create_future()
         try:
             await waiter
         except asyncio.CancelledError:
@@ -316,7 +354,7 @@ class LinkEndpoint:
     def close(self, reason: str = "closed") -> None:
         """GOAWAY(reason), reset every stream, close the transport, cancel owned tasks."""
         self._dispatch(self._core.close(reason, self.loop.time()))
-        self._flush()
+        self._flush_now()
 
     def abort(self, reason: str = "aborted") -> None:
         """Drop the transport without GOAWAY (what a crash or a cable pull looks like)."""
@@ -435,22 +473,30 @@ class LinkEndpoint:
                     self._finish(f"rejected: {reason}")
                 case ev.StreamOpened():
                     if self._handler is None:
-                        self._unanswered.append(event)
+                        self._unanswered[event.stream_id] = _Unanswered(event)
                     else:
                         self._answer_open(event)
                 case ev.StreamAccepted(stream_id=sid):
                     self._settle_open(sid, None)
                 case ev.StreamRejected(stream_id=sid, reason=reason):
-                    self._streams.pop(sid, None)
+                    if (stream := self._streams.pop(sid, None)) is not None:
+                        stream._set_reset(f"rejected: {reason}")  # seen if nobody waited for the accept
                     self._settle_open(sid, StreamRejectedError(reason))
                 case ev.DataReceived(stream_id=sid, data=data):
-                    self._on_data(sid, data)
+                    if (early := self._unanswered.get(sid)) is not None:
+                        early.data += data
+                        self._unread_bytes += len(data)
+                    else:
+                        self._on_data(sid, data)
                 case ev.StreamEnded(stream_id=sid):
-                    if (stream := self._streams.get(sid)) is not None:
+                    if (early := self._unanswered.get(sid)) is not None:
+                        early.ended = True
+                    elif (stream := self._streams.get(sid)) is not None:
                         stream._feed_eof()
                         self._reap(sid)
                 case ev.StreamReset(stream_id=sid, reason=reason):
-                    self._unanswered = [o for o in self._unanswered if o.stream_id != sid]
+                    if (early := self._unanswered.pop(sid, None)) is not None:
+                        self._discard_unread(len(early.data))
                     if (stream := self._streams.pop(sid, None)) is not None:
                         stream._set_reset(reason)
                     self._settle_open(sid, StreamResetError(reason))
@@ -491,16 +537,17 @@ class LinkEndpoint:
         if not self._handshake.done():
             self._handshake.set_result(None)
 
-    def _answer_open(self, opened: ev.StreamOpened) -> None:
+    def _answer_open(self, opened: ev.StreamOpened) -> LinkStream | None:
         sid = opened.stream_id
         reason = self._gate(opened.metadata) if self._gate is not None else None
         if reason is not None:
             self._core.reject_stream(sid, reason)
-            return
+            return None
         self._core.accept_stream(sid)
         stream = self._streams[sid] = LinkStream(self, sid, opened.metadata)
         assert self._handler is not None
         self._spawn(self._run_handler(self._handler, stream))
+        return stream
 
     async def _run_handler(self, handler: StreamHandler, stream: LinkStream) -> None:
         try:
@@ -550,6 +597,8 @@ class LinkEndpoint:
             stream._set_reset(f"link lost: {reason}")
             self._settle_open(sid, StreamResetError(f"link lost: {reason}"))
         self._streams.clear()
+        for early in self._unanswered.values():
+            self._discard_unread(len(early.data))
         self._unanswered.clear()
         # Handlers woken above see StreamResetError first (their wake-ups are already queued);
         # whatever is still running one loop iteration later is cancelled.
@@ -564,6 +613,18 @@ class LinkEndpoint:
                 task.cancel()
 
     def _flush(self) -> None:
+        """Write what the core queued at the end of this loop iteration, not at once.
+
+        Every stream's frames produced in one iteration (requests, answers, window updates of
+        many streams) then leave as one transport write: one TLS record and one send() instead of
+        one per frame, which is what bounded the HTTPS tunnel's request rate (benchmarks/https).
+        """
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
         data = self._core.data_to_send()
         transport = self._transport
         if transport is not None and not transport.is_closing():

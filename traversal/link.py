@@ -13,10 +13,14 @@ Link-level frames (HELLO, HELLO_ACCEPT, HELLO_REJECT, PING, PONG, GOAWAY) use st
 others name a stream. Client-opened streams are odd, server-opened even (as HTTP/2, RFC 9113 §5.1.1).
 HELLO and HELLO_ACCEPT carry a small JSON object with the protocol version and each side's receive
 limits (initial window, max frame payload, max concurrent streams, max control payload), so each
-side sends within the other's limits. Flow control is credit based per stream (RFC 9113 §5.2
-without the connection-level window): the receiver returns credit with WINDOW_UPDATE as the
-application acknowledges consumed bytes. GOAWAY always ends the link (unlike HTTP/2): it is sent
-on a protocol error, a timeout or a local close, and is followed by closing the transport.
+side sends within the other's limits, and `"early_data": true`: this side accepts DATA and END on
+a stream it has not accepted yet. To a peer that announced it, the opener sends a request's OPEN,
+DATA and END back to back, without waiting a round trip for OPEN_ACCEPT (as HTTP/2 HEADERS then
+DATA, RFC 9113 §5.1); if the peer rejects the stream it drops that data (its id was used).
+Flow control is credit based per stream (RFC 9113 §5.2 without the connection-level window):
+the receiver returns credit with WINDOW_UPDATE as the application acknowledges consumed bytes.
+GOAWAY always ends the link (unlike HTTP/2): it is sent on a protocol error, a timeout or a local
+close, and is followed by closing the transport.
 """
 
 from __future__ import annotations
@@ -227,7 +231,9 @@ _FRAMES_ALLOWED: Final[dict[LinkState, frozenset[FrameType]]] = {
 
 class StreamState(enum.Enum):
     OPENING = "opening"  # we sent OPEN, waiting for OPEN_ACCEPT / OPEN_REJECT
+    OPENING_ENDED = "opening-ended"  # as OPENING, and we half-closed already (early data)
     PENDING = "pending"  # the peer sent OPEN, the application has not decided
+    PENDING_ENDED = "pending-ended"  # as PENDING, and the peer half-closed already (early data)
     OPEN = "open"
     LOCAL_ENDED = "local-ended"  # we half-closed (END sent, or queued behind buffered data)
     REMOTE_ENDED = "remote-ended"  # the peer half-closed
@@ -250,8 +256,16 @@ _SS, _SI = StreamState, _StreamInput
 _STREAM_TRANSITIONS: Final[dict[tuple[StreamState, _StreamInput], StreamState]] = {
     (_SS.OPENING, _SI.ACCEPT_RECEIVED): _SS.OPEN,
     (_SS.OPENING, _SI.REJECT_RECEIVED): _SS.CLOSED,
+    (_SS.OPENING, _SI.DATA_SENT): _SS.OPENING,  # early data: framed now or once accepted
+    (_SS.OPENING, _SI.END_SENT): _SS.OPENING_ENDED,
+    (_SS.OPENING_ENDED, _SI.ACCEPT_RECEIVED): _SS.LOCAL_ENDED,
+    (_SS.OPENING_ENDED, _SI.REJECT_RECEIVED): _SS.CLOSED,
     (_SS.PENDING, _SI.ACCEPT_SENT): _SS.OPEN,
     (_SS.PENDING, _SI.REJECT_SENT): _SS.CLOSED,
+    (_SS.PENDING, _SI.DATA_RECEIVED): _SS.PENDING,
+    (_SS.PENDING, _SI.END_RECEIVED): _SS.PENDING_ENDED,
+    (_SS.PENDING_ENDED, _SI.ACCEPT_SENT): _SS.REMOTE_ENDED,
+    (_SS.PENDING_ENDED, _SI.REJECT_SENT): _SS.CLOSED,
     (_SS.OPEN, _SI.DATA_SENT): _SS.OPEN,
     (_SS.OPEN, _SI.DATA_RECEIVED): _SS.OPEN,
     (_SS.OPEN, _SI.WINDOW_RECEIVED): _SS.OPEN,
@@ -270,7 +284,7 @@ _STREAM_TRANSITIONS: Final[dict[tuple[StreamState, _StreamInput], StreamState]] 
 class _Stream:
     """Per-stream bookkeeping; slotted and lazily buffered so an idle stream costs ~200 bytes."""
 
-    __slots__ = ("end_queued", "recv_credit", "send_buffer", "send_window", "state", "unacked")
+    __slots__ = ("accept_owed", "end_queued", "recv_credit", "send_buffer", "send_window", "state", "unacked")
 
     def __init__(self, state: StreamState, send_window: int, recv_credit: int) -> None:
         self.state = state
@@ -279,6 +293,7 @@ class _Stream:
         self.unacked = 0  # consumed by the application, credit not yet returned
         self.send_buffer: bytearray | None = None  # data beyond the peer's window
         self.end_queued = False  # END waits behind send_buffer
+        self.accept_owed = False  # accepted, OPEN_ACCEPT not sent yet (rides our first frame)
 
 
 _Events = list[ev.Event]
@@ -301,6 +316,7 @@ class LinkConnection:
         self.pings_unanswered = 0  # pings sent since the last matching PONG
         self.last_rtt_s: float | None = None
         self._peer = _PeerLimits.from_config(self.config)  # replaced by the peer's HELLO(_ACCEPT)
+        self._peer_early_data = False  # the peer takes DATA/END before it accepted the stream
         self._inbuf = bytearray()
         self._out: list[bytes] = []
         self._streams: dict[int, _Stream] = {}
@@ -379,8 +395,23 @@ class LinkConnection:
         return stream_id
 
     def accept_stream(self, stream_id: int) -> None:
-        self._local_step(stream_id, _SI.ACCEPT_SENT)
-        self._emit(FrameType.OPEN_ACCEPT, stream_id)
+        """Accept a peer's stream. If it already carried early data (so the opener is not waiting
+        for the accept), OPEN_ACCEPT is deferred to go out with our first frame on the stream:
+        a request's answer then costs the opener one wake-up, not two."""
+        early = self._streams.get(stream_id)
+        was_early = early is not None and (
+            early.state is _SS.PENDING_ENDED or early.recv_credit < self.config.initial_window_bytes
+        )
+        stream = self._local_step(stream_id, _SI.ACCEPT_SENT)
+        if was_early:
+            stream.accept_owed = True
+        else:
+            self._emit(FrameType.OPEN_ACCEPT, stream_id)
+
+    def _pay_accept(self, stream_id: int, stream: _Stream) -> None:
+        if stream.accept_owed:
+            stream.accept_owed = False
+            self._emit(FrameType.OPEN_ACCEPT, stream_id)
 
     def reject_stream(self, stream_id: int, reason: str) -> None:
         self._local_step(stream_id, _SI.REJECT_SENT)
@@ -420,6 +451,7 @@ class LinkConnection:
             _SS.OPEN,
             _SS.LOCAL_ENDED,
         ):
+            self._pay_accept(stream_id, stream)
             self._emit(FrameType.WINDOW_UPDATE, stream_id, stream.unacked.to_bytes(4, "big"))
             stream.recv_credit += stream.unacked
             stream.unacked = 0
@@ -474,8 +506,8 @@ class LinkConnection:
 
     # --- internals ------------------------------------------------------------------------
 
-    def _own_limits(self) -> dict[str, int]:
-        return _PeerLimits.from_config(self.config).as_json()
+    def _own_limits(self) -> dict[str, int | bool]:
+        return {**_PeerLimits.from_config(self.config).as_json(), "early_data": True}
 
     def _transition(self, inp: _LinkInput) -> None:
         new = _LINK_TRANSITIONS.get((self.state, inp))
@@ -548,9 +580,13 @@ class LinkConnection:
         return stream
 
     def _flush_stream(self, stream_id: int, stream: _Stream) -> None:
-        if stream.state in (_SS.OPENING, _SS.PENDING):
-            return
+        if stream.state in (_SS.PENDING, _SS.PENDING_ENDED):
+            return  # never before we accepted
+        if stream.state in (_SS.OPENING, _SS.OPENING_ENDED) and not self._peer_early_data:
+            return  # held until OPEN_ACCEPT
         buf = stream.send_buffer
+        if stream.accept_owed and ((buf and stream.send_window > 0) or (not buf and stream.end_queued)):
+            self._pay_accept(stream_id, stream)
         if buf:
             view = memoryview(buf)
             sent = 0
@@ -639,6 +675,7 @@ class LinkConnection:
         if type(version) is not int or not all(isinstance(f, str) for f in fields):
             raise _ProtocolError("malformed HELLO")
         self._peer = _PeerLimits.parse(obj, "HELLO")
+        self._peer_early_data = obj.get("early_data") is True
         self._transition(_LI.HELLO_RECEIVED)
         channel, username, password = (str(f) for f in fields)
         self.channel = channel
@@ -649,7 +686,9 @@ class LinkConnection:
         out.append(ev.AuthenticationRequested(username, password, channel, version))
 
     def _handle_hello_accept(self, sid: int, body: bytes, now: float, out: _Events) -> None:
-        self._peer = _PeerLimits.parse(_decode_json_object(body, "HELLO_ACCEPT"), "HELLO_ACCEPT")
+        obj = _decode_json_object(body, "HELLO_ACCEPT")
+        self._peer = _PeerLimits.parse(obj, "HELLO_ACCEPT")
+        self._peer_early_data = obj.get("early_data") is True
         self._transition(_LI.ACCEPT_RECEIVED)
         self._established(now)
         out.append(ev.LinkEstablished(self.channel))

@@ -65,8 +65,8 @@ class LinkPool:
             raise NoLinkError(f"no {self.channel} link from Expressway-C")
         return live[next(self._rr) % len(live)]
 
-    async def open_stream(self, metadata: dict[str, Any]) -> LinkStream:
-        return await self.pick().open_stream(metadata)
+    async def open_stream(self, metadata: dict[str, Any], *, wait_accepted: bool = True) -> LinkStream:
+        return await self.pick().open_stream(metadata, wait_accepted=wait_accepted)
 
 
 class ZoneServer:

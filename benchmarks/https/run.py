@@ -7,8 +7,11 @@ The client is aiohttp on uvloop with keep-alive: `c` coroutines share a connecto
 connections, each sending GETs back to back for `--duration-s` seconds (and at most
 `--max-requests` in all). The cookie comes from one get_edge_config with Basic credentials
 (alice), as a Jabber client gets it; `/cucm-uds/user/<u>` also carries Basic, as Jabber sends it.
+`--syscalls` adds one window under `strace -c` on E and C: system calls per request show the
+tunnel's batching independently of the machine's load (needs Debian `strace`).
 Latency is per request (send to last body byte); CPU % of E, C, UCM and the client process over
-the window shows where the time goes.
+the window shows where the time goes, and CPU milliseconds per answered request of E and C (from
+/proc) measure the path's cost even when other work on a shared machine skews req/s.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -34,7 +38,7 @@ from benchmarks.common import BenchLab, cpu_seconds, machine_line, table
 from benchmarks.sip.tools import pyspy_record, top_functions
 from edge.lab import wait_zones_active
 from mra_client.edge_http import b64
-from tests.sip_tools import stop_process
+from tests.sip_tools import require, stop_process
 
 LAB_PROCS = ("expe", "expc", "ucm1")
 
@@ -78,10 +82,15 @@ class Outcome:
     elapsed_s: float
     latencies_ms: list[float]
     cpu: dict[str, float]
+    cpu_s: dict[str, float]
 
     @property
     def rps(self) -> float:
         return self.ok / self.elapsed_s if self.elapsed_s else 0.0
+
+    def cpu_ms_per_request(self, *procs: str) -> float:
+        """CPU time the named processes spent per answered request, in milliseconds."""
+        return 1000 * sum(self.cpu_s.get(p, 0.0) for p in procs) / self.ok if self.ok else 0.0
 
     def pct(self, q: float) -> float:
         if not self.latencies_ms:
@@ -180,6 +189,55 @@ def profile(
     return lines
 
 
+SYSCALLS = ("write", "writev", "sendmsg", "read", "recvmsg", "epoll_pwait", "epoll_wait")
+
+
+def syscalls(
+    lab: BenchLab,
+    case: Case,
+    args: argparse.Namespace,
+    ssl_ctx: ssl.SSLContext,
+    names: dict[str, str],
+    out: Path,
+) -> list[str]:
+    """System calls of E and C per answered request during one window (`strace -c`): a measure of
+    the tunnel's batching that, unlike req/s, does not depend on what else runs on the machine."""
+    out.mkdir(parents=True, exist_ok=True)
+    strace = require("strace")
+    pids = {k: v for k, v in lab.pids().items() if k in ("expe", "expc")}
+    tracers = {
+        k: subprocess.Popen(
+            [strace, "-c", "-f", "-p", str(p), "-o", str(out / f"{k}.txt")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for k, p in pids.items()
+    }
+    time.sleep(1.0)  # strace attaches
+    try:
+        ok, _, _, _ = uvloop.run(
+            load(case, args.profile_concurrency, args.duration_s, args.max_requests, ssl_ctx, names)
+        )
+    finally:
+        for proc in tracers.values():
+            stop_process(proc, signal.SIGINT)  # strace writes its summary on SIGINT
+    lines = [
+        f"\nsystem calls per answered request ({case.path} {case.request} c={args.profile_concurrency}, "
+        f"{ok} requests, under strace):"
+    ]
+    for k in tracers:
+        counts: dict[str, int] = {}
+        report = out / f"{k}.txt"
+        for line in report.read_text().splitlines() if report.exists() else []:
+            fields = line.split()
+            if len(fields) >= 5 and fields[-1] in SYSCALLS and fields[3].isdigit():
+                counts[fields[-1]] = int(fields[3])
+        per = "  ".join(f"{name} {n / max(ok, 1):.2f}" for name, n in sorted(counts.items()))
+        lines.append(f"  {k}: {per}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--duration-s", type=float, default=5.0, help="measured window per case and level")
@@ -189,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--password", default="lab-pass")
     ap.add_argument("--profile", action="store_true", help="py-spy E, C, UCM during one extra via-E window")
     ap.add_argument("--profile-concurrency", type=int, default=32)
+    ap.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="strace -c E and C during one extra via-E window at --profile-concurrency",
+    )
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     print(f"# HTTPS benchmark; {machine_line()}", flush=True)
@@ -227,16 +290,22 @@ def main(argv: list[str] | None = None) -> int:
                     load(case, c, args.duration_s, args.max_requests, ssl_ctx, names)
                 )
                 wall = time.perf_counter() - t0
-                cpu = {k: 100 * (cpu_seconds(p) - before[k]) / wall for k, p in pids.items()}
-                out = Outcome(case, c, ok, errors, elapsed, lat, cpu)
+                cpu_s = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+                cpu = {k: 100 * v / wall for k, v in cpu_s.items()}
+                out = Outcome(case, c, ok, errors, elapsed, lat, cpu, cpu_s)
                 outcomes.append(out)
                 cpu_text = " ".join(f"{k}={v:.0f}%" for k, v in cpu.items())
+                if case.path == "via E":
+                    per = " ".join(f"{k}={out.cpu_ms_per_request(k):.3f}" for k in ("expe", "expc"))
+                    cpu_text += f"  cpu ms/req {per}"
                 lat_text = f"p50 {out.pct(0.5):6.1f} ms  p99 {out.pct(0.99):6.1f} ms"
                 head = f"  {case.path:6} {case.request:7} c={c:<3} {out.rps:8.0f} req/s"
                 print(f"{head}  {lat_text}  errors {errors or 0}  cpu {cpu_text}", flush=True)
         if args.profile:
             profile_lines = profile(lab, cases[0], args, ssl_ctx, names, tmp / "profile")
-    if args.profile:
+        if args.syscalls:
+            profile_lines += syscalls(lab, cases[0], args, ssl_ctx, names, tmp / "strace")
+    if profile_lines:
         print("\n".join(profile_lines))
     rows: list[list[object]] = []
     for req in ("version", "user"):
@@ -258,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{dir_.rps:,.0f}",
                     f"{dir_.pct(0.5):.1f} / {dir_.pct(0.99):.1f}",
                     f"{100 * via.rps / dir_.rps:.0f}%" if dir_.rps else "-",
+                    f"{via.cpu_ms_per_request('expe', 'expc'):.3f}",
                     sum(via.errors.values()) + sum(dir_.errors.values()),
                 ]
             )
@@ -272,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                 "direct req/s",
                 "direct p50/p99",
                 "via/direct",
+                "E+C cpu ms/req",
                 "errors",
             ],
             rows,
