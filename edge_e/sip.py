@@ -412,9 +412,13 @@ class EdgeSip:
             self._zone_response(msg)
             return
         req = msg
-        if req.method == "OPTIONS" and req.request_uri.user is None and self._is_own(req.request_uri):
+        path_state = req.headers.get(PATH_STATE_HEADER) if req.method == "OPTIONS" else None
+        # C's keepalive names E by its FQDN (the zone peer address), so the header marks it too.
+        if req.method == "OPTIONS" and req.request_uri.user is None and (
+            path_state is not None or self._is_own(req.request_uri)
+        ):
             flow.context["keepalive_at"] = time.monotonic()
-            flow.context["ucm"] = (req.headers.get(PATH_STATE_HEADER) or "down").lower()
+            flow.context["ucm"] = (path_state or "down").lower()
             flow.send(make_response(req, 200, "OK"))
             return
         self._zone_request(flow, req)

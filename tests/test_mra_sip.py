@@ -187,3 +187,23 @@ async def _invite_status(sip: Any) -> int:
     )
     invite.headers.add("Contact", f"<sip:{sip.dn}@{sip.local[0]}:{sip.local[1]};transport=tls>")
     return int((await sip.transact(invite, 5)).status_code)
+
+
+def test_stun_still_answered_long_after_the_zone_came_up(lab_factory: Any) -> None:
+    """C's zone keepalives (OPTIONS to E's FQDN) keep E's path state fresh: STUN is answered
+    well past the keepalive timeout, not only in the first seconds after the zone forms."""
+    lab = lab_factory("expc.zone.keepalive_interval_s=0.3", "expc.zone.keepalive_timeout_s=1")
+
+    async def flow() -> tuple[tuple[str, int] | None, bool]:
+        session = await _signin(lab, "alice")
+        assert session.sip is not None
+        try:
+            await asyncio.sleep(3)  # three keepalive timeouts
+            mapped = await session.sip.stun_keepalive(timeout_s=2.0)
+            return mapped, bool(lab.component("expe")["sip"]["path_alive"])
+        finally:
+            await sign_out(session)
+
+    mapped, alive = asyncio.run(flow())
+    assert alive, "E's /status says the path E→C→UCM is down although C keeps the zone alive"
+    assert mapped is not None, "E stopped answering STUN although the path is alive"
