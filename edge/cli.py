@@ -438,9 +438,8 @@ def client_group() -> None:
     """The MRA client emulator: what a Jabber client does over MRA, against any edge."""
 
 
-def client_options(func: F) -> F:
-    func = click.option("--user", "username", required=True, help="User name (e.g. alice).")(func)
-    func = click.option("--password", default=None, help="Password (lab default for lab users).")(func)
+def edge_options(func: F) -> F:
+    """--domain, --dns and --ca: where the edge is and whom to trust (any edge, not only the lab)."""
     func = click.option("--domain", default=None, help="Edge domain (default: the lab's).")(func)
     func = click.option(
         "--dns",
@@ -456,8 +455,22 @@ def client_options(func: F) -> F:
         type=click.Path(dir_okay=False),
         help="CA file to trust for the edge (default: the lab CA).",
     )(func)
+    return func
+
+
+def client_options(func: F) -> F:
+    func = click.option("--user", "username", required=True, help="User name (e.g. alice).")(func)
+    func = click.option("--password", default=None, help="Password (lab default for lab users).")(func)
+    func = edge_options(func)
     func = click.option("--json", "as_json", is_flag=True, help="Print the ladder as JSON.")(func)
     return config_options(func)
+
+
+def _parse_dns(dns: str) -> tuple[str, int]:
+    host, _, port = dns.partition(":")
+    if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise click.BadParameter(f"{dns!r} is not HOST[:PORT]", param_hint="--dns")
+    return host, int(port) if port else 53
 
 
 def _client_settings(
@@ -474,9 +487,7 @@ def _client_settings(
     if domain:
         settings.domain = domain
     if dns:
-        host, _, port = dns.partition(":")
-        settings.dns_server = host
-        settings.dns_port = int(port) if port else 53
+        settings.dns_server, settings.dns_port = _parse_dns(dns)
     if ca_file:
         settings.ca_file = ca_file
     return settings
@@ -627,6 +638,133 @@ def client_call(
         if r
         else None,
     )
+
+
+# -- edge load --------------------------------------------------------------------------
+
+
+@main.command("load")
+@click.option(
+    "--users", default=10, show_default=True, type=click.IntRange(1, 100_000), help="Users to sign in."
+)
+@click.option("--rate", default=10.0, show_default=True, type=float, help="Sign-ins started per second.")
+@click.option(
+    "--concurrency",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Sign-ins in flight at most.",
+)
+@click.option(
+    "--calls", default=0, show_default=True, type=click.IntRange(0, 1_000_000), help="Calls to place."
+)
+@click.option("--call-rate", default=1.0, show_default=True, type=float, help="Calls placed per second.")
+@click.option("--hold", default=10.0, show_default=True, type=float, help="Seconds each call lasts.")
+@click.option(
+    "--call-to",
+    default=None,
+    help="Number to call (default: the lab's echo test, 9999), or `users` for calls between load users.",
+)
+@click.option("--messages-per-min", default=0.0, show_default=True, type=float, help="XMPP chats per minute.")
+@click.option(
+    "--duration", default=60.0, show_default=True, type=float, help="The run stops after this many s."
+)
+@click.option(
+    "--user-pattern",
+    default="load{n:05d}",
+    show_default=True,
+    help="User names; {n} is the index (the lab's generated users are load00001…, `load.count`).",
+)
+@click.option("--password", default=None, help="Password, may use {n} (default: the lab's `load.password`).")
+@click.option("--first", "first_index", default=1, show_default=True, type=int, help="First index n.")
+@click.option("--no-xmpp", is_flag=True, help="SIP only: no XMPP session per user.")
+@click.option("--suite", default="AES_CM_128_HMAC_SHA1_80", show_default=True, help="SRTP suite offered.")
+@click.option(
+    "--report", "report_path", default="edge-load-report.json", show_default=True, help="JSON report file."
+)
+@click.option(
+    "--html", "html_path", default=None, help="HTML report file (default: the JSON path with .html)."
+)
+@click.option("--no-progress", is_flag=True, help="No live display (the summary is still printed).")
+@edge_options
+@config_options
+def load_cmd(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    state_dir: str | None,
+    users: int,
+    rate: float,
+    concurrency: int,
+    calls: int,
+    call_rate: float,
+    hold: float,
+    call_to: str | None,
+    messages_per_min: float,
+    duration: float,
+    user_pattern: str,
+    password: str | None,
+    first_index: int,
+    no_xmpp: bool,
+    suite: str,
+    report_path: str,
+    html_path: str | None,
+    no_progress: bool,
+    domain: str | None,
+    dns: str | None,
+    ca_file: str | None,
+) -> None:
+    """N MRA users through the edge: sign-in, registrations held, SRTP calls, chat; live progress,
+    then a JSON + HTML report. Ctrl-C stops early: calls hang up, users sign out, the report is written."""
+    import ssl
+
+    from mra_client.load.command import Outputs, run_load_command
+    from mra_client.load.settings import LoadSettings, LoadSettingsError
+    from mra_client.signin import ClientSettings
+
+    config = _load(config_path, overrides, state_dir)
+    try:
+        settings = LoadSettings(
+            users=users,
+            signin_rate_per_s=rate,
+            signin_concurrency=concurrency,
+            calls=calls,
+            call_rate_per_s=call_rate,
+            hold_s=hold,
+            call_to=call_to or config.echo_number,
+            messages_per_min=messages_per_min,
+            duration_s=duration,
+            user_pattern=user_pattern,
+            password_pattern=password if password is not None else config.load.password,
+            first_index=first_index,
+            xmpp=not no_xmpp,
+            suite=suite,
+        )
+    except LoadSettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    dns_host, dns_port = _parse_dns(dns) if dns else (config.dns.address, config.dns.port)
+    ca = ca_file or str(config.lab.state_path / "certs" / "ca.pem")
+    if not Path(ca).is_file():
+        raise click.ClickException(f"CA file {ca} not found: start the lab (`edge lab up`) or pass --ca")
+    try:
+        trust = ssl.create_default_context(cafile=ca)  # one context for every user of the run
+    except (ssl.SSLError, OSError) as exc:
+        raise click.ClickException(f"CA file {ca}: {exc}") from None
+    client = ClientSettings(
+        username="",
+        password="",
+        domain=domain or config.lab.domain,
+        dns_server=dns_host,
+        dns_port=dns_port,
+        ca_file=ca,
+        ssl_context=trust,
+    )
+    html_file = html_path or str(Path(report_path).with_suffix(".html"))
+    for path in (report_path, html_file):
+        parent = Path(path).resolve().parent
+        if not parent.is_dir():
+            raise click.ClickException(f"cannot write {path}: {parent} is not a directory")
+    code = run_load_command(settings, client, Outputs(report_path, html_file, not no_progress), console)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

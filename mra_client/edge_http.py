@@ -112,13 +112,14 @@ class EdgeHttpClient:
         edge_address: str,
         ca_file: str,
         local_address: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.domain = domain.lower()
         self.edge_host = edge_host
         self.edge_port = edge_port
         self.edge_address = edge_address
-        ctx = ssl.create_default_context(cafile=ca_file)
-        self.ssl = ctx
+        # A load run shares one context between all its clients (the CA is parsed once).
+        self.ssl = ssl_context or ssl.create_default_context(cafile=ca_file)
         self.cookie: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._local = local_address

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ class ClientSettings:
     dn: str | None = None
     device: str | None = None
     local_address: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+    """Shared TLS context (trusting `ca_file`); None builds one per client."""
 
 
 @dataclass
@@ -102,8 +105,10 @@ async def sign_in(settings: ClientSettings, ladder: Ladder, *, register: bool = 
         edge_address=edge[2],
         ca_file=settings.ca_file,
         local_address=settings.local_address,
+        ssl_context=settings.ssl_context,
     )
     await http.__aenter__()
+    sip: MraSipUa | None = None
     try:
         config, _ = await ladder.run(
             "get_edge_config",
@@ -139,7 +144,6 @@ async def sign_in(settings: ClientSettings, ladder: Ladder, *, register: bool = 
             lambda r: f"{r.status} {device}.cnf.xml ({len(r.body)} bytes)",
         )
         ladder.facts.update(dn=dn, device=device)
-        sip: MraSipUa | None = None
         if register:
             if not config.sip_edge:
                 raise StepError("REGISTER", "no sipEdgeServer in the edge config")
@@ -157,6 +161,7 @@ async def sign_in(settings: ClientSettings, ladder: Ladder, *, register: bool = 
                 edge_port=sip_port,
                 ca_file=settings.ca_file,
                 local_address=settings.local_address,
+                ssl_context=settings.ssl_context,
             )
             await ladder.run("SIP connect", sip.connect, lambda _: f"TLS to {sip_host}:{sip_port}")
             reg = await ladder.run(
@@ -176,6 +181,8 @@ async def sign_in(settings: ClientSettings, ladder: Ladder, *, register: bool = 
             await ladder.run("STUN keepalive", stun, lambda m: f"answered, mapped {m[0]}:{m[1]}")
         return SignedIn(http, config, sip, dn, edge)
     except BaseException:
+        if sip is not None:  # a failed REGISTER or STUN step must not leave the TLS flow open
+            await sip.close()
         await http.__aexit__(None, None, None)
         raise
 

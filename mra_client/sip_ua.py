@@ -9,6 +9,7 @@ import contextlib
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge.sip.address import Via
@@ -53,6 +54,7 @@ class MraSipUa:
         edge_port: int,
         ca_file: str,
         local_address: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.dn = dn
         self.username = username
@@ -63,7 +65,7 @@ class MraSipUa:
         self.edge_host = edge_host
         self.edge_address = edge_address
         self.edge_port = edge_port
-        self.ssl = ssl.create_default_context(cafile=ca_file)
+        self.ssl = ssl_context or ssl.create_default_context(cafile=ca_file)
         self.local_address = local_address
         self.instance = f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_DNS, device)}>"
         self.call_id = new_call_id()
@@ -77,6 +79,11 @@ class MraSipUa:
         self._stun: dict[bytes, asyncio.Future[tuple[str, int]]] = {}
         self._reader_task: asyncio.Task[None] | None = None
         self.incoming: asyncio.Queue[Request] = asyncio.Queue()
+        self.on_request: Callable[[Request], None] | None = None
+        """When set, incoming requests (other than OPTIONS) go here instead of `incoming`."""
+        self.on_closed: Callable[[str], None] | None = None
+        """Called once with the reason when the flow to E ends (not after `close()`)."""
+        self._closing = False
         self.stats = SipUaStats()
         self.closed_reason: str | None = None
 
@@ -102,6 +109,7 @@ class MraSipUa:
         self._reader_task = asyncio.ensure_future(self._read_loop())
 
     async def close(self) -> None:
+        self._closing = True
         if self.writer is not None:
             self.writer.close()
             with contextlib.suppress(Exception):
@@ -132,10 +140,14 @@ class MraSipUa:
                         return
         except (ConnectionError, OSError) as exc:
             self.closed_reason = str(exc)
+        except Exception as exc:  # a bug in parsing: name it in every pending request's error
+            self.closed_reason = f"client error {type(exc).__name__}: {exc}"
         finally:
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(ConnectionError(self.closed_reason or "flow closed"))
+            if self.on_closed is not None and not self._closing:
+                self.on_closed(self.closed_reason or "flow closed")
 
     def _dispatch(self, msg: Request | Response) -> None:
         if isinstance(msg, Response):
@@ -147,6 +159,9 @@ class MraSipUa:
             return
         if msg.method == "OPTIONS":
             self.send(make_response(msg, 200, "OK"))
+            return
+        if self.on_request is not None:
+            self.on_request(msg)
             return
         self.incoming.put_nowait(msg)
 
