@@ -449,20 +449,28 @@ def _describe(name: str, cert: x509.Certificate, now: dt.datetime) -> CertInfo:
 
 
 def server_context(
-    pki: LabPki, name: str, *, require_client_cert: bool, alpn: list[str] | None = None
+    pki: LabPki,
+    name: str,
+    *,
+    require_client_cert: bool,
+    alpn: list[str] | None = None,
+    send_ca: bool = True,
 ) -> ssl.SSLContext:
-    """A TLS 1.2+ server context presenting `<name>-chain.pem`.
+    """A TLS 1.2+ server context presenting `<name>-chain.pem` (`<name>.pem` if not `send_ca`).
 
     With `require_client_cert` the peer must present a certificate issued by the lab CA; the
     caller then checks its identity with `peer_has_san` (spec §3, "TLS verify subject name").
     Without it no certificate is requested at all (browsers would otherwise prompt for one).
+    `send_ca=False` leaves the trust anchor out of the handshake (RFC 8446 §4.4.2), for peers
+    that hold many connections and keep every certificate they were sent (mock_ucm/imp).
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     with _locked(pki.directory, exclusive=False):
-        ctx.load_cert_chain(pki.chain_path(name), pki.key_path(name))
-        ctx.load_verify_locations(cafile=pki.ca_path)
+        ctx.load_cert_chain(pki.chain_path(name) if send_ca else pki.cert_path(name), pki.key_path(name))
+        if send_ca or require_client_cert:  # OpenSSL would also send a CA it finds in this store
+            ctx.load_verify_locations(cafile=pki.ca_path)
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE
     if alpn:
         ctx.set_alpn_protocols(alpn)

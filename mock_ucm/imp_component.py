@@ -31,7 +31,11 @@ class ImpComponent(BaseComponent):
         return claims is not None and str(claims.get("sub", "")).lower() == username.lower()
 
     async def start(self) -> None:
-        ctx = server_context(lab_pki(self.config), self.name, require_client_cert=False)
+        # Expressway-C holds one TLS connection here per XMPP session and keeps every certificate
+        # the node sent, parsed, for the session's life (OpenSSL 3.0). So, like the Prosody the
+        # benchmark runs, the node sends its leaf alone (RFC 8446 §4.4.2: the trust anchor may be
+        # omitted; every client here trusts the lab CA): ~5 KiB less per session on C.
+        ctx = server_context(lab_pki(self.config), self.name, require_client_cert=False, send_ca=False)
         self.server = ImpServer(
             self.config.lab.domain,
             authenticate_plain=self.directory.authenticate,

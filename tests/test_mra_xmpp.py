@@ -139,6 +139,46 @@ def test_bind_conflict_and_oversized_stanza(lab: RunningLab) -> None:
     assert e.xmpp_port == 5222
 
 
+def _session_counts(lab: RunningLab) -> tuple[int, int, int]:
+    """XMPP sessions held by E, C and the IM&P, from their /status."""
+    e = int(lab.component("expe")["counts"]["xmpp_sessions"])
+    c = int(lab.component("expc")["xmpp"]["sessions"])
+    imp = int(lab.component("imp1")["xmpp"]["sessions_current"])
+    return e, c, imp
+
+
+async def _until_counts(lab: RunningLab, expected: tuple[int, int, int], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (counts := _session_counts(lab)) != expected:
+        assert time.monotonic() < deadline, f"sessions (E, C, IM&P) stayed {counts}, expected {expected}"
+        await asyncio.sleep(0.1)
+
+
+def test_session_end_frees_it_on_e_c_and_imp(lab: RunningLab) -> None:
+    """A client that closes its stream gets the server's close back (RFC 6120 §4.4); one that
+    vanishes (TCP reset, no close tag) costs nothing once gone: E, C and IM&P all let go."""
+
+    async def flow() -> list[Any]:
+        await _until_counts(lab, (0, 0, 0))
+        polite = await _raw_events(lab)
+        await polite.login("example.com", "alice", "lab-pass", "polite", _ssl(lab))
+        rude = await _raw_events(lab)
+        await rude.login("example.com", "bob", "lab-pass", "rude", _ssl(lab))
+        await _until_counts(lab, (2, 2, 2))
+        rude.writer.transport.abort()
+        await _until_counts(lab, (1, 1, 1))
+        polite.send("</stream:stream>")
+        try:
+            closing: list[Any] = await polite.drain_until_closed()
+            return closing
+        finally:
+            await polite.close()
+            await _until_counts(lab, (0, 0, 0))
+
+    events = asyncio.run(flow())
+    assert [type(e).__name__ for e in events] == ["StreamClosed"]
+
+
 def test_link_drop_ends_session_with_stream_error(lab_factory: Any) -> None:
     lab = lab_factory("expc.zone.reconnect_max_s=1")
     expc_pid = lab.component("expc")["pid"]

@@ -1,4 +1,4 @@
-"""Events of the XMPP stream framer (`edge.xmpp.framer.XmlStreamFramer`).
+"""Events of the XMPP stream framer (`edge.xmpp.framer.XmlStreamFramer`) and relay (`edge.xmpp.relay`).
 
 Small typed dataclasses, past-tense names (shared/STYLE.md "Events").
 """
@@ -58,3 +58,17 @@ class StreamErrorDetected:
 
 
 FramerEvent = StreamHeaderReceived | StanzaReceived | StreamClosed | StreamErrorDetected
+
+
+@dataclass(frozen=True, slots=True)
+class RelayEnded:
+    """A relayed session is over (`edge.xmpp.relay.StreamRelay.run`).
+
+    ``by_stream``: the link stream ended first (END, reset, link lost), else the connection did.
+    ``clean``: the side that ended had closed its XMPP stream (its last bytes were
+    ``</stream:stream>``); otherwise the owner tells the other side with a ``<stream:error/>``.
+    """
+
+    by_stream: bool
+    clean: bool
+    reason: str

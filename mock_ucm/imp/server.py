@@ -3,11 +3,14 @@
 Thin by design (shared/STYLE.md §8): each `_ImpProtocol` feeds `ImpCore` and performs the outputs
 it returns. Listeners are ``(host, port, mode)``: ``"starttls"`` (5222 style, plain TCP then
 mandatory STARTTLS) or ``"tls"`` (direct TLS, what Expressway-C uses on 7400; spec §2, §6).
+TLS is `edge.xmpp.tls.TlsLayer` over uvloop's plain TCP transport in both cases (a few KiB less
+per held connection than uvloop's own SSL transport; benchmarks/xmpp/README.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import ssl
@@ -15,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from edge.xmpp.tls import TlsLayer
 from mock_ucm.imp.core import AuthCheck, ImpCore
 from mock_ucm.imp.events import CloseRequested, DataQueued, ImpOutput, TlsUpgradeRequested
 
@@ -57,7 +61,6 @@ class ImpServer:
         self._listeners: list[Listener] = []
         self._conns: dict[int, _ImpProtocol] = {}
         self._conn_ids = itertools.count(1)
-        self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -72,13 +75,7 @@ class ImpServer:
             if mode not in LISTENER_MODES:
                 raise ValueError(f"listener mode {mode!r}: expected one of {LISTENER_MODES}")
             secure = mode == "tls"
-            server = await loop.create_server(
-                lambda secure=secure: _ImpProtocol(self, secure),
-                host,
-                port,
-                ssl=self._ssl_context if secure else None,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if secure else None,
-            )
+            server = await loop.create_server(functools.partial(_ImpProtocol, self, secure), host, port)
             self._servers.append(server)
             bound = server.sockets[0].getsockname()
             self._listeners.append((host, int(bound[1]), mode))
@@ -93,10 +90,6 @@ class ImpServer:
         except TimeoutError:
             for proto in list(self._conns.values()):
                 proto.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=STOP_DEADLINE_S)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -120,11 +113,6 @@ class ImpServer:
             self._idle.set()
         self._apply(self.core.connection_lost(conn_id, self._clock()))
 
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _apply(self, outputs: list[ImpOutput]) -> None:
         for out in outputs:
             proto = self._conns.get(out.conn_id)
@@ -139,10 +127,16 @@ class ImpServer:
 
 
 class _ImpProtocol(asyncio.Protocol):
+    """One client connection: plain TCP, then (STARTTLS, or at once on a "tls" listener) the app
+    of an `edge.xmpp.tls.TlsLayer`. The core sees a "tls" connection only once TLS is up."""
+
+    __slots__ = ("_conn_id", "_lost", "_out", "_secure", "_server", "_transport")
+
     def __init__(self, server: ImpServer, secure: bool) -> None:
         self._server = server
         self._secure = secure
         self._transport: asyncio.Transport | None = None
+        self._out: asyncio.Transport | TlsLayer | None = None  # where the core's bytes go
         self._conn_id = 0
         self._lost = False
 
@@ -151,61 +145,66 @@ class _ImpProtocol(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         self._conn_id = self._server._register(self)
-        peer = transport.get_extra_info("peername")
-        log.debug("imp conn=%d from %s", self._conn_id, peer)
-        core = self._server.core
-        self._server._apply(
-            core.connection_made(self._conn_id, secure=self._secure, now=self._server._clock())
-        )
+        log.debug("imp conn=%d from %s", self._conn_id, transport.get_extra_info("peername"))
+        if self._secure:
+            self._start_tls(transport)
+        else:
+            self._out = transport
+            core = self._server.core
+            self._server._apply(core.connection_made(self._conn_id, secure=False, now=self._server._clock()))
+
+    def tls_established(self, tls: TlsLayer) -> None:
+        self._out = tls
+        core, now = self._server.core, self._server._clock()
+        if self._secure:
+            self._server._apply(core.connection_made(self._conn_id, secure=True, now=now))
+        else:
+            self._server._apply(core.tls_established(self._conn_id, now))
 
     def data_received(self, data: bytes) -> None:
         core = self._server.core
         self._server._apply(core.data_received(self._conn_id, data, self._server._clock()))
 
+    def eof_received(self) -> bool | None:
+        return None  # close; connection_lost ends the session
+
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._lost:
             self._lost = True
+            if exc is not None and self._out is None:  # lost during the TLS handshake
+                log.info("imp conn=%d TLS handshake failed: %s", self._conn_id, exc)
             self._server._unregister(self._conn_id)
 
     def write(self, data: bytes) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
+        out = self._out
+        if out is None or out.is_closing():
             return
-        transport.write(data)
-        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER_BYTES:
+        out.write(data)
+        if out.get_write_buffer_size() > MAX_WRITE_BUFFER_BYTES:
             log.warning("imp conn=%d not reading; dropping it", self._conn_id)
-            transport.abort()
+            out.abort()
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        out = self._out if self._out is not None else self._transport
+        if out is not None:
+            out.close()
 
     def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+        out = self._out if self._out is not None else self._transport
+        if out is not None:
+            out.abort()
 
     def upgrade(self) -> None:
-        """STARTTLS: stop reading now so no ClientHello byte reaches the XML parser."""
+        """STARTTLS, right after ``<proceed/>`` was written: later bytes go to the TLS layer."""
         assert self._transport is not None
-        self._transport.pause_reading()
-        self._server._spawn(self._upgrade(self._transport))
+        self._start_tls(self._transport)
 
-    async def _upgrade(self, plain: asyncio.Transport) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            secured = await loop.start_tls(
-                plain,
-                self,
-                self._server._ssl_context,
-                server_side=True,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
-            )
-        except (OSError, ConnectionError, TimeoutError) as exc:
-            log.info("imp conn=%d TLS handshake failed: %s", self._conn_id, exc)
-            plain.abort()
-            self.connection_lost(None)
-            return
-        if secured is None or self._lost:
-            return
-        self._transport = secured
-        self._server._apply(self._server.core.tls_established(self._conn_id, self._server._clock()))
+    def _start_tls(self, transport: asyncio.Transport) -> None:
+        self._out = None  # nothing is written until the handshake is done
+        TlsLayer.upgrade(
+            transport,
+            self,
+            self._server._ssl_context,
+            server_side=True,
+            handshake_timeout_s=TLS_HANDSHAKE_TIMEOUT_S,
+        )

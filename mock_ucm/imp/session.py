@@ -44,7 +44,7 @@ class IllegalTransition(RuntimeError):
     pass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ClientSession:
     """Per-connection state. Presence fields are meaningful once `State.ESTABLISHED`."""
 

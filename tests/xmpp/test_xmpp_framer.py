@@ -287,3 +287,90 @@ def test_stream_level_elements_keep_their_prefix_namespace() -> None:
     assert stanza.element.tag == "{http://etherx.jabber.org/streams}features"
     assert stanza.raw.startswith(b"<stream:features>")
     assert ET.tostring(stanza.element[0]).startswith(b"<ns0:bind")
+
+
+def feed_compacting(data: bytes, cuts: list[int]) -> tuple[list[FramerEvent], int]:
+    """Like `feed_all`, calling `compact()` after every piece; also counts the compactions."""
+    framer = XmlStreamFramer()
+    events: list[FramerEvent] = []
+    compacted = 0
+    for start, end in itertools.pairwise([0, *sorted(set(cuts)), len(data)]):
+        events += framer.receive_data(data[start:end])
+        compacted += framer.compact()
+    return events, compacted
+
+
+def elements(events: list[FramerEvent]) -> list[bytes]:
+    return [ET.tostring(e.element) for e in events if isinstance(e, StanzaReceived)]
+
+
+def test_compact_between_stanzas_gives_the_same_events() -> None:
+    whole = feed_all(STREAM)
+    cuts = [STREAM.index(s) + len(s) for s in STANZAS]  # right after each stanza
+    events, compacted = feed_compacting(STREAM, cuts)
+    assert compacted == len(STANZAS)  # after each stanza; not after the close
+    assert summary(events) == summary(whole)
+    assert elements(events) == elements(whole)
+    assert sum(isinstance(e, StreamHeaderReceived) for e in events) == 1, "priming emits nothing"
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(STREAM) - 1), max_size=30))
+def test_compact_after_any_split_gives_the_same_events(cuts: list[int]) -> None:
+    events, _ = feed_compacting(STREAM, cuts)
+    assert summary(events) == summary(feed_all(STREAM))
+    assert elements(events) == elements(feed_all(STREAM))
+
+
+def test_compact_only_between_stanzas() -> None:
+    framer = XmlStreamFramer()
+    assert not framer.compact(), "no stream yet"
+    framer.receive_data(HEADER)
+    assert framer.compact()
+    framer.receive_data(b"<message><body>x</bo")
+    assert not framer.compact(), "inside a stanza"
+    (event,) = framer.receive_data(b"dy></message>  ")
+    assert isinstance(event, StanzaReceived) and event.raw == b"<message><body>x</body></message>"
+    framer.receive_data(b"<pres")
+    assert not framer.compact(), "a tag is half-received"
+    (event,) = framer.receive_data(b"ence/>")
+    assert event.raw == b"<presence/>"  # type: ignore[union-attr]
+    assert framer.compact()
+    assert framer.buffered_bytes == 0
+
+
+def test_limits_hold_after_compaction() -> None:
+    framer = XmlStreamFramer(max_stanza_bytes=256)
+    framer.receive_data(HEADER + b"<presence/>")
+    assert framer.compact()
+    ok = b"<message><body>" + b"a" * 200 + b"</body></message>"
+    assert isinstance(framer.receive_data(ok)[0], StanzaReceived)
+    assert framer.compact()
+    assert framer.receive_data(b"<message><body>" + b"a" * 300) == [
+        StreamErrorDetected("policy-violation", "stanza exceeds 256 bytes")
+    ]
+    framer = XmlStreamFramer()
+    framer.receive_data(HEADER)
+    framer.compact()
+    assert framer.receive_data(b"<!-- no -->") == [
+        StreamErrorDetected("restricted-xml", "comments are not allowed (RFC 6120 §11.1)")
+    ]
+
+
+def test_compact_then_close_and_reset() -> None:
+    framer = XmlStreamFramer()
+    framer.receive_data(HEADER)
+    framer.compact()
+    assert [type(e) for e in framer.receive_data(b"</stream:stream>")] == [StreamClosed]
+    framer.reset()
+    framer.receive_data(HEADER)
+    framer.compact()
+    framer.reset()  # a restart drops the kept header: the next one is parsed for real
+    assert [type(e) for e in framer.receive_data(HEADER)] == [StreamHeaderReceived]
+
+
+def test_owner_close_frees_the_parser_and_stops_parsing() -> None:
+    framer = XmlStreamFramer()
+    framer.receive_data(HEADER + b"<message><body>x")
+    framer.close()
+    assert framer.buffered_bytes == 0
+    assert framer.receive_data(b"</body></message>") == []
