@@ -17,6 +17,7 @@ import pytest
 
 from edge.config import LabConfig, load_config
 from edge.lab_plan import block_overrides, find_free_block
+from mra_client.edge_http import EdgeHttpClient
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -93,6 +94,17 @@ class RunningLab:
         with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=5) as resp:
             data: dict[str, Any] = json.loads(resp.read())
         return data
+
+    def edge_http(self, address: str | None = None) -> EdgeHttpClient:
+        """An HTTPS client of the first Expressway-E as a remote client reaches it (lab CA)."""
+        e = self.config.expe[0]
+        return EdgeHttpClient(
+            domain=self.config.lab.domain,
+            edge_host=e.fqdn,
+            edge_port=e.https_port,
+            edge_address=e.external_address if address is None else address,
+            ca_file=str(self.state_dir / "certs" / "ca.pem"),
+        )
 
     def listener(self, component: str, name: str) -> tuple[str, int]:
         for lst in self.component(component)["listeners"]:

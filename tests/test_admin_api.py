@@ -292,17 +292,6 @@ def test_zone_settings(lab: RunningLab) -> None:
     assert "https" in e_zone["links"]
 
 
-def _edge_client(lab: RunningLab) -> EdgeHttpClient:
-    e = lab.config.expe[0]
-    return EdgeHttpClient(
-        domain=lab.config.lab.domain,
-        edge_host=e.fqdn,
-        edge_port=e.https_port,
-        edge_address=e.external_address,
-        ca_file=str(lab.state_dir / "certs" / "ca.pem"),
-    )
-
-
 async def _mra_statuses(lab: RunningLab, client: EdgeHttpClient) -> tuple[int, int]:
     """(get_edge_config status, UDS through the descriptor lane status) for a new request each."""
     try:
@@ -319,7 +308,7 @@ async def _mra_statuses(lab: RunningLab, client: EdgeHttpClient) -> tuple[int, i
 def test_maintenance_refuses_new_mra_requests_and_leaving_restores(lab: RunningLab, component: str) -> None:
     async def flow() -> list[tuple[int, int]]:
         out = []
-        async with _edge_client(lab) as client:
+        async with lab.edge_http() as client:
             out.append(await _mra_statuses(lab, client))  # signs in: the cookie stays for the lane
             edge_cli("admin", component, "put", "maintenance", "--data", '{"enabled": true}', *lab.args)
             out.append(await _mra_statuses(lab, client))

@@ -24,23 +24,12 @@ from mra_client.edge_http import EdgeHttpClient, StepError, b64, discover_edge
 from tests.conftest import RunningLab, edge_cli
 
 
-def _client(lab: RunningLab, address: str) -> EdgeHttpClient:
-    e = lab.config.expe[0]
-    return EdgeHttpClient(
-        domain=lab.config.lab.domain,
-        edge_host=e.fqdn,
-        edge_port=e.https_port,
-        edge_address=address,
-        ca_file=str(lab.state_dir / "certs" / "ca.pem"),
-    )
-
-
 async def _signed_in(lab: RunningLab, user: str = "alice", password: str = "lab-pass") -> EdgeHttpClient:
     host, port, address = await discover_edge(
         lab.config.lab.domain, lab.config.dns.address, lab.config.dns.port
     )
     assert (host, port) == (lab.config.expe[0].fqdn, 8443)
-    client = _client(lab, address)
+    client = lab.edge_http(address)
     await client.__aenter__()
     await client.get_edge_config(user, password)
     return client
@@ -52,7 +41,7 @@ def test_client_signin_over_raw_https(lab: RunningLab) -> None:
             lab.config.lab.domain, lab.config.dns.address, lab.config.dns.port
         )
         assert (host, port, address) == ("expe.example.com", 8443, lab.config.expe[0].external_address)
-        async with _client(lab, address) as client:
+        async with lab.edge_http(address) as client:
             config, result = await client.get_edge_config("alice", "lab-pass")
             assert result.headers["Server"] == "CE_C ECS"
             assert result.headers["Content-Type"].startswith("text/xml")
@@ -152,7 +141,7 @@ def test_error_answers(lab: RunningLab) -> None:
         out: dict[str, Any] = {}
         try:
             with pytest.raises(StepError) as bad:
-                async with _client(lab, lab.config.expe[0].external_address) as other:
+                async with lab.edge_http(lab.config.expe[0].external_address) as other:
                     await other.get_edge_config("alice", "wrong")
             out["bad_password"] = bad.value.detail
             no_auth = await client.request("GET", f"/{b64('example.com')}/get_edge_config")
@@ -207,7 +196,7 @@ def test_error_answers(lab: RunningLab) -> None:
 def test_authorization_rate_control_answers_429(lab: RunningLab) -> None:
     async def flow() -> list[int]:
         statuses = []
-        async with _client(lab, lab.config.expe[0].external_address) as client:
+        async with lab.edge_http(lab.config.expe[0].external_address) as client:
             for _ in range(10):
                 try:
                     await client.get_edge_config("bob", "lab-pass")

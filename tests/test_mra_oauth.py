@@ -36,17 +36,6 @@ UCM = "ucm1.example.com"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
-def _client(lab: RunningLab) -> EdgeHttpClient:
-    e = lab.config.expe[0]
-    return EdgeHttpClient(
-        domain=lab.config.lab.domain,
-        edge_host=e.fqdn,
-        edge_port=e.https_port,
-        edge_address=e.external_address,
-        ca_file=str(lab.state_dir / "certs" / "ca.pem"),
-    )
-
-
 def _lab_key(lab: RunningLab) -> ec.EllipticCurvePrivateKey:
     key = serialization.load_pem_private_key((lab.state_dir / "oauth" / "ucm1.key").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
@@ -102,14 +91,14 @@ class Edge:
 def test_tokens_through_the_edge(lab: RunningLab) -> None:
     async def flow() -> dict[str, Any]:
         out: dict[str, Any] = {}
-        async with _client(lab) as signin:
+        async with lab.edge_http() as signin:
             await signin.get_edge_config("alice", "lab-pass")  # Basic → X-Auth cookie
             grant = await Edge(signin).token(
                 {"grant_type": "password", "username": "alice", "password": "lab-pass"}
             )
             out["grant"] = (grant.status, grant.headers.get("Cache-Control"))
             tokens = json.loads(grant.body)
-        async with _client(lab) as client:  # a fresh client: no cookie, the bearer token only
+        async with lab.edge_http() as client:  # a fresh client: no cookie, the bearer token only
             edge = Edge(client)
             assert client.cookie is None
             config = await edge.edge_config(tokens["access_token"])
@@ -161,7 +150,7 @@ def test_bad_tokens_get_401_with_a_bearer_challenge(lab: RunningLab) -> None:
 
     async def flow() -> dict[str, Any]:
         results: dict[str, Any] = {}
-        async with _client(lab) as client:
+        async with lab.edge_http() as client:
             edge = Edge(client)
             results["good"] = (
                 (await edge.edge_config(good)).status,
@@ -192,7 +181,7 @@ def test_bearer_refused_when_oauth_authorization_is_off(lab: RunningLab) -> None
     assert call(lab, "expc", "PUT", "/access-control", off)[0] == 200
 
     async def flow() -> list[tuple[int, str]]:
-        async with _client(lab) as client:
+        async with lab.edge_http() as client:
             edge = Edge(client)
             answers = [await edge.edge_config(token), await edge.uds("/cucm-uds/version", token)]
         return [(r.status, r.headers.get("WWW-Authenticate", "")) for r in answers]

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from edge.config import ConfigError, load_config
 from edge.lab import wait_zones_active
 from edge_c.discovery import MAX_SERVERS, DiscoveryError, parse_uds_servers
-from mra_client.edge_http import EdgeHttpClient, b64
+from mra_client.edge_http import b64
 from tests.conftest import RunningLab, lab_overrides
 from tests.test_admin_api import call
 
@@ -109,17 +109,6 @@ def cluster_lab(tmp_path: Path) -> Iterator[RunningLab]:
         lab.down()
 
 
-def _client(lab: RunningLab) -> EdgeHttpClient:
-    e = lab.config.expe[0]
-    return EdgeHttpClient(
-        domain=lab.config.lab.domain,
-        edge_host=e.fqdn,
-        edge_port=e.https_port,
-        edge_address=e.external_address,
-        ca_file=str(lab.state_dir / "certs" / "ca.pem"),
-    )
-
-
 def _by_fqdn(nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {n["fqdn"]: n for n in nodes}
 
@@ -176,7 +165,7 @@ def test_refresh_discovers_subscribers_and_opens_the_allow_list(cluster_lab: Run
 async def _refresh_flow(lab: RunningLab, silent: socket.socket) -> dict[str, Any]:
     out: dict[str, Any] = {}
     basic = "Basic " + base64.b64encode(b"alice:lab-pass").decode()
-    async with _client(lab) as client:
+    async with lab.edge_http() as client:
         await client.get_edge_config("alice", "lab-pass")
 
         async def lane(host: str, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:

@@ -29,7 +29,6 @@ from edge.lab import wait_zones_active
 from edge.sip.events import FramingError, MessageReceived
 from edge.sip.framing import StreamFramer
 from edge.sip.message import Response
-from mra_client.edge_http import EdgeHttpClient
 from mra_client.sip_ua import MraSipUa
 from tests.conftest import RunningLab
 from tests.sip_tools import Baresip, Sipp, SippResult, Stunnel, wait_for
@@ -80,14 +79,7 @@ def _sip_route(lab: RunningLab) -> str:
     """The `sipRequest` route a client preloads, as get_edge_config over HTTPS hands it out."""
 
     async def fetch() -> str:
-        e = lab.config.expe[0]
-        async with EdgeHttpClient(
-            domain=lab.config.lab.domain,
-            edge_host=e.fqdn,
-            edge_port=e.https_port,
-            edge_address=e.external_address,
-            ca_file=str(_ca(lab)),
-        ) as client:
+        async with lab.edge_http() as client:
             config, _ = await client.get_edge_config("alice", "lab-pass")
         assert config.sip_route is not None
         return config.sip_route
