@@ -678,6 +678,19 @@ def client_call(
 @click.option("--password", default=None, help="Password, may use {n} (default: the lab's `load.password`).")
 @click.option("--first", "first_index", default=1, show_default=True, type=int, help="First index n.")
 @click.option("--no-xmpp", is_flag=True, help="SIP only: no XMPP session per user.")
+@click.option(
+    "--sip-only",
+    is_flag=True,
+    help="Load-test shortcut real clients never take: get_edge_config/UDS/TFTP once for the run, "
+    "then per user only discovery, SIP connect, REGISTER, STUN (registration scale).",
+)
+@click.option(
+    "--stun-interval",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="Seconds between STUN keepalives on each SIP flow (MRA HA, spec §5).",
+)
 @click.option("--suite", default="AES_CM_128_HMAC_SHA1_80", show_default=True, help="SRTP suite offered.")
 @click.option(
     "--report", "report_path", default="edge-load-report.json", show_default=True, help="JSON report file."
@@ -705,6 +718,8 @@ def load_cmd(
     password: str | None,
     first_index: int,
     no_xmpp: bool,
+    sip_only: bool,
+    stun_interval: float,
     suite: str,
     report_path: str,
     html_path: str | None,
@@ -737,6 +752,8 @@ def load_cmd(
             password_pattern=password if password is not None else config.load.password,
             first_index=first_index,
             xmpp=not no_xmpp,
+            sip_only=sip_only,
+            stun_interval_s=stun_interval,
             suite=suite,
         )
     except LoadSettingsError as exc:

@@ -3,7 +3,10 @@
 online — STARTTLS, SASL PLAIN, bind, roster, presence — then 1:1 chat.
 
 slixmpp (`mra_client.xmpp`) is the reference client for single flows; at a thousand sessions in
-one process its per-session plugin and handler state dominates, so `edge load` uses this.
+one process its per-session plugin and handler state dominates, so `edge load` uses this, and so
+does the XMPP benchmark (benchmarks/xmpp/run.py): `login(online=False)` for a bare bound session,
+`on_data` to count received bytes without parsing them, `send_chats` + `drain` for batched,
+flow-controlled sending.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import contextlib
 import itertools
 import ssl
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from edge.xmpp.events import StanzaReceived, StreamClosed, StreamErrorDetected, StreamHeaderReceived
@@ -71,6 +74,7 @@ class LeanXmppSession:
         ssl_context: ssl.SSLContext,
         on_chat: Callable[[ChatReceived], None] | None = None,
         on_closed: Callable[[str], None] | None = None,
+        on_data: Callable[[bytes], None] | None = None,
     ) -> None:
         self.username = username
         self.password = password
@@ -80,6 +84,10 @@ class LeanXmppSession:
         self.ssl = ssl_context
         self.on_chat = on_chat
         self.on_closed = on_closed
+        self.on_data = on_data
+        """When set, bytes received once online go here unparsed instead of through the framer
+        (`on_chat` is then never called): a benchmark counts its own markers, so the client costs
+        the same whatever server is measured."""
         self.framer = XmlStreamFramer(max_stanza_bytes=MAX_STANZA_BYTES)
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -87,6 +95,7 @@ class LeanXmppSession:
         self._pending: list[object] = []  # framer events read but not yet consumed
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._available = False
         self.closed_reason: str | None = None
         self.messages_sent = 0
         self.messages_received = 0
@@ -94,9 +103,11 @@ class LeanXmppSession:
 
     # -- sign-in -----------------------------------------------------------------------
 
-    async def login(self, host: str, port: int, timeout_s: float = 15.0) -> None:
+    async def login(self, host: str, port: int, timeout_s: float = 15.0, *, online: bool = True) -> None:
+        """STARTTLS, SASL PLAIN, bind; then (`online`) the roster and initial presence, as a
+        Jabber client does. `online=False` stops at the bound resource (RFC 6120 §7)."""
         try:
-            await asyncio.wait_for(self._login(host, port), timeout_s)
+            await asyncio.wait_for(self._login(host, port, online), timeout_s)
         except TimeoutError:
             await self.close()
             raise StepError(_STEP, f"no session within {timeout_s:.0f} s") from None
@@ -108,7 +119,7 @@ class LeanXmppSession:
             raise
         self._task = asyncio.ensure_future(self._read_loop())
 
-    async def _login(self, host: str, port: int) -> None:
+    async def _login(self, host: str, port: int, online: bool) -> None:
         self.reader, self.writer = await asyncio.open_connection(host, port)
         features = await self._open_stream()
         if features.find(qn(NS_TLS, "starttls")) is None:
@@ -136,11 +147,14 @@ class LeanXmppSession:
         jid = answer.findtext(f"{qn(NS_BIND, 'bind')}/{qn(NS_BIND, 'jid')}")
         if jid:
             self.jid = jid
+        if not online:
+            return
         self._send(f"<iq type='get' id='roster'><query xmlns='{NS_ROSTER}'/></iq>".encode())
         answer = await self._next_stanza_where(lambda el: el.get("id") == "roster")
         if answer.get("type") != "result":
             raise StepError(_STEP, f"roster error: {_error_condition(answer)}")
         self._send(b"<presence/>")
+        self._available = True
 
     async def _open_stream(self) -> ET.Element:
         self.framer.reset()
@@ -200,6 +214,25 @@ class LeanXmppSession:
         self.messages_sent += 1
         return stanza_id
 
+    def send_chats(self, to: str, bodies: Iterable[str]) -> int:
+        """Several 1:1 chats to one JID in a single write (one TLS record burst, as a client
+        catching up does); returns how many. Raises ConnectionError if the stream is gone."""
+        out = []
+        for body in bodies:
+            out.append(
+                f"<message to='{_escape(to)}' type='chat' id='m{next(self._ids)}'>"
+                f"<body>{_escape(body)}</body></message>"
+            )
+        self._send("".join(out).encode())
+        self.messages_sent += len(out)
+        return len(out)
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark (backpressure)."""
+        if self.writer is None:
+            raise ConnectionError("XMPP stream is closed")
+        await self.writer.drain()
+
     def keepalive(self) -> None:
         """RFC 6120 §4.6.1 whitespace keepalive."""
         self._send(b" ")
@@ -215,6 +248,9 @@ class LeanXmppSession:
                 data = await self.reader.read(65536)
                 if not data:
                     break
+                if self.on_data is not None:
+                    self.on_data(data)
+                    continue
                 for event in self.framer.receive_data(data):
                     if isinstance(event, StreamErrorDetected):
                         reason = f"stream error: {event.condition}"
@@ -261,7 +297,8 @@ class LeanXmppSession:
         if writer is not None:
             with contextlib.suppress(Exception):
                 if not writer.is_closing():
-                    writer.write(b"<presence type='unavailable'/></stream:stream>")
+                    bye = b"<presence type='unavailable'/>" if self._available else b""
+                    writer.write(bye + b"</stream:stream>")
                 writer.close()
                 await asyncio.wait_for(writer.wait_closed(), timeout_s)
         if self._task is not None:

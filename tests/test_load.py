@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from mra_client.xmpp_lean import LeanXmppSession
 from tests.conftest import ARTIFACTS, RunningLab, lab_overrides
 from tests.web.cdp import Browser, chromium_path
 
@@ -314,3 +317,83 @@ def test_failures_are_counted_by_kind(load_lab: RunningLab, tmp_path: Path) -> N
     assert kinds["call not placed: no idle user"]["count"] == 1
     assert r["calls"]["attempted"] == 0 and r["registrations"]["peak"] == 0
     assert "3 × get_edge_config 401: get_edge_config: 401 Cisco-Edge" in stdout
+
+
+def test_sip_only_registers_users_and_the_report_matches_the_lab(
+    load_lab: RunningLab, tmp_path: Path
+) -> None:
+    """`--sip-only` (registration scale): one full sign-in for the run (get_edge_config, UDS, TFTP:
+    3 HTTPS requests through E), then per user only discovery, TLS to E, REGISTER and STUN."""
+    before = counters(load_lab)
+    https_before = load_lab.component("expe")["https"]["requests"]
+    watch = Watch(load_lab)
+    poller = threading.Thread(target=watch.run, daemon=True)
+    poller.start()
+    try:
+        code, stdout, r = run_load(
+            load_lab,
+            tmp_path / "sip-only.json",
+            *("--users", "6", "--first", "25", "--rate", "20", "--sip-only", "--no-xmpp"),
+            *("--stun-interval", "2", "--duration", "8"),
+        )
+    finally:
+        watch.stop.set()
+        poller.join(timeout=5)
+    after = counters(load_lab)
+    assert code == 0, stdout
+    assert r["settings"]["sip_only"] is True and r["errors"]["total"] == 0
+    assert r["signins"] == {**r["signins"], "attempted": 6, "ok": 6, "failed": 0, "signed_out": 6}
+    assert load_lab.component("expe")["https"]["requests"] - https_before == 3
+    assert r["registrations"]["peak"] == 6 == watch.max_registrations
+    ucm_b, ucm_a = before["ucm_registrations"], after["ucm_registrations"]
+    assert ucm_a["new"] - ucm_b["new"] == 6
+    assert ucm_a["unregistrations"] - ucm_b["unregistrations"] == 6, "sign-out unregisters"
+    assert r["registrations"]["current"] == 0 == after["e_registrations"] == ucm_a["current"]
+    # STUN every 2 s on each flow for ~7 s after its sign-in, all answered by E (path to UCM alive).
+    stun = r["stun"]
+    assert stun["sent"] == stun["answered"] and 6 * 3 <= stun["sent"] <= 6 * 6
+    assert r["xmpp"]["sessions_peak"] == 0
+
+
+def test_lean_xmpp_bare_sessions_and_batched_chats(load_lab: RunningLab) -> None:
+    """What the XMPP benchmark does with the load engine's client: bound sessions without roster or
+    presence through E → C → IM&P, chats written in one batch, received as raw bytes."""
+    e, domain = load_lab.config.expe[0], load_lab.config.lab.domain
+    ctx = ssl.create_default_context(cafile=str(load_lab.state_dir / "certs" / "ca.pem"))
+    password = load_lab.config.load.password
+    got = bytearray()
+
+    async def flow() -> tuple[list[int], int, int, int]:
+        a = LeanXmppSession(
+            username="load00031", password=password, domain=domain, resource="b", ssl_context=ctx
+        )
+        b = LeanXmppSession(
+            username="load00032",
+            password=password,
+            domain=domain,
+            resource="b",
+            ssl_context=ctx,
+            on_data=got.extend,
+        )
+        before = load_lab.component("imp1")["xmpp"]["sessions_current"]
+        try:
+            await a.login(e.external_address, e.xmpp_port, online=False)
+            await b.login(e.external_address, e.xmpp_port, online=False)
+            held = load_lab.component("imp1")["xmpp"]["sessions_current"] - before
+            assert a.send_chats(b.jid, (f"#{n}#" for n in range(20))) == 20
+            await a.drain()
+            for _ in range(100):  # bounded: 10 s
+                if len(re.findall(rb"#(\d+)#", bytes(got))) >= 20:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await a.close()
+            await b.close()
+        marks = [int(m) for m in re.findall(rb"#(\d+)#", bytes(got))]
+        return marks, held, a.messages_sent, b.messages_received
+
+    marks, held, sent, parsed = asyncio.run(flow())
+    assert held == 2
+    assert marks == list(range(20)) and sent == 20
+    assert parsed == 0, "raw mode hands bytes to on_data and parses nothing"
+    assert b"<error" not in got

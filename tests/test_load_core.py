@@ -3,18 +3,23 @@ and the HTML report (no lab needed; the lab runs are in tests/test_load.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import ssl
+from typing import Any
 
 import pytest
 
 from media_relay.srtp import generate_crypto
+from mra_client.edge_http import EdgeConfig, StepError
+from mra_client.load import sip_only
 from mra_client.load.media import MAX_BURST, PTIME_S, MediaStream
 from mra_client.load.report import render_html
 from mra_client.load.settings import LoadSettings, LoadSettingsError
 from mra_client.load.stats import CallMedia, LoadStats, LogHistogram, error_kind, percentile
 from mra_client.load.timers import Job, Timers
+from mra_client.signin import ClientSettings, Ladder, SignedIn
 
 
 def _pair(start: float) -> tuple[MediaStream, MediaStream, LogHistogram]:
@@ -154,6 +159,9 @@ def test_settings_refuse_what_cannot_work() -> None:
         LoadSettings(user_pattern="user{x}")
     with pytest.raises(LoadSettingsError, match="--messages-per-min needs XMPP"):
         LoadSettings(messages_per_min=10, xmpp=False)
+    with pytest.raises(LoadSettingsError, match="--stun-interval"):
+        LoadSettings(stun_interval_s=0)
+    assert LoadSettings(sip_only=True, xmpp=False).as_dict()["sip_only"] is True
     s = LoadSettings(user_pattern="user{n:04d}", password_pattern="pw{n}", first_index=7)
     assert (s.username(0), s.password(2)) == ("user0007", "pw9")
 
@@ -220,3 +228,41 @@ def test_live_progress_renders_on_a_terminal() -> None:
 
 def ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context()
+
+
+def _config(tag: str) -> EdgeConfig:
+    return EdgeConfig({}, [("e.example.com", 5061)], tag, [], [], [], [])
+
+
+def test_sip_only_does_one_full_signin_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--sip-only`: concurrent sign-ins wait for the first full ladder (HTTP steps included),
+    then reuse its edge config; a failed first ladder is retried by the next user."""
+    full: list[str] = []
+    short: list[tuple[str, str | None]] = []
+
+    async def fake_sign_in(settings: ClientSettings, ladder: Ladder) -> SignedIn:
+        full.append(settings.username)
+        await asyncio.sleep(0.01)  # the others queue up meanwhile
+        if settings.username == "u0":
+            raise StepError("get_edge_config", "503")
+        return SignedIn(None, _config(f"route-of-{settings.username}"), None, "", ("e", 8443, "a"))  # type: ignore[arg-type]
+
+    class Probe(sip_only.SipOnlySignIn):
+        async def _sign_in(self, settings: ClientSettings, ladder: Ladder, config: EdgeConfig) -> Any:
+            short.append((settings.username, config.sip_route))
+            return settings.username
+
+    monkeypatch.setattr(sip_only, "sign_in", fake_sign_in)
+    probe = Probe()
+
+    async def run() -> list[object]:
+        def user(i: int) -> ClientSettings:
+            return ClientSettings(f"u{i}", "pw", "example.com", "127.0.0.1", 53, "ca.pem")
+
+        return await asyncio.gather(*(probe(user(i), Ladder()) for i in range(6)), return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert isinstance(results[0], StepError) and isinstance(results[1], SignedIn)
+    assert full == ["u0", "u1"] and probe.full_signins == 2
+    assert short == [(f"u{i}", "route-of-u1") for i in range(2, 6)]
+    assert results[2:] == ["u2", "u3", "u4", "u5"]

@@ -15,9 +15,11 @@ Run from the repository root (as root, with Debian's `prosody` and `lua-unbound`
    pair over MRA), the mock IM&P directly, Debian's Prosody directly, and (unless
    `--no-edge-prosody`) the edge in front of Prosody (a second lab with `imp.0.external=true`).
 
-Clients are lean: asyncio streams + TLS + SASL PLAIN + bind (tests/xmpp/xmpp_helpers.py's
-RawXmppClient for the handshake), then raw bytes; receivers count `#<seq>#` body markers with a
-regex instead of parsing stanzas, so the client costs the same against every server. Every
+Clients are the load engine's (`edge load`) XMPP client, mra_client/xmpp_lean.LeanXmppSession:
+asyncio streams + STARTTLS + SASL PLAIN + bind (`login(online=False)`: no roster, no presence);
+senders write batches (`send_chats`, `drain`); receivers take raw bytes (`on_data`) and count
+`#<seq>#` body markers with a regex instead of parsing stanzas, so the client costs the same
+against every server. Every
 loop is bounded in count; the whole run is bounded by `--time-limit-s`. Only processes this
 script starts are stopped, by their PIDs (the labs by `edge lab down`).
 """
@@ -46,9 +48,10 @@ if str(REPO) not in sys.path:
 import uvloop  # noqa: E402
 
 from edge.lab import lab_status  # noqa: E402
+from mra_client.edge_http import StepError  # noqa: E402
+from mra_client.xmpp_lean import LeanXmppSession  # noqa: E402
 from tests.conftest import RunningLab, lab_overrides  # noqa: E402
 from tests.prosody_tools import ProsodyServer  # noqa: E402
-from tests.xmpp.xmpp_helpers import RawXmppClient  # noqa: E402
 
 DOMAIN = "example.com"
 PASSWORD = "lab-pass"
@@ -57,6 +60,7 @@ TARGET_SESSIONS = 10_000
 TARGET_RATIO = 0.5
 MARK = re.compile(rb"#(\d+)#")
 SETTLE_TIMEOUT_S = 30.0
+LOGIN_TIMEOUT_S = 30.0
 PROSODY_CLIENT_PORT = 15222
 PROSODY_EDGE_PORT = 17400
 
@@ -103,52 +107,46 @@ class LoginFailed(Exception):
     pass
 
 
-@dataclass
-class Session:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    jid: str
+def _ignore(data: bytes) -> None:
+    """Held sessions read (and drop) whatever the server pushes; nothing is expected."""
 
-    @classmethod
-    async def open(cls, target: Target, ctx: ssl.SSLContext, username: str, resource: str) -> Session:
-        raw = await RawXmppClient.connect(target.host, target.port)
-        try:
-            answer = await raw.login(DOMAIN, username, PASSWORD, resource, ctx)
-        except BaseException:
-            await raw.close()
-            raise
-        if answer.get("type") != "result":
-            await raw.close()
-            raise LoginFailed(f"{username}: bind answered {answer.get('type')}")
-        return cls(raw.reader, raw.writer, f"{username}@{DOMAIN}/{resource}")
 
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.write(b"</stream:stream>")
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.wait_closed(), 5.0)
+async def open_session(target: Target, ctx: ssl.SSLContext, username: str, resource: str) -> LeanXmppSession:
+    """A bare bound session (no roster, no presence), the same stanzas for every server."""
+    session = LeanXmppSession(
+        username=username,
+        password=PASSWORD,
+        domain=DOMAIN,
+        resource=resource,
+        ssl_context=ctx,
+        on_data=_ignore,
+    )
+    try:
+        await session.login(target.host, target.port, LOGIN_TIMEOUT_S, online=False)
+    except StepError as exc:
+        raise LoginFailed(f"{username}: {exc.detail}") from exc
+    return session
 
 
 async def open_sessions(
     target: Target, ctx: ssl.SSLContext, users: Sequence[int], resource: str, concurrency: int
-) -> list[Session]:
+) -> list[LeanXmppSession]:
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(i: int) -> Session:
+    async def one(i: int) -> LeanXmppSession:
         async with gate:
-            return await Session.open(target, ctx, user(i), resource)
+            return await open_session(target, ctx, user(i), resource)
 
     results = await asyncio.gather(*(one(i) for i in users), return_exceptions=True)
-    opened = [r for r in results if isinstance(r, Session)]
-    failed = [r for r in results if not isinstance(r, Session)]
+    opened = [r for r in results if isinstance(r, LeanXmppSession)]
+    failed = [r for r in results if not isinstance(r, LeanXmppSession)]
     if failed:
         await close_all(opened)
         raise LoginFailed(f"{len(failed)} of {len(results)} logins failed, first: {failed[0]!r}")
     return opened
 
 
-async def close_all(sessions: Sequence[Session]) -> None:
+async def close_all(sessions: Sequence[LeanXmppSession]) -> None:
     await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
 
 
@@ -190,7 +188,7 @@ async def held_sessions(
 ) -> tuple[dict[str, int], list[SessionRow]]:
     idle = {name: rss_bytes(pid) for name, pid in target.pids.items()}
     rows: list[SessionRow] = []
-    held: list[Session] = []
+    held: list[LeanXmppSession] = []
     try:
         for n in steps:
             started, before = time.monotonic(), len(held)
@@ -213,20 +211,25 @@ async def held_sessions(
 class Flow:
     """One sender → receiver stream of `total` chats with sequence numbers 0..total-1."""
 
-    sender: Session
-    receiver: Session
+    sender: LeanXmppSession
+    receiver: LeanXmppSession
     total: int
     sent: int = 0
     received: int = 0
     out_of_order: int = 0
     errors: int = 0
     progress: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: str | None = None
+    _buf: bytes = b""
 
-    def stanza(self, n: int) -> bytes:
-        to = self.receiver.jid
-        return f"<message to='{to}' type='chat' id='m{n}'><body>#{n}#</body></message>".encode()
+    def __post_init__(self) -> None:
+        # The receiver's read task hands us its bytes (LeanXmppSession.on_data), unparsed.
+        self.receiver.on_data = self.data_received
+        self.receiver.on_closed = self.stream_closed
 
     async def send(self, window: int) -> None:
+        to = self.receiver.jid
         while self.sent < self.total:
             room = window - (self.sent - self.received)
             if room <= 0:
@@ -234,26 +237,33 @@ class Flow:
                 await self.progress.wait()
                 continue
             batch = range(self.sent, min(self.sent + room, self.total))
-            self.sender.writer.write(b"".join(self.stanza(n) for n in batch))
+            self.sender.send_chats(to, (f"#{n}#" for n in batch))
             self.sent = batch.stop
-            await self.sender.writer.drain()
+            await self.sender.drain()
+
+    def data_received(self, data: bytes) -> None:
+        self.errors += data.count(b"<error") + data.count(b"stream:error")
+        buf = self._buf + data
+        last = 0
+        for match in MARK.finditer(buf):
+            if int(match.group(1)) != self.received:
+                self.out_of_order += 1
+            self.received += 1
+            last = match.end()
+        self._buf = buf[last:][-64:]
+        self.progress.set()
+        if self.received >= self.total:
+            self.finished.set()
+
+    def stream_closed(self, reason: str) -> None:
+        self.closed = reason
+        self.progress.set()
+        self.finished.set()
 
     async def receive(self) -> None:
-        buf = b""
-        while self.received < self.total:
-            data = await self.receiver.reader.read(65536)
-            if not data:
-                raise ConnectionError(f"{self.receiver.jid}: stream closed after {self.received}")
-            self.errors += data.count(b"<error") + data.count(b"stream:error")
-            buf += data
-            last = 0
-            for match in MARK.finditer(buf):
-                if int(match.group(1)) != self.received:
-                    self.out_of_order += 1
-                self.received += 1
-                last = match.end()
-            buf = buf[last:][-64:]
-            self.progress.set()
+        await self.finished.wait()
+        if self.received < self.total:
+            raise ConnectionError(f"{self.receiver.jid}: {self.closed} after {self.received}")
 
 
 @dataclass
@@ -269,7 +279,7 @@ class RateRow:
 
 
 async def run_round(
-    pairs: Sequence[tuple[Session, Session]], count: int, window: int, limit_s: float
+    pairs: Sequence[tuple[LeanXmppSession, LeanXmppSession]], count: int, window: int, limit_s: float
 ) -> tuple[float, list[Flow]]:
     flows = [Flow(s, r, count) for s, r in pairs]
     started = time.monotonic()

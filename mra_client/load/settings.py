@@ -34,6 +34,9 @@ class LoadSettings:
     password_pattern: str = "lab-pass"
     first_index: int = 1
     xmpp: bool = True
+    sip_only: bool = False
+    """Load-test shortcut (`sip_only.py`): get_edge_config, UDS and TFTP once for the run, not per
+    user; each user does discovery, SIP connect, REGISTER and STUN. Real clients never do this."""
     suite: str = "AES_CM_128_HMAC_SHA1_80"
     register_expires_s: int = 3600
     """Asked for; the registrar grants its own (UCM: 120 s for MRA clients) and we refresh at half."""
@@ -58,6 +61,7 @@ class LoadSettings:
             ("--call-rate", self.call_rate_per_s),
             ("--hold", self.hold_s),
             ("--duration", self.duration_s),
+            ("--stun-interval", self.stun_interval_s),
         ):
             if not value > 0:
                 out.append(f"{name} must be > 0")
