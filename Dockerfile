@@ -7,7 +7,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY edge ./edge
 COPY edge_c ./edge_c
 COPY edge_e ./edge_e
@@ -15,7 +15,12 @@ COPY traversal ./traversal
 COPY media_relay ./media_relay
 COPY mock_ucm ./mock_ucm
 COPY mra_client ./mra_client
-RUN pip install . && cd / && rm -rf /src
+# gcc builds the relay's native fast path (media_relay/_fastpath.c; the headers come with the
+# image's Python) and leaves again; without it the relay would run its pure-Python path.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install . && cd / && rm -rf /src \
+    && python -c "import media_relay._fastpath" \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 # The lab configuration of the compose deployment: each component on its own address of the
 # inside / dmz / outside networks that docker-compose.yml declares (same subnets, same addresses);

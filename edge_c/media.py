@@ -48,7 +48,6 @@ from media_relay.srtp import (
     SUITES,
     CryptoAttribute,
     Direction,
-    SrtpAuthError,
     SrtpContext,
     SrtpTranscoder,
     check_usable,
@@ -66,23 +65,6 @@ _SECURE = {"RTP/SAVP": "RTP/AVP", "RTP/SAVPF": "RTP/AVPF"}
 _PLAIN = {v: k for k, v in _SECURE.items()}
 _UNSPECIFIED = ("0.0.0.0", "::")  # RFC 3264 §8.4 hold: send nowhere
 Remote = tuple[Addr, Addr]
-
-
-class _CountingTranscoder:
-    """``SrtpTranscoder`` that counts authentication failures for the stream's snapshot."""
-
-    __slots__ = ("auth_failures", "inner")
-
-    def __init__(self, inner: SrtpTranscoder) -> None:
-        self.inner = inner
-        self.auth_failures = 0
-
-    def transcode(self, data: bytes, rtcp: bool) -> bytes:
-        try:
-            return self.inner.transcode(data, rtcp)
-        except SrtpAuthError:
-            self.auth_failures += 1
-            raise
 
 
 @dataclass(slots=True)
@@ -122,7 +104,7 @@ class _Stream:
     far_remote: Remote | None = None
     pending: _Offer | None = None
     contexts: dict[tuple[str, bytes, Direction], SrtpContext] = field(default_factory=dict)
-    transcoders: list[_CountingTranscoder] = field(default_factory=list)
+    transcoders: list[SrtpTranscoder] = field(default_factory=list)  # by ingress leg
     auth_failures_retired: list[int] = field(default_factory=lambda: [0, 0])
     pinholed: Remote | None = None
     in_table: bool = False
@@ -191,10 +173,11 @@ class GatewayMedia(AnchorBase):
             on_timeout=self._on_timeout,
         )
         log.info(
-            "media anchor up on %s:%d-%d, suites %s",
+            "media anchor up on %s:%d-%d (%s path), suites %s",
             s.address,
             s.media_port_min,
             s.media_port_max,
+            self._worker.path,
             ", ".join(self.suites),
         )
 
@@ -317,8 +300,8 @@ class GatewayMedia(AnchorBase):
     def snapshot(self) -> dict[str, Any]:
         if self._worker is None:
             return {"anchored": True, "role": "expc", "running": False, "calls": {}}
+        stats = self._worker.stats()  # first: it brings the table's counters up to date
         calls = {k: [self._stream_snapshot(st) for st in c.streams.values()] for k, c in self._calls.items()}
-        stats = self._worker.stats()
         return {
             "anchored": True,
             "role": "expc",
@@ -488,10 +471,7 @@ class GatewayMedia(AnchorBase):
                 st.auth_failures_retired[leg] += st.transcoders[leg].auth_failures
         # Outside -> inside: unprotect with the client's key, protect with C's inside key (if any).
         # Inside -> outside: unprotect with the far end's key (if any), protect with C's key.
-        st.transcoders = [
-            _CountingTranscoder(SrtpTranscoder(out_in, in_out)),
-            _CountingTranscoder(SrtpTranscoder(in_in, out_out)),
-        ]
+        st.transcoders = [SrtpTranscoder(out_in, in_out), SrtpTranscoder(in_in, out_out)]
         table = self.worker.table
         table.set_transcoder(st.stream_id, OUTSIDE_LEG, st.transcoders[OUTSIDE_LEG])
         table.set_transcoder(st.stream_id, INSIDE_LEG, st.transcoders[INSIDE_LEG])

@@ -33,7 +33,7 @@ from media_relay.errors import MediaError
 from media_relay.events import StreamTimedOut
 from media_relay.sdp import RtcpAttribute, SessionDescription
 from media_relay.table import Addr, LegSpec, PortAllocator
-from media_relay.worker import RelayWorker
+from media_relay.worker import DEMUX_RCVBUF_BYTES, DEMUX_SNDBUF_BYTES, RelayWorker
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,22 @@ class EdgeMedia(AnchorBase):
             on_timeout=self._on_timeout,
         )
         try:
-            await worker.bind_port(s.demux_rtp_port, host=s.internal_address)
-            await worker.bind_port(s.demux_rtcp_port, host=s.internal_address)
+            # Every C-facing stream shares these two sockets: large buffers, or a burst from C
+            # overflows them (the 300-call drops of benchmarks/media/README.md).
+            for port in (s.demux_rtp_port, s.demux_rtcp_port):
+                await worker.bind_port(
+                    port,
+                    host=s.internal_address,
+                    rcvbuf_bytes=DEMUX_RCVBUF_BYTES,
+                    sndbuf_bytes=DEMUX_SNDBUF_BYTES,
+                )
         except BaseException:
             await worker.close()
             raise
         self._worker = worker
         log.info(
-            "media relay up: client pairs on %s:%d-%d, demux %s:%d/%d",
+            "media relay up (%s path): client pairs on %s:%d-%d, demux %s:%d/%d",
+            worker.path,
             s.external_address,
             s.media_port_min,
             s.media_port_max,
@@ -224,6 +232,7 @@ class EdgeMedia(AnchorBase):
     def snapshot(self) -> dict[str, Any]:
         if self._worker is None:
             return {"anchored": True, "role": "expe", "running": False, "calls": {}}
+        stats = self._worker.stats()  # first: it folds the native path's counters in
         table = self._worker.table
         calls: dict[str, list[dict[str, Any]]] = {}
         for key, state in self._calls.items():
@@ -239,7 +248,6 @@ class EdgeMedia(AnchorBase):
                 }
                 for st in state.streams.values()
             ]
-        stats = self._worker.stats()
         return {
             "anchored": True,
             "role": "expe",

@@ -2,5 +2,6 @@
 
 Modules: ``rtp`` (headers, RFC 3550 stats), ``table`` (``PortAllocator``, ``RelayTable``),
 ``events``, ``srtp`` (SDES, ``SrtpContext``, ``SrtpTranscoder``), ``sdp``, ``worker``
-(``RelayWorker``, the only module that imports asyncio).
+(``RelayWorker``, the only module that imports asyncio), ``fastpath`` (``FlowSync``: the table's
+established flows mirrored into the optional native forwarder ``_fastpath.c``).
 """

@@ -84,10 +84,10 @@ def _free_port(host: str) -> int:
 
 async def _settled_tx(worker: RelayWorker) -> int:
     """Relayed packets once the relay's backlog has drained (bounded wait)."""
-    last = worker.table.totals()["tx_packets"]
+    last = worker.totals()["tx_packets"]
     for _ in range(40):
         await asyncio.sleep(0.05)
-        now = worker.table.totals()["tx_packets"]
+        now = worker.totals()["tx_packets"]
         if now == last:
             break
         last = now
@@ -115,9 +115,9 @@ async def _relay(args: argparse.Namespace) -> None:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     loop_name = type(asyncio.get_running_loop()).__module__
-    print(f"loop={loop_name} streams={args.streams} packet=172B seconds={args.seconds}")
+    print(f"loop={loop_name} path={worker.path} streams={args.streams} packet=172B seconds={args.seconds}")
     for rate in args.rates:
-        before = worker.table.totals()["tx_packets"]
+        before = worker.totals()["tx_packets"]
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -137,7 +137,7 @@ async def _relay(args: argparse.Namespace) -> None:
             f"relayed {relayed / args.seconds:>7.0f} pps"
         )
         if args.verbose:
-            t = worker.table.totals()
+            t = worker.totals()
             print("   ", {k: v for k, v in t.items() if k.endswith("drops")}, "rx", t["rx_packets"])
     await worker.close()
 

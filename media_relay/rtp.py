@@ -25,6 +25,10 @@ MAX_DROPOUT = 3000
 MAX_MISORDER = 100
 
 _SEQ_TS_SSRC = struct.Struct("!HII").unpack_from
+
+# ``StreamStats.get_state()``: packets, bytes, last_seen, ssrc, received, base_seq, max_seq,
+# cycles, bad_seq, transit, jitter16 (the native fast path keeps the same fields, fastpath.py).
+StatsState = tuple[int, int, float | None, int | None, int, int, int, int, int, int, int]
 _U32 = 0xFFFFFFFF
 _HALF32 = 1 << 31
 
@@ -191,6 +195,38 @@ class StreamStats:
         self._bad_seq = _SEQ_MOD + 1
         self._cycles = 0
         self.received = 1
+
+    def get_state(self) -> StatsState:
+        """Every field ``update`` reads or writes (the native fast path runs the same estimators
+        while it forwards a flow and hands the state back, ``media_relay/fastpath.py``)."""
+        return (
+            self.packets,
+            self.bytes,
+            self.last_seen,
+            self.ssrc,
+            self.received,
+            self._base_seq,
+            self._max_seq,
+            self._cycles,
+            self._bad_seq,
+            self._transit,
+            self._jitter16,
+        )
+
+    def set_state(self, state: StatsState) -> None:
+        (
+            self.packets,
+            self.bytes,
+            self.last_seen,
+            self.ssrc,
+            self.received,
+            self._base_seq,
+            self._max_seq,
+            self._cycles,
+            self._bad_seq,
+            self._transit,
+            self._jitter16,
+        ) = state
 
     @property
     def extended_max_seq(self) -> int:

@@ -243,20 +243,30 @@ class SrtpContext:
         try:
             return fn(packet)
         except pylibsrtp.Error as exc:
-            reason = str(exc)
-            if "authentication" in reason or "replay" in reason or "index" in reason:
-                raise SrtpAuthError(reason) from None
-            raise SrtpError(reason) from None
+            raise _srtp_error(str(exc)) from None
         except (ValueError, TypeError) as exc:
             raise SrtpError(str(exc)) from None
+
+
+def _srtp_error(reason: str) -> SrtpError:
+    if "authentication" in reason or "replay" in reason or "index" in reason:
+        return SrtpAuthError(reason)
+    return SrtpError(reason)
+
+
+_Op = Callable[[bytes], bytes] | None
 
 
 class SrtpTranscoder:
     """C's per-direction B2BUA transform: unprotect with ``inbound``, protect with ``outbound``.
 
     Either side may be None for plain RTP (an inside endpoint that did not offer SRTP).
-    Satisfies ``media_relay.table.Transcoder``.
+    Satisfies ``media_relay.table.Transcoder``; ``auth_failures`` counts packets refused by
+    SRTP authentication or the replay check. Per packet it calls pylibsrtp's ``Session``
+    directly (one Python frame here instead of four through ``SrtpContext``).
     """
+
+    __slots__ = ("_rtcp", "_rtp", "auth_failures", "inbound", "outbound")
 
     def __init__(self, inbound: SrtpContext | None, outbound: SrtpContext | None) -> None:
         if inbound is not None and inbound.direction is not Direction.INBOUND:
@@ -265,11 +275,24 @@ class SrtpTranscoder:
             raise ValueError("outbound context must have Direction.OUTBOUND")
         self.inbound = inbound
         self.outbound = outbound
+        self.auth_failures = 0
+        i = None if inbound is None else inbound._session
+        o = None if outbound is None else outbound._session
+        self._rtp: tuple[_Op, _Op] = (None if i is None else i.unprotect, None if o is None else o.protect)
+        self._rtcp: tuple[_Op, _Op] = (
+            None if i is None else i.unprotect_rtcp,
+            None if o is None else o.protect_rtcp,
+        )
 
     def transcode(self, data: bytes, rtcp: bool) -> bytes:
-        inbound, outbound = self.inbound, self.outbound
-        if rtcp:
-            plain = data if inbound is None else inbound.unprotect_rtcp(data)
-            return plain if outbound is None else outbound.protect_rtcp(plain)
-        plain = data if inbound is None else inbound.unprotect(data)
-        return plain if outbound is None else outbound.protect(plain)
+        unprotect, protect = self._rtcp if rtcp else self._rtp
+        try:
+            plain = data if unprotect is None else unprotect(data)
+            return plain if protect is None else protect(plain)
+        except pylibsrtp.Error as exc:
+            error = _srtp_error(str(exc))
+            if isinstance(error, SrtpAuthError):
+                self.auth_failures += 1
+            raise error from None
+        except (ValueError, TypeError) as exc:
+            raise SrtpError(str(exc)) from None

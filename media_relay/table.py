@@ -291,6 +291,11 @@ class RelayTable:
         self._deadline: float | None = None
         self._events: list[LegLatched] = []
         self._retired: dict[str, int] = dict.fromkeys(_TOTAL_KEYS, 0)
+        # With ``track_changes`` (set by an adapter that mirrors routes elsewhere: the worker's
+        # native fast path), every stream whose routing may have changed since ``take_changed()``:
+        # added, latched, re-pointed, relatched, given a transcoder.
+        self.track_changes = False
+        self.changed: set[Stream] = set()
         # Drops that belong to no stream.
         self.unknown_port_drops = 0
         self.unknown_source_drops = 0
@@ -378,6 +383,8 @@ class RelayTable:
             ep.latched = True
             ep.set_remote(addr)
             stream = ep.stream
+            if self.track_changes:
+                self.changed.add(stream)
             self._events.append(LegLatched(stream.stream_id, ep.leg, ep.is_rtcp_port, addr, now))
             return True
         ep.unlatched_drops += 1
@@ -407,6 +414,7 @@ class RelayTable:
             for ep in leg.endpoints():
                 self._index(ep, leg.spec.demux)
         self._streams[stream_id] = stream
+        self._changed(stream)
         if timeout is not None and (self._deadline is None or now + timeout < self._deadline):
             self._deadline = now + timeout
         return stream
@@ -445,6 +453,7 @@ class RelayTable:
 
     def remove_stream(self, stream_id: str) -> Stream:
         stream = self._streams.pop(stream_id)
+        self.changed.discard(stream)
         for leg in stream.legs:
             for ep in leg.endpoints():
                 self._unindex(ep, leg.spec.demux)
@@ -465,7 +474,9 @@ class RelayTable:
 
     def set_remote(self, stream_id: str, leg: int, remote_rtp: Addr, remote_rtcp: Addr | None = None) -> None:
         """Point a non-latching leg at new remote addresses (a re-INVITE changed the SDP)."""
-        lg = self._streams[stream_id].legs[leg]
+        stream = self._streams[stream_id]
+        self._changed(stream)
+        lg = stream.legs[leg]
         pairs: list[tuple[Endpoint, Addr | None]] = [(lg.rtp, remote_rtp)]
         if not lg.spec.rtcp_mux:
             pairs.append((lg.rtcp, remote_rtcp))
@@ -484,7 +495,9 @@ class RelayTable:
     ) -> None:
         """Forget what a latching leg learnt; its next packet latches again. With ``remote_*``
         (a re-INVITE's SDP) the leg is pre-latched: it sends there until then."""
-        lg = self._streams[stream_id].legs[leg]
+        stream = self._streams[stream_id]
+        self._changed(stream)
+        lg = stream.legs[leg]
         for ep in lg.endpoints():
             if ep.latch:
                 ep.latched = False
@@ -492,11 +505,22 @@ class RelayTable:
 
     def set_transcoder(self, stream_id: str, ingress_leg: int, transcoder: Transcoder | None) -> None:
         """Transform packets received on ``ingress_leg`` (dedicated legs only) for the other leg."""
-        lg = self._streams[stream_id].legs[ingress_leg]
+        stream = self._streams[stream_id]
+        lg = stream.legs[ingress_leg]
         if lg.spec.demux:
             raise ValueError("transcoding is only supported on dedicated legs")
+        self._changed(stream)
         for ep in lg.endpoints():
             ep.transcoder = transcoder
+
+    def _changed(self, stream: Stream) -> None:
+        if self.track_changes:
+            self.changed.add(stream)
+
+    def take_changed(self) -> set[Stream]:
+        """The streams ``changed`` since the last call (see ``track_changes``)."""
+        changed, self.changed = self.changed, set()
+        return changed
 
     # -- events and timers --------------------------------------------------------------------
 

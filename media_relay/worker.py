@@ -1,10 +1,20 @@
-"""The relay's asyncio adapter: one ``DatagramProtocol`` per bound local port, one shared table.
+"""The relay's asyncio adapter: bound local ports, one shared table, one timer.
 
-Thin by design (shared/STYLE.md §8): ``datagram_received`` hands the datagram to
-``RelayTable.receive_datagram`` and does one ``sendto`` on the egress port's transport; one timer
-handle drives inactivity timeouts. Run it under uvloop: the stock loop is ~4x slower here
-(shared/TOOLS.md). On C, ``transcoding=True`` routes through ``receive_and_transcode`` so
-``RelayTable.set_transcoder`` (SRTP B2BUA, ``srtp.SrtpTranscoder``) takes effect.
+Thin by design (shared/STYLE.md §8). Two ways to move packets, same table, same counters:
+
+* **native** (``media_relay/_fastpath.c`` built, IPv4 ports, ``EDGE_MEDIA_FASTPATH`` not ``0``):
+  the worker binds the sockets itself and registers them with a ``_fastpath.Forwarder``, whose
+  epoll fd the loop watches (``loop.add_reader``): one callback per loop iteration reads every
+  ready socket with recvmmsg and forwards the packets of established flows with sendmmsg, in C.
+  What the forwarder does not know (first packets, strangers, garbage) comes back as a list and
+  goes through ``RelayTable.receive_datagram`` as before. ``fastpath.FlowSync`` keeps the
+  forwarder's flows equal to the table's routes and folds counters back (every second, before
+  snapshots and inactivity checks, when a flow goes). On C (``transcoding=True``) no flow is
+  installed: the forwarder only batches the reads and Python does the SRTP per packet.
+* **python**: one ``DatagramProtocol`` per port; ``datagram_received`` hands the datagram to
+  ``receive_datagram`` (``receive_and_transcode`` on C) and does one ``sendto``.
+
+Run it under uvloop: the stock loop is ~4x slower here (shared/TOOLS.md).
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from media_relay import fastpath
 from media_relay.errors import PortsExhaustedError
 from media_relay.events import StreamTimedOut
 from media_relay.table import Addr, LegSpec, PortAllocator, RelayTable, Stream
@@ -23,6 +34,36 @@ from media_relay.table import Addr, LegSpec, PortAllocator, RelayTable, Stream
 log = logging.getLogger(__name__)
 
 _BIND_ATTEMPTS = 16  # pairs tried when the allocator's next pair is taken by another process
+FLUSH_INTERVAL_S = 1.0  # native counters and receiver state reach the table at least this often
+# Socket buffers (the kernel doubles them for bookkeeping). A relay port carries one stream;
+# E's demux ports carry every C-facing stream (spec §7: 2776/2777), so they get far more.
+RELAY_RCVBUF_BYTES = 512 << 10
+RELAY_SNDBUF_BYTES = 512 << 10
+DEMUX_RCVBUF_BYTES = 8 << 20
+DEMUX_SNDBUF_BYTES = 4 << 20
+_SO_RCVBUFFORCE = int(getattr(socket, "SO_RCVBUFFORCE", 33))
+_SO_SNDBUFFORCE = int(getattr(socket, "SO_SNDBUFFORCE", 32))
+
+
+def open_udp_socket(host: str, port: int, rcvbuf_bytes: int, sndbuf_bytes: int) -> socket.socket:
+    """A bound non-blocking UDP socket with the given buffer sizes: ``SO_*BUFFORCE`` where
+    permitted (root, CAP_NET_ADMIN), else ``SO_*BUF`` (capped by net.core.[rw]mem_max)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        for force, plain, size in (
+            (_SO_RCVBUFFORCE, socket.SO_RCVBUF, rcvbuf_bytes),
+            (_SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf_bytes),
+        ):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class _PortProtocol(asyncio.DatagramProtocol):
@@ -75,19 +116,14 @@ class _Ipv6TranscodingProtocol(_TranscodingProtocol):
         super().datagram_received(data, (addr[0], addr[1]))
 
 
-class _PendingTransport(asyncio.DatagramTransport):
-    """A socket bound synchronously (``RelayWorker.bind_port_now``) that has not joined the loop.
-
-    It already owns its port; datagrams sent to it wait in the kernel buffer; ``sendto`` writes
-    straight to the socket, so the relay and ``RelayWorker.send`` can use it at once. Replaced by
-    the loop's transport one iteration later.
-    """
+class _SocketTransport(asyncio.DatagramTransport):
+    """A socket the worker owns, presented as a transport: ``sendto`` writes straight to it
+    (a full send buffer drops the datagram and counts a socket error, as a relay should)."""
 
     def __init__(self, sock: socket.socket, worker: RelayWorker) -> None:
         super().__init__()
         self.sock = sock
         self.closed = False
-        self.attaching = False
         self._worker = worker
 
     def sendto(self, data: Any, addr: Any = None) -> None:
@@ -98,10 +134,7 @@ class _PendingTransport(asyncio.DatagramTransport):
 
     def close(self) -> None:
         self.closed = True
-        if not self.attaching:
-            self.sock.close()  # the port is free at once (a new call may want it)
-        # else the attach task owns the socket: it closes the transport once it exists
-        # (cancelling the task instead could leak the fd under uvloop).
+        self.sock.close()
 
     def is_closing(self) -> bool:
         return self.closed
@@ -114,11 +147,45 @@ class _PendingTransport(asyncio.DatagramTransport):
         return default
 
 
+class _NativePort(_SocketTransport):
+    """A port read by the native forwarder (registered with its epoll set under ``fd``)."""
+
+    def __init__(self, sock: socket.socket, worker: RelayWorker) -> None:
+        super().__init__(sock, worker)
+        self.fd = sock.fileno()
+
+
+class _PendingTransport(_SocketTransport):
+    """A socket bound synchronously (``RelayWorker.bind_port_now``) that has not joined the loop.
+
+    It already owns its port; datagrams sent to it wait in the kernel buffer; ``sendto`` writes
+    straight to the socket, so the relay and ``RelayWorker.send`` can use it at once. Replaced by
+    the loop's transport one iteration later. (Python path only: native ports join at once.)
+    """
+
+    def __init__(self, sock: socket.socket, worker: RelayWorker) -> None:
+        super().__init__(sock, worker)
+        self.attaching = False
+
+    def close(self) -> None:
+        self.closed = True
+        if not self.attaching:
+            self.sock.close()  # the port is free at once (a new call may want it)
+        # else the attach task owns the socket: it closes the transport once it exists
+        # (cancelling the task instead could leak the fd under uvloop).
+
+
 class RelayWorker:
     """Binds ports on ``host`` and relays between them according to one ``RelayTable``.
 
     Ports may also be bound on other local addresses (``host=`` of the bind methods; E's stream
     legs span its external and internal addresses); a port number is unique within a worker.
+    ``native``: None = the native fast path when built and not switched off (``fastpath``);
+    True requires it; False = the pure-Python path.
+
+    Mutate streams through the worker (``add_stream``, ``remove_stream``) or the table's methods
+    (``set_remote``, ``relatch``, ``set_transcoder``), which the native path follows; read
+    counters through ``stats()`` / ``totals()`` or after ``flush()``.
     """
 
     def __init__(
@@ -129,6 +196,7 @@ class RelayWorker:
         table: RelayTable | None = None,
         transcoding: bool = False,
         on_timeout: Callable[[StreamTimedOut], None] | None = None,
+        native: bool | None = None,
     ) -> None:
         self.host = host
         self.allocator = allocator
@@ -138,11 +206,31 @@ class RelayWorker:
         self.socket_errors = 0
         self._loop = asyncio.get_running_loop()
         self._transports: dict[int, asyncio.DatagramTransport] = {}
+        self._native_socks: dict[int, socket.socket] = {}  # the sockets of native ports
         self._allocated: set[int] = set()  # RTP ports of pairs taken from the allocator
         self._stream_pairs: dict[str, list[int]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._attaching: set[asyncio.Task[None]] = set()
+        if native is None:
+            native = fastpath.available()
+        self._forwarder = fastpath.new_forwarder() if native else None
+        self._flows: fastpath.FlowSync | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._reader_fd: int | None = None
+        if self._forwarder is not None:
+            if not transcoding:  # C's streams all transcode: nothing to install
+                self._flows = fastpath.FlowSync(self._forwarder, self.table, self._native_fd)
+                self.table.track_changes = True
+                self._flush_timer = self._loop.call_later(FLUSH_INTERVAL_S, self._on_flush_timer)
+            on_ready = self._on_readable_transcoding if transcoding else self._on_readable
+            self._reader_fd = self._forwarder.fileno()
+            self._loop.add_reader(self._reader_fd, on_ready)
+
+    @property
+    def path(self) -> str:
+        """``native`` or ``python``: how this worker moves packets (status JSON)."""
+        return "python" if self._forwarder is None else "native"
 
     def time(self) -> float:
         """The relay table's clock (the loop's)."""
@@ -157,13 +245,53 @@ class RelayWorker:
             return _Ipv6TranscodingProtocol if ":" in host else _TranscodingProtocol
         return _Ipv6PortProtocol if ":" in host else _PortProtocol
 
-    async def bind_port(self, port: int, *, host: str | None = None) -> int:
-        """Bind one local UDP port (``0`` = any; e.g. E's shared 2776/2777). Returns the port."""
+    def _native_fd(self, port: int) -> int | None:
+        transport = self._transports.get(port)
+        return transport.fd if isinstance(transport, _NativePort) else None
+
+    def _open(
+        self, host: str, port: int, rcvbuf_bytes: int | None, sndbuf_bytes: int | None
+    ) -> socket.socket:
+        rcv = RELAY_RCVBUF_BYTES if rcvbuf_bytes is None else rcvbuf_bytes
+        snd = RELAY_SNDBUF_BYTES if sndbuf_bytes is None else sndbuf_bytes
+        return open_udp_socket(host, port, rcv, snd)
+
+    def _bind_native(self, sock: socket.socket) -> int:
+        """Register a bound socket with the forwarder: it is read from the next loop turn."""
+        assert self._forwarder is not None
+        try:
+            bound = int(sock.getsockname()[1])
+            if bound in self._transports:
+                raise ValueError(f"port {bound} already bound by this worker")
+            port = _NativePort(sock, self)
+            self._forwarder.add_socket(port.fd, bound)
+        except BaseException:
+            sock.close()
+            raise
+        self._transports[bound] = port
+        self._native_socks[bound] = sock
+        return bound
+
+    async def bind_port(
+        self,
+        port: int,
+        *,
+        host: str | None = None,
+        rcvbuf_bytes: int | None = None,
+        sndbuf_bytes: int | None = None,
+    ) -> int:
+        """Bind one local UDP port (``0`` = any; e.g. E's shared 2776/2777). Returns the port.
+        Buffer sizes default to ``RELAY_RCVBUF_BYTES`` / ``RELAY_SNDBUF_BYTES``."""
         host = self.host if host is None else host
+        sock = self._open(host, port, rcvbuf_bytes, sndbuf_bytes)
+        if self._forwarder is not None and ":" not in host:
+            return self._bind_native(sock)
         factory = self._factory(host)
-        transport, _ = await self._loop.create_datagram_endpoint(
-            lambda: factory(self), local_addr=(host, port)
-        )
+        try:
+            transport, _ = await self._loop.create_datagram_endpoint(lambda: factory(self), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         bound = int(transport.get_extra_info("sockname")[1])
         if bound in self._transports:
             transport.close()
@@ -213,10 +341,10 @@ class RelayWorker:
         joins the loop in a later iteration; until then datagrams wait in the kernel buffer and
         sends go straight to the socket. ``wait_bound()`` waits for every such port."""
         host = self.host if host is None else host
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        sock = self._open(host, port, None, None)
+        if self._forwarder is not None and ":" not in host:
+            return self._bind_native(sock)
         try:
-            sock.setblocking(False)
-            sock.bind((host, port))
             bound = int(sock.getsockname()[1])
             if bound in self._transports:
                 raise ValueError(f"port {bound} already bound by this worker")
@@ -291,8 +419,21 @@ class RelayWorker:
 
     def close_port(self, port: int) -> None:
         transport = self._transports.pop(port, None)
-        if transport is not None:
-            transport.close()
+        if transport is None:
+            return
+        self._native_socks.pop(port, None)
+        if isinstance(transport, _NativePort) and self._forwarder is not None:
+            if self._flows is not None:
+                self._flows.drop_port(port)  # folds their counters back first
+            try:
+                stale = self._forwarder.remove_socket(transport.fd, port)
+            except OSError as exc:
+                log.warning("port %d: leaving the forwarder failed: %s", port, exc)
+                self.socket_errors += 1
+            else:
+                if stale:
+                    log.warning("port %d: %d native flows were still using it", port, stale)
+        transport.close()
 
     def release_pair(self, rtp_port: int) -> None:
         """Close a pair from ``bind_pair`` and give it back to the allocator."""
@@ -335,6 +476,8 @@ class RelayWorker:
 
     def remove_stream(self, stream_id: str, *, release_ports: bool = True) -> Stream:
         """Remove a stream; by default also close and free the allocator pairs it used."""
+        if self._flows is not None:
+            self._flows.drop_stream(self.table.get_stream(stream_id))
         stream = self.table.remove_stream(stream_id)
         pairs = self._stream_pairs.pop(stream_id, [])
         if release_ports:
@@ -342,15 +485,85 @@ class RelayWorker:
                 self.release_pair(rtp)
         return stream
 
+    def flush(self) -> None:
+        """Bring the table's counters, receiver stats and ``last_seen`` up to date (native path:
+        fold in what the forwarder counted; a no-op on the Python path)."""
+        if self._flows is not None:
+            self._flows.flush()
+
+    def totals(self) -> dict[str, int]:
+        self.flush()
+        return self.table.totals()
+
     def stats(self) -> dict[str, Any]:
+        self.flush()
         snap = self.table.snapshot()
-        snap["worker"] = {
+        errors = self.socket_errors
+        worker: dict[str, Any] = {
             "host": self.host,
             "bound_ports": len(self._transports),
-            "socket_errors": self.socket_errors,
             "allocator_in_use": None if self.allocator is None else self.allocator.in_use,
+            "fastpath": self.path,
         }
+        if self._forwarder is not None:
+            native = self._forwarder.counters()
+            errors += native["send_errors"] + native["recv_errors"]
+            worker["native"] = native
+        worker["socket_errors"] = errors
+        snap["worker"] = worker
         return snap
+
+    # -- native path ----------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        """The forwarder's epoll set has ready sockets: forward natively, the rest via the table."""
+        assert self._forwarder is not None and self._flows is not None
+        table = self.table
+        if table.changed:  # e.g. a re-INVITE re-pointed a leg: before any packet moves
+            self._flows.sync(table.take_changed())
+        slow = self._forwarder.poll()
+        if not slow:
+            return
+        now = self._loop.time()
+        receive = table.receive_datagram
+        transports = self._transports
+        for port, data, addr in slow:
+            route = receive(port, data, addr, now)
+            if route is not None:
+                out = transports.get(route[0])
+                if out is None:  # egress port closed under a live stream
+                    self.socket_errors += 1
+                else:
+                    out.sendto(data, route[1])
+        if table.changed:  # latched legs: their flows go native from the next packet on
+            self._flows.sync(table.take_changed())
+
+    def _on_readable_transcoding(self) -> None:
+        """C: batched reads; Python unprotects/protects each packet (``receive_and_transcode``)."""
+        assert self._forwarder is not None
+        slow = self._forwarder.poll()
+        if not slow:
+            return
+        now = self._loop.time()
+        relay = self.table.receive_and_transcode
+        socks = self._native_socks
+        for port, data, addr in slow:
+            out = relay(port, data, addr, now)
+            if out is not None:
+                try:  # straight to the socket: one Python frame less per packet
+                    socks[out[0]].sendto(out[2], out[1])
+                except KeyError:  # egress port closed, or not native (IPv6)
+                    egress = self._transports.get(out[0])
+                    if egress is None:
+                        self.socket_errors += 1
+                    else:
+                        egress.sendto(out[2], out[1])
+                except OSError:  # send buffer full: dropped
+                    self.socket_errors += 1
+
+    def _on_flush_timer(self) -> None:
+        self.flush()
+        self._flush_timer = self._loop.call_later(FLUSH_INTERVAL_S, self._on_flush_timer)
 
     # -- timer --------------------------------------------------------------------------------
 
@@ -368,7 +581,11 @@ class RelayWorker:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        for event in self.table.handle_timer(self._loop.time()):
+        self.flush()  # the forwarder's last_seen decides who idled out
+        events = self.table.handle_timer(self._loop.time())
+        if events and self._flows is not None:
+            self._flows.drop_detached()
+        for event in events:
             log.info("stream %s timed out after %.1f s idle", event.stream_id, event.idle_s)
             for rtp in self._stream_pairs.pop(event.stream_id, []):
                 self.release_pair(rtp)
@@ -380,7 +597,19 @@ class RelayWorker:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._reader_fd is not None:
+            self._loop.remove_reader(self._reader_fd)
+            self._reader_fd = None
+        self.flush()
         for port in list(self._transports):
             self.close_port(port)
+        if self._flows is not None:
+            self._flows.close()
+            self._flows = None
+        if self._forwarder is not None:
+            self._forwarder.close()
         await self.wait_bound()  # pending ports close their transports as they attach
         await asyncio.sleep(0)  # let transports run their connection_lost callbacks

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from media_relay import fastpath
 from mra_client.call import CallReport, place_call
 from mra_client.demo import lab_client_settings
 from mra_client.edge_http import StepError
@@ -46,6 +47,12 @@ def test_echo_call_srtp_both_ways(lab: RunningLab, suite: str) -> None:
     _check(lab, report, suite)
     relayed = lab.component("expe")["media"]
     assert relayed, "E reports its media relay"
+    # The status says which relay path E runs; the lab inherits EDGE_MEDIA_FASTPATH from here.
+    worker = relayed["worker"]
+    assert worker["fastpath"] == ("native" if fastpath.available() else "python")
+    if worker["fastpath"] == "native":
+        assert worker["native"]["forwarded"] >= report.received, "established flows relayed natively"
+    assert relayed["totals"]["rx_packets"] >= 2 * report.sent, "E counts what it relayed (both ways)"
 
 
 def test_gcm_suites_need_the_aes_gcm_option(lab: RunningLab, lab_factory: Any) -> None:

@@ -68,7 +68,7 @@ class _Relay:
                 pairs.append([a, b])
             return pairs
         if cmd["op"] == "totals":
-            return {**self.worker.table.totals(), "socket_errors": self.worker.socket_errors}
+            return _totals(self.worker)
         raise ValueError(f"unknown op {cmd['op']}")
 
     async def close(self) -> None:
@@ -108,11 +108,18 @@ class _Anchor:
             await self.media.worker.wait_bound()
             return len(self.media.worker.ports)
         if op == "totals":
-            return {**self.media.worker.table.totals(), "socket_errors": self.media.worker.socket_errors}
+            return _totals(self.media.worker)
         raise ValueError(f"unknown op {op}")
 
     async def close(self) -> None:
         await self.media.stop()
+
+
+def _totals(worker: Any) -> dict[str, Any]:
+    """Table totals (after folding in the native path's counters) and the worker's own."""
+    info = worker.stats()["worker"]
+    native = {f"native_{k}": v for k, v in info.get("native", {}).items()}
+    return {**worker.totals(), "socket_errors": info["socket_errors"], "path": info["fastpath"], **native}
 
 
 async def _serve(role: str, prefix: str, max_s: float) -> None:
@@ -165,7 +172,15 @@ def child_main(role: str, prefix: str, cpu: int, max_s: float) -> None:
 class Child:
     """One child process; ``call(op, ...)`` sends a command and waits (bounded) for the answer."""
 
-    def __init__(self, role: str, prefix: str, cpu: int, log: TextIO, max_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        role: str,
+        prefix: str,
+        cpu: int,
+        log: TextIO,
+        max_s: float = 300.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.role = role
         self.proc = subprocess.Popen(
             [
@@ -186,6 +201,7 @@ class Child:
             stderr=log,
             text=True,
             cwd=REPO,
+            env=None if env is None else {**os.environ, **env},
         )
         self._read(60.0)  # "ready"
 

@@ -7,12 +7,15 @@ Run from the repository root as root (Debian `rtpengine-daemon` installed; py-sp
     .venv/bin/python -m benchmarks.media.run --part 1 --streams 200,400,600 --window-s 5
 
 1. **One hop.** The relay under test runs in its own process pinned to CPU 1: (a) ours, a plain
-   ``RelayWorker`` on uvloop with N streams of two dedicated latching legs, or (b) rtpengine with
-   N calls made by ng ``offer``/``answer``. This process, pinned to CPU 0, is generator and sink:
+   ``RelayWorker`` on uvloop with N streams of two dedicated latching legs (``ours``: the native
+   fast path when built; ``ours-python``: ``EDGE_MEDIA_FASTPATH=0``), or (b) rtpengine with N
+   calls made by ng ``offer``/``answer``. This process, pinned to CPU 0, is generator and sink:
    socket A plays every caller, socket B every callee, each stream 50 pps each way of 172-byte
-   RTP with the send time in the payload. Reported: forwarded pps, loss, p50/p99 latency and
-   the latency added over a direct A <-> B baseline at the same rate, CPU of each process
-   (/proc/<pid>/stat utime+stime over the send window).
+   RTP with the send time in the payload, sent and received with sendmmsg/recvmmsg
+   (``_loadgen.c``; ``--python-load``: the original one-syscall-per-packet Python loop).
+   Reported: forwarded pps, loss, p50/p99 latency and the latency added over a direct A <-> B
+   baseline at the same rate, CPU of each process (/proc/<pid>/stat utime+stime over the send
+   window).
 2. **Full path.** client -> E (``EdgeMedia``) -> C (``GatewayMedia``, SRTP terminated) -> echo
    (plain RTP) -> C (SRTP protected with C's key) -> E -> client, E and C each in its own
    process (both pinned to CPU 1), calls set up by feeding them SDP offers/answers in the order
@@ -41,7 +44,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -56,8 +59,10 @@ from benchmarks.media.load import (  # noqa: E402
     CpuProbe,
     Window,
     addr_of,
+    native_loadgen,
     run_echo_path,
     run_plain,
+    run_plain_native,
     udp_socket,
     warm_echo_path,
     warm_plain,
@@ -92,9 +97,13 @@ def free_prefix() -> str:
     raise RuntimeError("no free 127.x.y block")
 
 
-def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Counters over the window only (set-up leaves drops: C's pinhole packets, warm-up)."""
-    return {k: v - before.get(k, 0) for k, v in after.items()}
+    return {k: v - before.get(k, 0) if isinstance(v, int) else v for k, v in after.items()}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def fmt_us(v: float) -> str:
@@ -183,6 +192,7 @@ class Hop:
         self.b = udp_socket(f"{prefix}.5")
         self.run_id = 1000
         self.baselines: dict[int, Window] = {}
+        self.gen = None if args.python_load else native_loadgen()
 
     def close(self) -> None:
         self.a.close()
@@ -195,8 +205,9 @@ class Hop:
         a, b = addr_of(self.a), addr_of(self.b)
         if kind == "direct":
             yield [f for _ in range(n) for f in ((0, b), (1, a))], {}, None
-        elif kind == "ours":
-            child = Child("relay", self.prefix, 1, self.log)
+        elif kind in ("ours", "ours-python"):
+            env = {"EDGE_MEDIA_FASTPATH": "0"} if kind == "ours-python" else None
+            child = Child("relay", self.prefix, 1, self.log, env=env)
             try:
                 pairs = child.call("setup", n=n)
                 ip = f"{self.prefix}.8"
@@ -237,7 +248,10 @@ class Hop:
                 )
             count = int(rate * self.args.window_s)
             before = child.call("totals") if child is not None else None
-            w = run_plain(socks, flows, socks, rate, count, self.run_id, CpuProbe(pids))
+            if self.gen is not None:
+                w = run_plain_native(self.gen, socks, flows, socks, rate, count, self.run_id, CpuProbe(pids))
+            else:
+                w = run_plain(socks, flows, socks, rate, count, self.run_id, CpuProbe(pids))
             totals = None if child is None or before is None else delta(before, child.call("totals"))
             top = prof.top() if prof is not None else []
         return w, totals, top
@@ -247,25 +261,41 @@ class Hop:
             self.baselines[n] = self.step("direct", n)[0]
         return self.baselines[n]
 
-    def sweep(self, kind: str) -> list[HopRow]:
+    def sweep(self, kinds: list[str]) -> list[HopRow]:
+        """Every N for every kind, the kinds interleaved per N (on a shared machine the others'
+        load then weighs on each relay alike). A kind stops after two lossy steps in a row or
+        one with >= 5 % loss; the sweep stops when the direct baseline itself loses."""
         rows: list[HopRow] = []
-        fails = 0
+        fails = dict.fromkeys(kinds, 0)
+        live = list(kinds)
         for n in self.args.streams:
-            base = self.baseline(n)
-            w, totals, _ = self.step(kind, n)
-            note = ""
-            if base.loss_pct >= LOSS_TARGET_PCT or base.behind_s > 0.05 or base.cpu_pct("load") >= 95:
-                note = f"generator-limited (direct: {base.cpu_pct('load'):.0f}% CPU)"
-            if totals is not None:
-                drops = {k: v for k, v in totals.items() if k.endswith("drops") and v}
-                note = (note + f" relay drops {drops}" if drops else note).strip()
-            row = HopRow(kind, n, w, base, note)
-            rows.append(row)
-            print("  " + "  ".join(str(c) for c in row.cells()), flush=True)
-            fails = fails + 1 if w.loss_pct >= LOSS_TARGET_PCT else 0
-            if fails >= 2 or w.loss_pct >= 5.0 or base.loss_pct >= LOSS_TARGET_PCT:
+            if not live:
                 break
-        return rows
+            base = self.baseline(n)
+            for kind in list(live):
+                w, totals, _ = self.step(kind, n)
+                row = HopRow(kind, n, w, base, self._note(base, totals))
+                rows.append(row)
+                print("  " + "  ".join(str(c) for c in row.cells()), flush=True)
+                fails[kind] = fails[kind] + 1 if w.loss_pct >= LOSS_TARGET_PCT else 0
+                if fails[kind] >= 2 or w.loss_pct >= 5.0:
+                    live.remove(kind)
+            if base.loss_pct >= LOSS_TARGET_PCT:
+                break
+        return sorted(rows, key=lambda r: (kinds.index(r.kind), r.n))
+
+    @staticmethod
+    def _note(base: Window, totals: dict[str, Any] | None) -> str:
+        note = ""
+        if base.loss_pct >= LOSS_TARGET_PCT or base.behind_s > 0.05 or base.cpu_pct("load") >= 95:
+            note = f"generator-limited (direct: {base.cpu_pct('load'):.0f}% CPU)"
+        if totals is not None:
+            drops = {k: v for k, v in totals.items() if k.endswith("drops") and v}
+            note = (note + f" relay drops {drops}" if drops else note).strip()
+            if totals.get("native_recv_calls"):
+                per_call = totals["native_forwarded"] / totals["native_recv_calls"]
+                note = (note + f" {per_call:.1f} pkt/recvmmsg").strip()
+        return note
 
 
 def best_n(rows: list[HopRow], p99_ms: float | None = None) -> int:
@@ -300,10 +330,9 @@ def part1(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None
     hop = Hop(args, prefix, log, tmp)
     try:
         rows: list[HopRow] = []
-        kinds = ["ours"] + ([] if args.no_rtpengine else ["rtpengine"])
-        for kind in kinds:
-            print(f"### {kind}", flush=True)
-            rows += hop.sweep(kind)
+        kinds = [k for k in args.kinds if not (args.no_rtpengine and k == "rtpengine")]
+        print(f"### {', '.join(kinds)}, interleaved per N", flush=True)
+        rows += hop.sweep(kinds)
         base_rows = [HopRow("direct", n, w, None) for n, w in sorted(hop.baselines.items())]
         print()
         print(table(HOP_HEADERS, [r.cells() for r in base_rows + rows]))
@@ -317,7 +346,7 @@ def part1(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None
                 f"{keeps[k]} ({keeps[k] * 2 * PTIME_PPS} pps); forwarded pps per relay CPU-second: "
                 f"{per_core[k]:.0f}"
             )
-        if keeps.get("rtpengine") and per_core.get("rtpengine"):
+        if keeps.get("rtpengine") and per_core.get("rtpengine") and "ours" in kinds:
             print(
                 f"ours/rtpengine: {keeps['ours'] / keeps['rtpengine']:.2f}x by N (loss+p99), "
                 f"{per_core['ours'] / per_core['rtpengine']:.2f}x by pps per CPU-second"
@@ -327,11 +356,11 @@ def part1(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None
                 f"largest N with loss < {LOSS_TARGET_PCT} %: {k} {best[k]} streams "
                 f"({best[k] * 2 * PTIME_PPS} pps forwarded)"
             )
-        if best.get("rtpengine"):
+        if best.get("rtpengine") and "ours" in kinds:
             ratio = best["ours"] / best["rtpengine"]
             verdict = "MET" if ratio >= RATIO_TARGET else "MISSED"
             print(f"ours/rtpengine = {ratio:.2f}x (target >= {RATIO_TARGET}x): {verdict}")
-        if args.profile:
+        if args.profile and "ours" in kinds:
             n = min(args.streams, key=lambda s: abs(s - max(best["ours"], 1)))
             _w, _t, top = hop.step("ours", n, profile=True)
             print(f"\npy-spy, our relay at N={n} ({n * 2 * PTIME_PPS} pps offered), self time:")
@@ -548,7 +577,16 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--part", choices=["1", "2", "all"], default="all")
-    parser.add_argument("--streams", type=ints, default=ints("200,400,600,800,900,1000,1100,1200"))
+    parser.add_argument(
+        "--streams", type=ints, default=ints("200,400,600,800,1000,1200,1400,1600,1800,2000,2200,2400")
+    )
+    parser.add_argument(
+        "--kinds",
+        type=lambda s: [k for k in s.split(",") if k],
+        default=["ours", "rtpengine"],
+        help="relays of part 1: ours, ours-python, rtpengine",
+    )
+    parser.add_argument("--python-load", action="store_true", help="part 1 load from the Python loop")
     parser.add_argument("--calls", type=ints, default=ints("100,150,200,250,300,400,600,800,1000"))
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--rtpengine-threads", type=int, default=1)
@@ -579,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             part1(args, prefix, log, tmp)
         if args.part in ("2", "all"):
             part2(args, prefix, log, tmp)
-    print(f"\ntotal {time.monotonic() - started:.0f} s")
+    print(f"\ntotal {time.monotonic() - started:.0f} s; load average at the end {load_average()}")
     if not args.keep:
         for f in tmp.iterdir():
             f.unlink()

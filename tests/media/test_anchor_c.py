@@ -18,6 +18,9 @@ from edge_c.media import GatewayMedia
 from media_relay.sdp import SessionDescription
 from media_relay.srtp import CryptoAttribute, Direction, SrtpContext, generate_crypto
 
+# Every test here runs on the native fast path and on the pure-Python path.
+pytestmark = pytest.mark.usefixtures("relay_path")
+
 E_ADDR = "192.0.2.2"  # E's internal address as E's SDP names it
 FAR = "192.0.2.50"
 CM80 = "AES_CM_128_HMAC_SHA1_80"

@@ -16,6 +16,9 @@ from media_relay.events import StreamTimedOut
 from media_relay.sdp import SessionDescription
 from media_relay.srtp import generate_crypto
 
+# Every test here runs on the native fast path and on the pure-Python path.
+pytestmark = pytest.mark.usefixtures("relay_path")
+
 CLIENT = "198.51.100.7"
 C_ADDR = "192.0.2.10"
 KEY1 = generate_crypto(1, "AES_CM_128_HMAC_SHA1_80")

@@ -24,6 +24,9 @@ from edge_e.media import EdgeMedia
 from media_relay.sdp import SessionDescription
 from media_relay.srtp import CryptoAttribute, Direction, SrtpContext, generate_crypto
 
+# Every test here runs on the native fast path and on the pure-Python path.
+pytestmark = pytest.mark.usefixtures("relay_path")
+
 SUITES = ["AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32", "AEAD_AES_128_GCM", "AEAD_AES_256_GCM"]
 BATCH = 20
 WAIT_S = 5.0

@@ -14,6 +14,9 @@ from media_relay.srtp import Direction, SrtpContext, SrtpTranscoder, generate_cr
 from media_relay.table import LegSpec, PortAllocator
 from media_relay.worker import RelayWorker
 
+# Every test here runs on the native fast path and on the pure-Python path.
+pytestmark = pytest.mark.usefixtures("relay_path")
+
 HOST = "127.0.0.1"
 BATCH = 50
 

@@ -1,0 +1,969 @@
+/* Native fast path of the plain media relay (spec §7): established flows leave Python.
+ *
+ * A Forwarder holds a hash table of flows keyed by (local port, source IPv4 address, source
+ * port). A flow is one *ingress endpoint* of the Python RelayTable whose remote address is known
+ * (fixed or latched) and whose peer has a route; it carries the egress socket and destination
+ * for RTP and for RTCP, the endpoint's counters and its RFC 3550 A.1/A.8 receiver state, which
+ * mirrors media_relay.rtp.StreamStats exactly (same integer arithmetic, same order).
+ *
+ * drain(fd, port) reads one socket with recvmmsg; poll() does the same for every registered
+ * socket that an inner epoll set reports ready (its fd is what the asyncio loop watches, so the
+ * relay stays loop-driven). Packets of installed flows that pass the checks of
+ * RelayTable.receive_datagram are forwarded with sendmmsg, grouped per egress socket; every other
+ * datagram (strangers, garbage, unknown ports, packets that would latch) is handed back to
+ * Python, which counts it exactly as before. Python owns the flows: it installs and removes them
+ * and collects counters and receiver state (flush(), remove()) into its own objects.
+ *
+ * Hostile input never reaches anything but bounds-checked reads of a fixed-size buffer; a
+ * datagram longer than BUF_BYTES is truncated to it, which is still "too big" (> 1500) for every
+ * path. Send failures (EAGAIN, ENOBUFS, ...) are counted and the datagram dropped.
+ */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BATCH 64                 /* datagrams per recvmmsg */
+#define POOL 256                 /* forwarded datagrams wait here for sendmmsg */
+#define BUF_BYTES 2048           /* > MAX_DATAGRAM: a truncated datagram still counts as too big */
+#define MAX_DATAGRAM 1500        /* table.MAX_DATAGRAM_BYTES */
+#define MIN_DATAGRAM 8           /* an RTCP header */
+#define RTP_HEADER 12
+#define RTCP_PT_MIN 192          /* RFC 5761 §4 */
+#define RTCP_PT_MAX 223
+#define MAX_EVENTS 256           /* ready sockets handled per poll() */
+#define BATCHES_PER_FD 4         /* per socket per poll(): fairness between sockets */
+#define MAX_CAPACITY ((size_t)1 << 24)
+
+/* RFC 3550 A.1 */
+#define SEQ_MOD 65536
+#define MAX_DROPOUT 3000
+#define MAX_MISORDER 100
+#define HALF32 ((int64_t)1 << 31)
+
+typedef struct {
+    int64_t packets, bytes;
+    double last_seen;
+    int has_last_seen, has_ssrc;
+    uint32_t ssrc;
+    int64_t received, base_seq, max_seq, cycles, bad_seq, transit, jitter16, clock_rate;
+} Stats;
+
+typedef struct {
+    int fd; /* -1: no route; the datagram goes back to Python */
+    struct sockaddr_in dst;
+} Egress;
+
+typedef struct {
+    uint64_t key; /* 0 = empty slot (a bound local port is never 0) */
+    int is_rtcp_port, dirty;
+    Egress out[2]; /* [0] RTP towards the peer's RTP endpoint, [1] RTCP */
+    int64_t rx_packets, rx_bytes, tx_packets[2], tx_bytes[2];
+    double last_seen;
+    Stats st;
+} Flow;
+
+typedef struct {
+    int fd;
+    const struct sockaddr_in *dst;
+    uint32_t seq; /* arrival order: the sort by fd is stable */
+    uint16_t slot;
+    uint16_t len;
+} Pending;
+
+typedef struct {
+    PyObject_HEAD
+    Flow *slots;
+    size_t cap, count;
+    int epfd;
+    int busy;           /* inside drain()/poll(): the table must not change */
+    int sockets;        /* registered with the epoll set */
+    unsigned char *rbuf;  /* BATCH receive buffers of BUF_BYTES (set up once: see init) */
+    unsigned char *pool;  /* POOL send slots of MAX_DATAGRAM */
+    int npend;
+    Pending pend[POOL];
+    struct mmsghdr rmsg[BATCH];
+    struct iovec riov[BATCH];
+    struct sockaddr_storage src[BATCH];
+    struct mmsghdr smsg[POOL];
+    struct iovec siov[POOL];
+    struct epoll_event events[MAX_EVENTS];
+    unsigned long long forwarded, to_python, send_errors, recv_errors, recv_calls, send_calls;
+} Forwarder;
+
+/* -- flow table: open addressing, linear probing, backward-shift deletion ------------------- */
+
+static inline uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+
+static inline uint64_t make_key(unsigned port, uint32_t ip_host_order, unsigned src_port)
+{
+    return ((uint64_t)port << 48) | ((uint64_t)ip_host_order << 16) | (uint64_t)src_port;
+}
+
+static Flow *flow_find(Forwarder *self, uint64_t key)
+{
+    size_t mask = self->cap - 1, i = (size_t)mix64(key) & mask;
+    for (;;) {
+        Flow *f = &self->slots[i];
+        if (f->key == key)
+            return f;
+        if (f->key == 0)
+            return NULL;
+        i = (i + 1) & mask;
+    }
+}
+
+static Flow *slot_for(Flow *slots, size_t cap, uint64_t key)
+{
+    size_t mask = cap - 1, i = (size_t)mix64(key) & mask;
+    while (slots[i].key != 0)
+        i = (i + 1) & mask;
+    return &slots[i];
+}
+
+/* Make room for one more flow (load factor <= 1/2, so a probe always meets an empty slot). */
+static int flow_reserve(Forwarder *self)
+{
+    if ((self->count + 1) * 2 <= self->cap)
+        return 0;
+    if (self->cap >= MAX_CAPACITY) {
+        PyErr_SetString(PyExc_OverflowError, "too many flows");
+        return -1;
+    }
+    size_t ncap = self->cap * 2;
+    Flow *ns = PyMem_Calloc(ncap, sizeof(Flow));
+    if (ns == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (size_t i = 0; i < self->cap; i++)
+        if (self->slots[i].key != 0)
+            *slot_for(ns, ncap, self->slots[i].key) = self->slots[i];
+    PyMem_Free(self->slots);
+    self->slots = ns;
+    self->cap = ncap;
+    return 0;
+}
+
+static void flow_delete(Forwarder *self, Flow *f)
+{
+    size_t mask = self->cap - 1, i = (size_t)(f - self->slots), j = i;
+    for (;;) {
+        j = (j + 1) & mask;
+        if (self->slots[j].key == 0)
+            break;
+        size_t k = (size_t)mix64(self->slots[j].key) & mask; /* home slot of the entry at j */
+        int stays = (i < j) ? (i < k && k <= j) : (k > i || k <= j);
+        if (!stays) {
+            self->slots[i] = self->slots[j];
+            i = j;
+        }
+    }
+    memset(&self->slots[i], 0, sizeof(Flow));
+    self->count--;
+}
+
+/* -- RFC 3550 A.1 / A.8, exactly as media_relay.rtp.StreamStats.update ------------------------ */
+
+static inline int64_t floor_div16(int64_t x)
+{
+    return x >= 0 ? x / 16 : -((-x + 15) / 16);
+}
+
+static void init_seq(Stats *s, int64_t seq)
+{
+    s->base_seq = seq;
+    s->max_seq = seq;
+    s->bad_seq = SEQ_MOD + 1;
+    s->cycles = 0;
+    s->received = 1;
+}
+
+static void stats_update(Stats *s, const unsigned char *d, size_t n, double now)
+{
+    int64_t seq = ((int64_t)d[2] << 8) | d[3];
+    uint32_t ts = ((uint32_t)d[4] << 24) | ((uint32_t)d[5] << 16) | ((uint32_t)d[6] << 8) | d[7];
+    uint32_t ssrc = ((uint32_t)d[8] << 24) | ((uint32_t)d[9] << 16) | ((uint32_t)d[10] << 8) | d[11];
+    s->packets++;
+    s->bytes += (int64_t)n;
+    s->last_seen = now;
+    s->has_last_seen = 1;
+    /* Python: int(now * clock_rate) - ts; the product is far below 2**63 (install() bounds
+     * clock_rate, now is a monotonic clock in seconds). */
+    int64_t transit = (int64_t)(now * (double)s->clock_rate) - (int64_t)ts;
+    if (!s->has_ssrc || ssrc != s->ssrc) {
+        s->has_ssrc = 1;
+        s->ssrc = ssrc;
+        init_seq(s, seq);
+        s->transit = transit;
+        s->jitter16 = 0;
+        return;
+    }
+    int64_t max_seq = s->max_seq;
+    int64_t udelta = (seq - max_seq) & 0xFFFF;
+    if (udelta < MAX_DROPOUT) {
+        if (seq < max_seq)
+            s->cycles += SEQ_MOD;
+        s->max_seq = seq;
+        s->received++;
+    } else if (udelta <= SEQ_MOD - MAX_MISORDER) {
+        if (seq == s->bad_seq) {
+            init_seq(s, seq);
+        } else {
+            s->bad_seq = (seq + 1) & 0xFFFF;
+            return;
+        }
+    } else {
+        s->received++;
+    }
+    int64_t d32 = (int64_t)((uint64_t)(transit - s->transit + HALF32) & 0xFFFFFFFFULL) - HALF32;
+    s->transit = transit;
+    if (d32 < 0)
+        d32 = -d32;
+    s->jitter16 += d32 - floor_div16(s->jitter16 + 8);
+}
+
+static PyObject *stats_state(const Stats *s)
+{
+    PyObject *last = s->has_last_seen ? PyFloat_FromDouble(s->last_seen) : Py_NewRef(Py_None);
+    PyObject *ssrc = s->has_ssrc ? PyLong_FromUnsignedLong(s->ssrc) : Py_NewRef(Py_None);
+    PyObject *state = NULL;
+    if (last != NULL && ssrc != NULL)
+        state = Py_BuildValue("(LLOOLLLLLLL)", (long long)s->packets, (long long)s->bytes, last, ssrc,
+                              (long long)s->received, (long long)s->base_seq, (long long)s->max_seq,
+                              (long long)s->cycles, (long long)s->bad_seq, (long long)s->transit,
+                              (long long)s->jitter16);
+    Py_XDECREF(last);
+    Py_XDECREF(ssrc);
+    return state;
+}
+
+static int parse_state(PyObject *state, Stats *s)
+{
+    long long packets, bytes, received, base_seq, max_seq, cycles, bad_seq, transit, jitter16;
+    PyObject *last, *ssrc;
+    if (!PyTuple_Check(state)) {
+        PyErr_SetString(PyExc_TypeError, "state must be a tuple");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(state, "LLOOLLLLLLL;state: 11 fields of StreamStats.get_state()", &packets,
+                          &bytes, &last, &ssrc, &received, &base_seq, &max_seq, &cycles, &bad_seq,
+                          &transit, &jitter16))
+        return -1;
+    /* Bounds that keep the int64 arithmetic of stats_update exact (Python's ints are unbounded). */
+    const long long lim = (long long)1 << 60;
+    long long vals[] = {packets, bytes, received, base_seq, max_seq, cycles, bad_seq, transit, jitter16};
+    for (size_t i = 0; i < sizeof(vals) / sizeof(vals[0]); i++)
+        if (vals[i] > lim || vals[i] < -lim) {
+            PyErr_SetString(PyExc_OverflowError, "state value out of range");
+            return -1;
+        }
+    s->packets = packets;
+    s->bytes = bytes;
+    if (last == Py_None) {
+        s->has_last_seen = 0;
+        s->last_seen = 0.0;
+    } else {
+        double v = PyFloat_AsDouble(last);
+        if (v == -1.0 && PyErr_Occurred())
+            return -1;
+        s->has_last_seen = 1;
+        s->last_seen = v;
+    }
+    if (ssrc == Py_None) {
+        s->has_ssrc = 0;
+        s->ssrc = 0;
+    } else {
+        unsigned long v = PyLong_AsUnsignedLong(ssrc);
+        if (v == (unsigned long)-1 && PyErr_Occurred())
+            return -1;
+        if (v > 0xFFFFFFFFUL) {
+            PyErr_SetString(PyExc_OverflowError, "ssrc out of range");
+            return -1;
+        }
+        s->has_ssrc = 1;
+        s->ssrc = (uint32_t)v;
+    }
+    s->received = received;
+    s->base_seq = base_seq;
+    s->max_seq = max_seq;
+    s->cycles = cycles;
+    s->bad_seq = bad_seq;
+    s->transit = transit;
+    s->jitter16 = jitter16;
+    return 0;
+}
+
+/* -- helpers ---------------------------------------------------------------------------------- */
+
+static int check_idle(Forwarder *self)
+{
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Forwarder is draining");
+        return -1;
+    }
+    if (self->slots == NULL) {
+        PyErr_SetString(PyExc_ValueError, "Forwarder is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_ipv4(const char *host, struct in_addr *out)
+{
+    if (inet_pton(AF_INET, host, out) != 1) {
+        PyErr_Format(PyExc_ValueError, "not an IPv4 address: %s", host);
+        return -1;
+    }
+    return 0;
+}
+
+/* dst is None (no route) or (host, port) */
+static int parse_egress(int fd, PyObject *dst, Egress *e)
+{
+    memset(e, 0, sizeof(*e));
+    e->fd = -1;
+    if (dst == Py_None)
+        return 0;
+    const char *host;
+    int port;
+    if (!PyArg_ParseTuple(dst, "si;destination: (host, port)", &host, &port))
+        return -1;
+    if (port < 1 || port > 65535 || fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad egress fd or port");
+        return -1;
+    }
+    e->dst.sin_family = AF_INET;
+    e->dst.sin_port = htons((uint16_t)port);
+    if (parse_ipv4(host, &e->dst.sin_addr) < 0)
+        return -1;
+    e->fd = fd;
+    return 0;
+}
+
+static double monotonic_now(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+        return 0.0; /* cannot fail for CLOCK_MONOTONIC on Linux */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static PyObject *flush_item(Flow *f)
+{
+    PyObject *state = stats_state(&f->st);
+    if (state == NULL)
+        return NULL;
+    PyObject *item = Py_BuildValue("(KLLLLLLdO)", (unsigned long long)f->key, (long long)f->rx_packets,
+                                   (long long)f->rx_bytes, (long long)f->tx_packets[0],
+                                   (long long)f->tx_bytes[0], (long long)f->tx_packets[1],
+                                   (long long)f->tx_bytes[1], f->last_seen, state);
+    Py_DECREF(state);
+    if (item == NULL)
+        return NULL;
+    f->rx_packets = f->rx_bytes = 0;
+    f->tx_packets[0] = f->tx_packets[1] = f->tx_bytes[0] = f->tx_bytes[1] = 0;
+    f->dirty = 0;
+    return item;
+}
+
+static PyObject *format_addr(const struct sockaddr_storage *ss, socklen_t len)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+        if (inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", host, (int)ntohs(sin->sin_port));
+    }
+    if (ss->ss_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+        if (inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", host, (int)ntohs(sin6->sin6_port));
+    }
+    PyErr_SetString(PyExc_ValueError, "datagram without an IP source address");
+    return NULL;
+}
+
+/* -- the datagram path ---------------------------------------------------------------------- */
+
+static int cmp_pending(const void *a, const void *b)
+{
+    const Pending *x = a, *y = b;
+    if (x->fd != y->fd)
+        return x->fd < y->fd ? -1 : 1;
+    return x->seq < y->seq ? -1 : (x->seq > y->seq);
+}
+
+/* sendmmsg every waiting datagram, one call per run of the same egress socket. */
+static void flush_sends(Forwarder *self)
+{
+    int n = self->npend;
+    if (n == 0)
+        return;
+    int sorted = 1;
+    for (int i = 1; i < n && sorted; i++)
+        sorted = self->pend[i - 1].fd <= self->pend[i].fd;
+    if (!sorted)
+        qsort(self->pend, (size_t)n, sizeof(Pending), cmp_pending);
+    for (int i = 0; i < n; i++) {
+        Pending *p = &self->pend[i];
+        self->siov[i].iov_base = self->pool + (size_t)p->slot * MAX_DATAGRAM;
+        self->siov[i].iov_len = p->len;
+        memset(&self->smsg[i], 0, sizeof(struct mmsghdr));
+        self->smsg[i].msg_hdr.msg_name = (void *)p->dst;
+        self->smsg[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
+        self->smsg[i].msg_hdr.msg_iov = &self->siov[i];
+        self->smsg[i].msg_hdr.msg_iovlen = 1;
+    }
+    int run = 0;
+    while (run < n) {
+        int fd = self->pend[run].fd, end = run;
+        while (end < n && self->pend[end].fd == fd)
+            end++;
+        int i = run;
+        while (i < end) {
+            self->send_calls++;
+            int r = sendmmsg(fd, &self->smsg[i], (unsigned)(end - i), MSG_DONTWAIT);
+            if (r > 0) {
+                i += r;
+            } else if (r < 0 && errno == EINTR) {
+                continue;
+            } else {
+                self->send_errors++; /* EAGAIN, ENOBUFS, EPERM ...: drop this datagram */
+                i++;
+            }
+        }
+        run = end;
+    }
+    self->npend = 0;
+}
+
+/* Forward (queue) one datagram of an installed flow; 0 when Python must see it instead. */
+static inline int forward(Forwarder *self, Flow *f, const unsigned char *d, size_t n, double now)
+{
+    if (n < MIN_DATAGRAM || n > MAX_DATAGRAM || (d[0] & 0xC0) != 0x80)
+        return 0; /* garbage: counted by the table */
+    int rtcp = f->is_rtcp_port || (d[1] >= RTCP_PT_MIN && d[1] <= RTCP_PT_MAX);
+    if (!rtcp && n < RTP_HEADER)
+        return 0;
+    Egress *e = &f->out[rtcp];
+    if (e->fd < 0)
+        return 0; /* no route for this kind (RTCP on a muxed port): the table counts the drop */
+    if (!rtcp)
+        stats_update(&f->st, d, n, now);
+    f->last_seen = now;
+    f->rx_packets++;
+    f->rx_bytes += (int64_t)n;
+    f->tx_packets[rtcp]++;
+    f->tx_bytes[rtcp] += (int64_t)n;
+    f->dirty = 1;
+    if (self->npend == POOL)
+        flush_sends(self);
+    unsigned slot = (unsigned)self->npend++;
+    memcpy(self->pool + (size_t)slot * MAX_DATAGRAM, d, n);
+    Pending *p = &self->pend[slot];
+    p->fd = e->fd;
+    p->dst = &e->dst;
+    p->seq = slot;
+    p->slot = (uint16_t)slot;
+    p->len = (uint16_t)n;
+    return 1;
+}
+
+/* Append a datagram for the Python path: (bytes, addr) or (port, bytes, addr). */
+static int hand_back(PyObject *out, int with_port, unsigned port, const unsigned char *d, size_t n,
+                     const struct sockaddr_storage *ss, socklen_t sslen)
+{
+    PyObject *data = PyBytes_FromStringAndSize((const char *)d, (Py_ssize_t)n);
+    if (data == NULL)
+        return -1;
+    PyObject *addr = format_addr(ss, sslen);
+    if (addr == NULL) {
+        Py_DECREF(data);
+        return -1;
+    }
+    PyObject *item;
+    if (with_port) {
+        PyObject *p = PyLong_FromUnsignedLong(port);
+        item = p == NULL ? NULL : PyTuple_Pack(3, p, data, addr);
+        Py_XDECREF(p);
+    } else {
+        item = PyTuple_Pack(2, data, addr);
+    }
+    Py_DECREF(data);
+    Py_DECREF(addr);
+    if (item == NULL)
+        return -1;
+    int r = PyList_Append(out, item);
+    Py_DECREF(item);
+    return r;
+}
+
+/* Read up to max_batches recvmmsg batches from one socket: 1 when the budget ran out before the
+ * socket was empty, 0 when it was emptied (or failed), -1 with a Python error set. */
+static int drain_fd(Forwarder *self, int fd, unsigned port, int max_batches, int have_now,
+                    double fixed_now, PyObject *out, int with_port)
+{
+    for (int b = 0; b < max_batches; b++) {
+        int r;
+        do {
+            self->recv_calls++;
+            r = recvmmsg(fd, self->rmsg, BATCH, MSG_DONTWAIT, NULL);
+        } while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                self->recv_errors++;
+            return 0;
+        }
+        double now = have_now ? fixed_now : monotonic_now();
+        for (int i = 0; i < r; i++) {
+            const unsigned char *d = self->rbuf + (size_t)i * BUF_BYTES;
+            size_t n = self->rmsg[i].msg_len;
+            if (n > BUF_BYTES)
+                n = BUF_BYTES;
+            const struct sockaddr_storage *ss = &self->src[i];
+            socklen_t sslen = self->rmsg[i].msg_hdr.msg_namelen;
+            self->rmsg[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_storage); /* for the next call */
+            if (ss->ss_family == AF_INET && sslen >= (socklen_t)sizeof(struct sockaddr_in)) {
+                const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+                Flow *f = flow_find(self, make_key(port, ntohl(sin->sin_addr.s_addr), ntohs(sin->sin_port)));
+                if (f != NULL && forward(self, f, d, n, now)) {
+                    self->forwarded++;
+                    continue;
+                }
+            }
+            if (!(ss->ss_family == AF_INET && sslen >= (socklen_t)sizeof(struct sockaddr_in)) &&
+                !(ss->ss_family == AF_INET6 && sslen >= (socklen_t)sizeof(struct sockaddr_in6))) {
+                self->recv_errors++; /* no source address: nothing the table could account it to */
+                continue;
+            }
+            self->to_python++;
+            if (hand_back(out, with_port, port, d, n, ss, sslen) < 0)
+                return -1;
+        }
+        if (r < BATCH)
+            return 0; /* the socket is empty: spare the EAGAIN round trip */
+    }
+    return 1;
+}
+
+static int parse_now(PyObject *now_obj, int *have_now, double *now)
+{
+    *have_now = 0;
+    *now = 0.0;
+    if (now_obj == NULL || now_obj == Py_None)
+        return 0;
+    *now = PyFloat_AsDouble(now_obj);
+    if (*now == -1.0 && PyErr_Occurred())
+        return -1;
+    *have_now = 1;
+    return 0;
+}
+
+/* -- methods -------------------------------------------------------------------------------- */
+
+static PyObject *Forwarder_drain(Forwarder *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "local_port", "now", "max_batches", NULL};
+    int fd, port, max_batches = BATCHES_PER_FD;
+    PyObject *now_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ii|$Oi", kwlist, &fd, &port, &now_obj, &max_batches))
+        return NULL;
+    if (check_idle(self) < 0)
+        return NULL;
+    if (fd < 0 || port < 1 || port > 65535 || max_batches < 1 || max_batches > 1024) {
+        PyErr_SetString(PyExc_ValueError, "bad fd, port or max_batches");
+        return NULL;
+    }
+    int have_now;
+    double now;
+    if (parse_now(now_obj, &have_now, &now) < 0)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    self->busy = 1;
+    int r = drain_fd(self, fd, (unsigned)port, max_batches, have_now, now, out, 0);
+    flush_sends(self);
+    r = r < 0 ? -1 : 0;
+    self->busy = 0;
+    if (r < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+/* Sockets are edge-triggered (EPOLLET: a ready socket costs one readiness check, not two). One
+ * whose queue outlasts its per-poll budget is re-armed with EPOLL_CTL_MOD, which puts it back
+ * on the ready list at once, so the loop calls poll() again next turn and no socket starves. */
+static int watch(Forwarder *self, int op, int fd, unsigned port)
+{
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN | EPOLLET;
+    ev.data.u64 = ((uint64_t)port << 32) | (uint32_t)fd;
+    return epoll_ctl(self->epfd, op, fd, &ev);
+}
+
+static PyObject *Forwarder_poll(Forwarder *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"now", NULL};
+    PyObject *now_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$O", kwlist, &now_obj))
+        return NULL;
+    if (check_idle(self) < 0)
+        return NULL;
+    int have_now;
+    double now;
+    if (parse_now(now_obj, &have_now, &now) < 0)
+        return NULL;
+    int n;
+    do {
+        n = epoll_wait(self->epfd, self->events, MAX_EVENTS, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    self->busy = 1;
+    int failed = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t data = self->events[i].data.u64;
+        int fd = (int)(uint32_t)data;
+        unsigned port = (unsigned)(data >> 32);
+        /* After a Python error (no memory for the hand-back list) the remaining sockets are
+         * only re-armed: their datagrams wait for the next poll(). */
+        int r = failed ? 1 : drain_fd(self, fd, port, BATCHES_PER_FD, have_now, now, out, 1);
+        if (r != 0 && watch(self, EPOLL_CTL_MOD, fd, port) != 0)
+            self->recv_errors++;
+        if (r < 0)
+            failed = 1;
+    }
+    flush_sends(self);
+    self->busy = 0;
+    if (failed) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *Forwarder_add_socket(Forwarder *self, PyObject *args)
+{
+    int fd, port;
+    if (!PyArg_ParseTuple(args, "ii", &fd, &port))
+        return NULL;
+    if (check_idle(self) < 0)
+        return NULL;
+    if (fd < 0 || port < 1 || port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "bad fd or port");
+        return NULL;
+    }
+    if (watch(self, EPOLL_CTL_ADD, fd, (unsigned)port) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    self->sockets++;
+    Py_RETURN_NONE;
+}
+
+/* Unregister a socket before it is closed; purge every flow that reads from its port or sends
+ * through it (Python removes them first; this only guards against a reused fd number). */
+static PyObject *Forwarder_remove_socket(Forwarder *self, PyObject *args)
+{
+    int fd, port;
+    if (!PyArg_ParseTuple(args, "ii", &fd, &port))
+        return NULL;
+    if (check_idle(self) < 0)
+        return NULL;
+    size_t purged = 0;
+    for (;;) {
+        Flow *victim = NULL;
+        for (size_t i = 0; i < self->cap && victim == NULL; i++) {
+            Flow *f = &self->slots[i];
+            if (f->key != 0 && ((f->key >> 48) == (uint64_t)(unsigned)port || f->out[0].fd == fd || f->out[1].fd == fd))
+                victim = f;
+        }
+        if (victim == NULL)
+            break;
+        flow_delete(self, victim);
+        purged++;
+    }
+    if (epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    self->sockets--;
+    return PyLong_FromSize_t(purged);
+}
+
+static PyObject *Forwarder_install(Forwarder *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"local_port", "src_host", "src_port", "is_rtcp_port", "rtp_fd", "rtp_dst",
+                             "rtcp_fd", "rtcp_dst", "clock_rate", "state", NULL};
+    int port, src_port, is_rtcp, rtp_fd, rtcp_fd;
+    const char *src_host;
+    PyObject *rtp_dst, *rtcp_dst, *state;
+    long long clock_rate;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "isipiOiOLO", kwlist, &port, &src_host, &src_port, &is_rtcp,
+                                     &rtp_fd, &rtp_dst, &rtcp_fd, &rtcp_dst, &clock_rate, &state))
+        return NULL;
+    if (check_idle(self) < 0)
+        return NULL;
+    if (port < 1 || port > 65535 || src_port < 1 || src_port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "port out of range");
+        return NULL;
+    }
+    if (clock_rate < 1 || clock_rate > ((long long)1 << 32)) {
+        PyErr_SetString(PyExc_ValueError, "clock_rate out of range");
+        return NULL;
+    }
+    struct in_addr src;
+    if (parse_ipv4(src_host, &src) < 0)
+        return NULL;
+    Flow tmp;
+    memset(&tmp, 0, sizeof(tmp));
+    if (parse_egress(rtp_fd, rtp_dst, &tmp.out[0]) < 0 || parse_egress(rtcp_fd, rtcp_dst, &tmp.out[1]) < 0)
+        return NULL;
+    if (parse_state(state, &tmp.st) < 0)
+        return NULL;
+    tmp.st.clock_rate = clock_rate;
+    tmp.is_rtcp_port = is_rtcp;
+    tmp.key = make_key((unsigned)port, ntohl(src.s_addr), (unsigned)src_port);
+    if (flow_find(self, tmp.key) != NULL) {
+        PyErr_SetString(PyExc_KeyError, "flow already installed");
+        return NULL;
+    }
+    if (flow_reserve(self) < 0)
+        return NULL;
+    *slot_for(self->slots, self->cap, tmp.key) = tmp;
+    self->count++;
+    return PyLong_FromUnsignedLongLong(tmp.key);
+}
+
+static int parse_key(PyObject *arg, uint64_t *key)
+{
+    unsigned long long k = PyLong_AsUnsignedLongLong(arg);
+    if (k == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *key = k;
+    return 0;
+}
+
+/* Remove a flow; return its last flush item (counters since the last flush, final state). */
+static PyObject *Forwarder_remove(Forwarder *self, PyObject *arg)
+{
+    uint64_t key;
+    if (parse_key(arg, &key) < 0 || check_idle(self) < 0)
+        return NULL;
+    Flow *f = key == 0 ? NULL : flow_find(self, key);
+    if (f == NULL)
+        Py_RETURN_NONE;
+    PyObject *item = flush_item(f);
+    if (item == NULL)
+        return NULL;
+    flow_delete(self, f);
+    return item;
+}
+
+/* Every flow that forwarded since the last flush: counters (then zeroed) and receiver state. */
+static PyObject *Forwarder_flush(Forwarder *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_idle(self) < 0)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (size_t i = 0; i < self->cap; i++) {
+        Flow *f = &self->slots[i];
+        if (f->key == 0 || !f->dirty)
+            continue;
+        PyObject *item = flush_item(f);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
+static PyObject *Forwarder_counters(Forwarder *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("{sKsKsKsKsKsKsnsi}", "forwarded", self->forwarded, "to_python", self->to_python,
+                         "send_errors", self->send_errors, "recv_errors", self->recv_errors, "recv_calls",
+                         self->recv_calls, "send_calls", self->send_calls, "flows", (Py_ssize_t)self->count,
+                         "sockets", self->sockets);
+}
+
+static PyObject *Forwarder_fileno(Forwarder *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->epfd < 0) {
+        PyErr_SetString(PyExc_ValueError, "Forwarder is closed");
+        return NULL;
+    }
+    return PyLong_FromLong(self->epfd);
+}
+
+static void forwarder_release(Forwarder *self)
+{
+    if (self->epfd >= 0) {
+        close(self->epfd);
+        self->epfd = -1;
+    }
+    PyMem_Free(self->slots);
+    self->slots = NULL;
+    self->cap = self->count = 0;
+    PyMem_Free(self->pool);
+    self->pool = NULL;
+    PyMem_Free(self->rbuf);
+    self->rbuf = NULL;
+}
+
+static PyObject *Forwarder_close(Forwarder *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Forwarder is draining");
+        return NULL;
+    }
+    forwarder_release(self);
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t Forwarder_len(Forwarder *self)
+{
+    return (Py_ssize_t)self->count;
+}
+
+static int Forwarder_init(Forwarder *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "", kwlist))
+        return -1;
+    if (self->epfd >= 0 || self->slots != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Forwarder already initialised");
+        return -1;
+    }
+    self->cap = 64;
+    self->count = 0;
+    self->slots = PyMem_Calloc(self->cap, sizeof(Flow));
+    self->pool = PyMem_Malloc((size_t)POOL * MAX_DATAGRAM);
+    self->rbuf = PyMem_Malloc((size_t)BATCH * BUF_BYTES);
+    if (self->slots == NULL || self->pool == NULL || self->rbuf == NULL) {
+        forwarder_release(self);
+        PyErr_NoMemory();
+        return -1;
+    }
+    /* recvmmsg headers point at fixed buffers: per call only msg_namelen needs resetting. */
+    for (int i = 0; i < BATCH; i++) {
+        self->riov[i].iov_base = self->rbuf + (size_t)i * BUF_BYTES;
+        self->riov[i].iov_len = BUF_BYTES;
+        memset(&self->rmsg[i], 0, sizeof(struct mmsghdr));
+        self->rmsg[i].msg_hdr.msg_name = &self->src[i];
+        self->rmsg[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_storage);
+        self->rmsg[i].msg_hdr.msg_iov = &self->riov[i];
+        self->rmsg[i].msg_hdr.msg_iovlen = 1;
+    }
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (self->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        forwarder_release(self);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Forwarder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Forwarder *self = (Forwarder *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        self->epfd = -1;
+    return (PyObject *)self;
+}
+
+static void Forwarder_dealloc(Forwarder *self)
+{
+    forwarder_release(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Forwarder_methods[] = {
+    {"drain", (PyCFunction)(void (*)(void))Forwarder_drain, METH_VARARGS | METH_KEYWORDS,
+     "drain(fd, local_port, *, now=None, max_batches=4) -> list[(bytes, (host, port))]\n"
+     "Read one socket; forward what installed flows match; return the rest for the table."},
+    {"poll", (PyCFunction)(void (*)(void))Forwarder_poll, METH_VARARGS | METH_KEYWORDS,
+     "poll(*, now=None) -> list[(local_port, bytes, (host, port))]\n"
+     "drain() every registered socket the epoll set reports readable."},
+    {"add_socket", (PyCFunction)Forwarder_add_socket, METH_VARARGS,
+     "add_socket(fd, local_port): watch a bound non-blocking UDP socket in poll()."},
+    {"remove_socket", (PyCFunction)Forwarder_remove_socket, METH_VARARGS,
+     "remove_socket(fd, local_port) -> int: stop watching; purge flows using it (count)."},
+    {"install", (PyCFunction)(void (*)(void))Forwarder_install, METH_VARARGS | METH_KEYWORDS,
+     "install(local_port, src_host, src_port, is_rtcp_port, rtp_fd, rtp_dst, rtcp_fd, rtcp_dst,\n"
+     "        clock_rate, state) -> key"},
+    {"remove", (PyCFunction)Forwarder_remove, METH_O, "remove(key) -> flush item or None"},
+    {"flush", (PyCFunction)Forwarder_flush, METH_NOARGS,
+     "flush() -> [(key, rx_packets, rx_bytes, tx_rtp_packets, tx_rtp_bytes, tx_rtcp_packets,\n"
+     "             tx_rtcp_bytes, last_seen, state)] of flows that forwarded since the last flush"},
+    {"counters", (PyCFunction)Forwarder_counters, METH_NOARGS, "counters() -> dict"},
+    {"fileno", (PyCFunction)Forwarder_fileno, METH_NOARGS, "the epoll fd (readable: poll() has work)"},
+    {"close", (PyCFunction)Forwarder_close, METH_NOARGS, "close the epoll fd, free every flow"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods Forwarder_as_sequence = {
+    .sq_length = (lenfunc)Forwarder_len,
+};
+
+static PyTypeObject ForwarderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "media_relay._fastpath.Forwarder",
+    .tp_doc = PyDoc_STR("Native flow table and recvmmsg/sendmmsg forwarder of the plain relay."),
+    .tp_basicsize = sizeof(Forwarder),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Forwarder_new,
+    .tp_init = (initproc)Forwarder_init,
+    .tp_dealloc = (destructor)Forwarder_dealloc,
+    .tp_methods = Forwarder_methods,
+    .tp_as_sequence = &Forwarder_as_sequence,
+};
+
+static struct PyModuleDef fastpath_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "media_relay._fastpath",
+    .m_doc = PyDoc_STR("Native fast path of the plain media relay (see media_relay/fastpath.py)."),
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void)
+{
+    if (PyType_Ready(&ForwarderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&fastpath_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Forwarder", (PyObject *)&ForwarderType) < 0 ||
+        PyModule_AddIntConstant(m, "BATCH", BATCH) < 0 || PyModule_AddIntConstant(m, "BUF_BYTES", BUF_BYTES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

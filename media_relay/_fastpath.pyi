@@ -1,0 +1,39 @@
+"""Type stub of the native fast path (``_fastpath.c``; used through ``media_relay.fastpath``)."""
+
+from media_relay.rtp import StatsState
+
+Addr = tuple[str, int]
+# (key, rx_packets, rx_bytes, tx_rtp_packets, tx_rtp_bytes, tx_rtcp_packets, tx_rtcp_bytes,
+#  last_seen, StreamStats state); counters are deltas since the previous flush of the flow.
+FlushItem = tuple[int, int, int, int, int, int, int, float, StatsState]
+
+BATCH: int
+BUF_BYTES: int
+
+class Forwarder:
+    def __init__(self) -> None: ...
+    def __len__(self) -> int: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+    def add_socket(self, fd: int, local_port: int, /) -> None: ...
+    def remove_socket(self, fd: int, local_port: int, /) -> int: ...
+    def install(
+        self,
+        local_port: int,
+        src_host: str,
+        src_port: int,
+        is_rtcp_port: bool,
+        rtp_fd: int,
+        rtp_dst: Addr | None,
+        rtcp_fd: int,
+        rtcp_dst: Addr | None,
+        clock_rate: int,
+        state: StatsState,
+    ) -> int: ...
+    def remove(self, key: int, /) -> FlushItem | None: ...
+    def flush(self) -> list[FlushItem]: ...
+    def drain(
+        self, fd: int, local_port: int, *, now: float | None = None, max_batches: int = 4
+    ) -> list[tuple[bytes, Addr]]: ...
+    def poll(self, *, now: float | None = None) -> list[tuple[int, bytes, Addr]]: ...
+    def counters(self) -> dict[str, int]: ...

@@ -1,0 +1,590 @@
+"""The native fast path (``media_relay/_fastpath.c``) against the pure-Python table, packet by packet.
+
+A ``Rig`` holds the same E-like stream in two tables: one fed directly (``receive_datagram``), one
+whose established flows live in a ``Forwarder`` fed by real loopback sockets (``drain`` with an
+explicit clock, then the table for whatever the forwarder hands back, as ``worker.py`` does).
+After every scenario every counter, drop, latch, ``last_seen`` and the full RFC 3550 receiver
+state (``StreamStats.get_state``) must be equal, and the sinks must have received exactly what
+the tables counted as sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from media_relay import fastpath
+from media_relay.events import StreamTimedOut
+from media_relay.rtp import StreamStats
+from media_relay.table import Addr, Endpoint, LegSpec, PortAllocator, RelayTable
+from media_relay.worker import RelayWorker
+
+HOST = "127.0.0.1"
+
+
+def _forwarder() -> Any:
+    assert fastpath.built(), "media_relay._fastpath is not built: pip install -e . (needs gcc, python3-dev)"
+    return fastpath.new_forwarder()
+
+
+def rtp(seq: int, ts: int = 0, ssrc: int = 0x1234, pt: int = 0, size: int = 172) -> bytes:
+    head = struct.pack("!BBHII", 0x80, pt, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc)
+    return (head + bytes(max(0, size - 12)))[:size]
+
+
+def rtcp(kind: int = 201, ssrc: int = 0x1234) -> bytes:
+    return struct.pack("!BBHI", 0x80, kind, 1, ssrc)
+
+
+def udp(addr: str = HOST) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((addr, 0))
+    sock.setblocking(False)
+    return sock
+
+
+def name(sock: socket.socket) -> Addr:
+    host, port = sock.getsockname()
+    return str(host), int(port)
+
+
+class Rig:
+    """E's shape: a latching client leg on its own pair, C's leg demuxed on a shared pair."""
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+        self.relay: dict[int, socket.socket] = {}
+        self.client_rtp, self.client_rtcp = self._relay_port(), self._relay_port()
+        self.demux_rtp, self.demux_rtcp = self._relay_port(), self._relay_port()
+        self.spare = self._relay_port()  # bound, but no stream uses it
+        self.client = self._new()  # the MRA client (RTP and RTCP from one socket)
+        self.c = self._new()  # Expressway-C's outside RTP
+        self.c_rtcp = self._new()
+        self.forwarder = _forwarder()
+        for port, sock in self.relay.items():
+            self.forwarder.add_socket(sock.fileno(), port)
+        self.python = RelayTable()
+        self.native = RelayTable()
+        self.native.track_changes = True
+        self.flows = fastpath.FlowSync(self.forwarder, self.native, self._fd_of)
+        for table in (self.python, self.native):
+            self.add(table, "s1", name(self.c), name(self.c_rtcp))
+
+    def add(self, table: RelayTable, stream_id: str, c_rtp: Addr, c_rtcp: Addr) -> None:
+        table.add_stream(
+            stream_id,
+            LegSpec.dedicated(self.client_rtp, self.client_rtcp, latch=True),
+            LegSpec.demuxed(self.demux_rtp, self.demux_rtcp, c_rtp, c_rtcp),
+            now=0.0,
+            clock_rate=8000,
+        )
+
+    def _relay_port(self) -> int:
+        sock = self._new()
+        port = name(sock)[1]
+        self.relay[port] = sock
+        return port
+
+    def _new(self) -> socket.socket:
+        sock = udp()
+        self.socks.append(sock)
+        return sock
+
+    def _fd_of(self, port: int) -> int | None:
+        sock = self.relay.get(port)
+        return None if sock is None else sock.fileno()
+
+    def send(self, src: socket.socket, port: int, data: bytes, now: float) -> None:
+        """One datagram through both tables at the same clock."""
+        self.python.receive_datagram(port, data, name(src), now)
+        if self.native.changed:  # as the worker does before each poll
+            self.flows.sync(self.native.take_changed())
+        src.sendto(data, (HOST, port))  # loopback: queued at the relay socket on return
+        for back, addr in self.forwarder.drain(self.relay[port].fileno(), port, now=now):
+            route = self.native.receive_datagram(port, back, addr, now)
+            if route is not None:
+                self.relay[route[0]].sendto(back, route[1])
+        if self.native.changed:
+            self.flows.sync(self.native.take_changed())
+
+    def received(self, sock: socket.socket) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(sock.recv(4096))
+            except BlockingIOError:
+                return out
+
+    def check(self) -> None:
+        """Every counter and all receiver state equal; the sinks got what was counted as sent."""
+        self.flows.flush()
+        assert self.native.totals() == self.python.totals()
+        for sid in ("s1",):
+            if sid not in self.python:
+                continue
+            ps, ns = self.python.get_stream(sid), self.native.get_stream(sid)
+            assert ns.last_seen == ps.last_seen
+            for pe, ne in zip(ps.endpoints(), ns.endpoints(), strict=True):
+                assert endpoint_state(ne) == endpoint_state(pe), (ne.local_port, ne.is_rtcp_port)
+            assert ns.snapshot() == ps.snapshot()
+
+    def close(self) -> None:
+        self.flows.close()
+        self.forwarder.close()
+        for sock in self.socks:
+            sock.close()
+
+
+def endpoint_state(ep: Endpoint) -> dict[str, Any]:
+    return {
+        "rx": (ep.rx_packets, ep.rx_bytes),
+        "tx": (ep.tx_packets, ep.tx_bytes),
+        "drops": ep.drops(),
+        "latched": (ep.latched, ep.remote, ep.route),
+        "stats": ep.stats.get_state(),
+    }
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def establish(rig: Rig, now: float = 1.0) -> float:
+    """The client latches RTP and RTCP, C answers on both: from here flows are native."""
+    rig.send(rig.client, rig.client_rtp, rtp(1, 160), now)
+    rig.send(rig.c, rig.demux_rtp, rtp(100, 0, ssrc=0xC), now + 0.01)
+    rig.send(rig.client, rig.client_rtcp, rtcp(), now + 0.02)
+    rig.send(rig.c_rtcp, rig.demux_rtcp, rtcp(ssrc=0xC), now + 0.03)
+    return now + 0.04
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+
+
+def test_established_flows_go_native_and_match_python(rig: Rig) -> None:
+    now = establish(rig)
+    assert len(rig.flows) == 4  # client RTP/RTCP and C RTP/RTCP
+    before = rig.forwarder.counters()["forwarded"]
+    for i in range(2, 200):
+        now += 0.02
+        rig.send(rig.client, rig.client_rtp, rtp(i, i * 160), now)
+        rig.send(rig.c, rig.demux_rtp, rtp(100 + i, i * 160, ssrc=0xC), now + 0.001)
+        if i % 50 == 0:
+            rig.send(rig.client, rig.client_rtcp, rtcp(), now + 0.002)
+            rig.send(rig.c_rtcp, rig.demux_rtcp, rtcp(ssrc=0xC), now + 0.003)
+    assert rig.forwarder.counters()["forwarded"] - before == 2 * 198 + 2 * 3
+    rig.check()
+    to_c, to_client = rig.received(rig.c), rig.received(rig.client)
+    assert len(to_c) == rig.native.get_stream("s1").legs[1].rtp.tx_packets
+    assert to_c[-1] == rtp(199, 199 * 160)  # byte-exact, in order
+    assert len(to_client) == 2 + 198 + 3  # from C's first packet on (RTP and RTCP: one socket)
+    assert len(rig.received(rig.c_rtcp)) == 1 + 3
+
+
+def test_sequence_wrap_duplicates_reorder_jumps_and_ssrc_change(rig: Rig) -> None:
+    now = establish(rig)
+    seqs = [65530, 65531, 65533, 65532, 65533, 65535, 0, 1, 1, 3, 2]  # wrap, reorder, duplicates
+    seqs += [9000, 20000, 20001, 20002]  # a jump, then a confirmed restart
+    seqs += [40000, 20003, 19990]  # an unconfirmed jump, then misordered within 100
+    for k, seq in enumerate(seqs):
+        now += 0.02 + (k % 5) * 0.003  # uneven arrival: jitter
+        rig.send(rig.client, rig.client_rtp, rtp(seq, k * 160 + (k % 3) * 40), now)
+    rig.check()  # before the SSRC change restarts the estimators
+    for k in range(30):  # a new source (call transfer): the estimators restart
+        now += 0.02
+        rig.send(rig.client, rig.client_rtp, rtp(500 + k, 0xFFFFFF00 + k * 160, ssrc=0xBEEF), now)
+    rig.check()
+    stats = rig.native.get_stream("s1").legs[0].rtp.stats
+    assert stats.ssrc == 0xBEEF and stats.expected == 30 and stats.lost == 0 and stats.jitter >= 0
+
+
+def test_hostile_packets_are_dropped_and_counted_the_same(rig: Rig) -> None:
+    now = establish(rig)
+    stranger = rig._new()
+    garbage = [
+        b"\x80\x00\x00",  # shorter than an RTCP header
+        rtp(7, size=9),  # RTCP-sized, but not an RTCP type: too short for RTP
+        rtp(7, size=1501),  # over the relay's maximum
+        rtp(7, size=4000),  # longer than the native receive buffer (truncated: still too big)
+        b"\x40" + rtp(7)[1:],  # version 1
+        b"\x00" * 172,  # version 0
+        b"\xc0" + rtp(7)[1:],  # version 3
+    ]
+    for data in garbage:
+        now += 0.01
+        rig.send(rig.client, rig.client_rtp, data, now)  # from the latched source itself
+        rig.send(rig.c, rig.demux_rtp, data, now)
+    for k in range(300):  # a flood from sources that are not the latched ones
+        now += 0.0001
+        rig.send(stranger, rig.client_rtp, rtp(k), now)
+        rig.send(stranger, rig.demux_rtp, rtp(k), now)
+        rig.send(stranger, rig.client_rtcp, rtcp(), now)
+    for k in range(20):  # a port no stream uses
+        rig.send(rig.client, rig.spare, rtp(k), now)
+    now += 0.02
+    rig.send(rig.client, rig.client_rtp, rtp(2, 320), now)  # the stream still works
+    rig.check()
+    totals = rig.native.totals()
+    assert totals["garbage_drops"] == 2 * len(garbage)
+    assert totals["unlatched_drops"] == 600 and totals["unknown_source_drops"] == 300
+    assert totals["unknown_port_drops"] == 20
+    assert rig.received(stranger) == []
+
+
+def test_rtcp_by_payload_type_on_the_rtp_port(rig: Rig) -> None:
+    now = establish(rig)
+    for k in range(10):  # RFC 5761 mux: RTCP types on the RTP port go to the peer's RTCP
+        now += 0.01
+        rig.send(rig.client, rig.client_rtp, rtcp(200 + k % 5), now)
+        rig.send(rig.client, rig.client_rtp, rtp(10 + k, pt=0x80 | 95), now)  # marker + PT 95 = 223
+        rig.send(rig.client, rig.client_rtp, rtp(20 + k, pt=0x80 | 63), now)  # 191: RTP
+    rig.check()
+    assert len(rig.received(rig.c_rtcp)) == 1 + 20
+
+
+def test_mux_rtcp_without_a_route_goes_to_python(rig: Rig) -> None:
+    # Only RTP has latched towards the client: C's RTCP-typed packets on the RTP port have no
+    # route yet; the table counts them (not_latched) while RTP stays native.
+    rig.send(rig.client, rig.client_rtp, rtp(1), 1.0)
+    for k in range(5):
+        rig.send(rig.c, rig.demux_rtp, rtp(k, ssrc=0xC), 1.1 + k / 100)
+        rig.send(rig.c, rig.demux_rtp, rtcp(ssrc=0xC), 1.1 + k / 100)
+    rig.check()
+    ep = rig.native.get_stream("s1").legs[1].rtp
+    assert ep.not_latched_drops == 5 and ep.tx_packets == 1 and ep.rx_packets == 10
+
+
+def test_relatch_set_remote_and_removal_keep_counters_exact(rig: Rig) -> None:
+    now = establish(rig)
+    for k in range(20):
+        now += 0.02
+        rig.send(rig.client, rig.client_rtp, rtp(2 + k, k * 160), now)
+    # The client moves (re-INVITE): relatch; its old address becomes a stranger.
+    moved = rig._new()
+    for table in (rig.python, rig.native):
+        table.relatch("s1", 0)
+    for k in range(20):
+        now += 0.02
+        rig.send(moved, rig.client_rtp, rtp(40 + k, k * 160), now)
+        rig.send(rig.client, rig.client_rtp, rtp(90 + k, k * 160), now)
+        rig.send(rig.c, rig.demux_rtp, rtp(200 + k, k * 160, ssrc=0xC), now)
+    assert rig.native.get_stream("s1").legs[0].rtp.remote == name(moved)
+    assert len(rig.received(moved)) == 20
+    # C moves: set_remote re-keys the demux leg; the old C address is now unknown.
+    c2, c2_rtcp = rig._new(), rig._new()
+    for table in (rig.python, rig.native):
+        table.set_remote("s1", 1, name(c2), name(c2_rtcp))
+    for k in range(20):
+        now += 0.02
+        rig.send(c2, rig.demux_rtp, rtp(300 + k, k * 160, ssrc=0xD), now)
+        rig.send(rig.c, rig.demux_rtp, rtp(400 + k, k * 160, ssrc=0xC), now)
+        rig.send(moved, rig.client_rtp, rtp(60 + k, k * 160), now)
+    assert len(rig.received(c2)) == 20
+    rig.check()
+    # Removal folds the native counters in before the table retires them.
+    stream = rig.native.get_stream("s1")
+    rig.flows.drop_stream(stream)
+    assert len(rig.flows) == 0
+    assert rig.native.remove_stream("s1") is stream
+    rig.python.remove_stream("s1")
+    assert rig.native.totals() == rig.python.totals()
+
+
+def test_removing_a_socket_purges_flows_that_use_it(rig: Rig) -> None:
+    establish(rig)
+    assert len(rig.forwarder) == 4
+    # The worker removes flows first (drop_port); the forwarder itself still refuses to keep a
+    # flow whose socket is going away (a reused fd number would otherwise send from it).
+    assert rig.forwarder.remove_socket(rig.relay[rig.demux_rtp].fileno(), rig.demux_rtp) == 2
+    assert len(rig.forwarder) == 2
+    rig.flows.drop_port(rig.demux_rtp)
+    assert len(rig.flows) == 2
+
+
+stats_packets = st.lists(
+    st.tuples(
+        st.integers(-3, 3200) | st.sampled_from([-200, -99, 32768, 65000]),  # seq step
+        st.integers(0, 4000),  # ts step
+        st.integers(0, 60),  # arrival gap, ms
+        st.sampled_from([0x1234, 0x1234, 0x1234, 0x5678]),  # mostly one SSRC
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(packets=stats_packets)
+def test_receiver_statistics_are_identical_for_any_sequence(packets: list[tuple[int, int, int, int]]) -> None:
+    r = Rig()
+    try:
+        now = establish(r)
+        seq, ts = 1, 160
+        for step, ts_step, gap_ms, ssrc in packets:
+            seq, ts = (seq + step) & 0xFFFF, (ts + ts_step) & 0xFFFFFFFF
+            now += gap_ms / 1000
+            r.send(r.client, r.client_rtp, rtp(seq, ts, ssrc), now)
+        r.check()
+    finally:
+        r.close()
+
+
+datagrams = st.lists(
+    st.tuples(
+        st.sampled_from(["client", "c", "stranger"]),
+        st.sampled_from(["client_rtp", "client_rtcp", "demux_rtp", "demux_rtcp"]),
+        st.sampled_from([0x80, 0x80, 0x90, 0xA0, 0x00, 0x40, 0xC0]),  # version 2, padding, others
+        st.binary(min_size=0, max_size=40) | st.binary(min_size=1490, max_size=1510),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(packets=datagrams)
+def test_arbitrary_datagrams_are_handled_the_same(packets: list[tuple[str, str, int, bytes]]) -> None:
+    r = Rig()
+    try:
+        now = establish(r)
+        stranger = r._new()
+        senders = {"client": r.client, "c": r.c, "stranger": stranger}
+        for who, port, first, body in packets:
+            now += 0.001
+            r.send(senders[who], getattr(r, port), bytes([first]) + body, now)
+        r.check()
+    finally:
+        r.close()
+
+
+# -- the forwarder's own contract ------------------------------------------------------------------
+
+
+def test_state_round_trip_and_bad_installs_are_refused() -> None:
+    fwd = _forwarder()
+    sock = udp()
+    try:
+        stats = StreamStats(8000)
+        stats.update(rtp(5, 800), 1.0)
+        key = fwd.install(
+            2776, HOST, 5000, False, sock.fileno(), (HOST, 6000), -1, None, 8000, stats.get_state()
+        )
+        item = fwd.remove(key)
+        assert item is not None and item[0] == key and item[1:7] == (0, 0, 0, 0, 0, 0)
+        assert item[8] == stats.get_state()
+        assert fwd.remove(key) is None
+        good = (2776, HOST, 5000, False, sock.fileno(), (HOST, 6000), -1, None, 8000, stats.get_state())
+        bad_variants = [
+            (0, *good[1:]),  # local port 0
+            (2776, "::1", *good[2:]),  # not IPv4
+            (2776, "example.org", *good[2:]),
+            (*good[:4], -1, (HOST, 6000), *good[6:]),  # a destination without a socket
+            (*good[:5], ("10.0.0.1", 70000), *good[6:]),
+            (*good[:8], 0, good[9]),  # clock rate
+            (*good[:9], (1, 2, 3)),  # state of the wrong shape
+            (*good[:9], (*stats.get_state()[:4], 1 << 70, *stats.get_state()[5:])),
+        ]
+        for args in bad_variants:
+            with pytest.raises((ValueError, TypeError, OverflowError)):
+                fwd.install(*args)
+        assert len(fwd) == 0
+        fwd.install(*good)
+        with pytest.raises(KeyError):
+            fwd.install(*good)
+        assert fwd.drain(sock.fileno(), 2776) == []  # nothing queued: nothing returned
+        fwd.close()
+        with pytest.raises(ValueError):
+            fwd.poll()
+        with pytest.raises(ValueError):
+            fwd.install(*good)
+    finally:
+        fwd.close()
+        sock.close()
+
+
+def test_many_flows_grow_and_shrink_the_table() -> None:
+    fwd = _forwarder()
+    sock = udp()
+    try:
+        state = StreamStats().get_state()
+        keys = [
+            fwd.install(2000 + i % 7, f"10.0.{i // 250}.{i % 250}", 1000 + i, bool(i & 1), sock.fileno(),
+                        (HOST, 9), sock.fileno(), (HOST, 9), 8000, state)
+            for i in range(3000)
+        ]  # fmt: skip
+        assert len(set(keys)) == 3000 and len(fwd) == 3000
+        for key in keys[::2]:
+            assert fwd.remove(key) is not None
+        assert len(fwd) == 1500
+        for key in keys[1::2]:  # every survivor is still found after backward-shift deletions
+            assert fwd.remove(key) is not None
+        assert len(fwd) == 0 and fwd.flush() == []
+    finally:
+        fwd.close()
+        sock.close()
+
+
+# -- through the worker and the event loop ---------------------------------------------------------
+
+
+class Peer(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Addr) -> None:
+        self.received.append(data)
+
+    @property
+    def addr(self) -> Addr:
+        assert self.transport is not None
+        return name(self.transport.get_extra_info("socket"))
+
+    def send(self, data: bytes, port: int) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, (HOST, port))
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Explicit readiness: yield to the loop until ``predicate`` holds (bounded)."""
+    for _ in range(20_000):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
+
+
+def _counters(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """What a worker snapshot counts (ports, addresses and clocks differ from run to run)."""
+    legs = [
+        {
+            **{k: leg[k] for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "drops", "latched")},
+            "rtp": {k: leg["rtp"][k] for k in ("packets", "bytes", "ssrc", "expected", "lost")},
+        }
+        for stream in snapshot["streams"]
+        for leg in stream["legs"]
+    ]
+    return {"legs": legs, "totals": snapshot["totals"]}
+
+
+async def _e_scenario(native: bool) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
+    """E's shapes through a real worker: latching, demux, strangers, garbage, RTCP, relatch."""
+    loop = asyncio.get_running_loop()
+    worker = RelayWorker(HOST, allocator=PortAllocator(45000, 45999), native=native)
+    peers = [(await loop.create_datagram_endpoint(Peer, local_addr=(HOST, 0)))[1] for _ in range(5)]
+    client, c, c_rtcp, stranger, moved = peers
+    try:
+        demux_rtp, demux_rtcp = await worker.bind_port(0), await worker.bind_port(0)
+        a_rtp, a_rtcp = await worker.bind_pair()
+        worker.add_stream(
+            "e1",
+            LegSpec.dedicated(a_rtp, latch=True),
+            LegSpec.demuxed(demux_rtp, demux_rtcp, c.addr, c_rtcp.addr),
+        )
+
+        def total(key: str) -> int:
+            return worker.totals()[key]
+
+        c.send(rtp(1, ssrc=0xC), demux_rtp)  # before the client spoke: not latched
+        await until(lambda: total("not_latched_drops") == 1)
+        for i in range(100):
+            client.send(rtp(i, i * 160), a_rtp)
+        await until(lambda: len(c.received) == 100)
+        for i in range(100):
+            c.send(rtp(i + 2, i * 160, ssrc=0xC), demux_rtp)
+        await until(lambda: len(client.received) == 100)
+        for i in range(50):
+            stranger.send(rtp(i), a_rtp)
+            stranger.send(rtp(i), demux_rtp)
+        for i in range(10):
+            client.send(b"\x40" + rtp(i)[1:], a_rtp)
+        await until(lambda: total("unlatched_drops") == 50 and total("unknown_source_drops") == 50)
+        await until(lambda: total("garbage_drops") == 10)
+        for _ in range(5):
+            client.send(rtcp(), a_rtcp)
+        await until(lambda: len(c_rtcp.received) == 5)
+        worker.table.relatch("e1", 0)  # the client moved
+        for i in range(20):
+            moved.send(rtp(200 + i, i * 160), a_rtp)
+        await until(lambda: len(c.received) == 120)
+        for i in range(20):
+            c.send(rtp(300 + i, i * 160, ssrc=0xC), demux_rtp)
+        await until(lambda: len(moved.received) == 20)
+        info = worker.stats()["worker"]
+        assert info["fastpath"] == ("native" if native else "python")
+        if native:  # C's packets came once both legs had latched: all native. (A burst that
+            # arrives before its leg latched goes to the table in one batch, by design.)
+            assert info["native"]["forwarded"] >= 100 + 20
+        snapshot = _counters(worker.stats())
+        worker.remove_stream("e1")
+        return snapshot, worker.totals(), info
+    finally:
+        for p in peers:
+            assert p.transport is not None
+            p.transport.close()
+        await worker.close()
+
+
+async def test_worker_counts_the_same_on_both_paths() -> None:
+    assert fastpath.built(), "media_relay._fastpath is not built"
+    native, native_retired, _ = await _e_scenario(True)
+    python, python_retired, _ = await _e_scenario(False)
+    assert native == python
+    assert native_retired == python_retired and native_retired["rx_packets"] == 1 + 100 + 100 + 5 + 20 + 20
+    assert native_retired["streams"] == 0
+
+
+async def test_native_traffic_keeps_a_stream_alive_until_it_stops(relay_path: str) -> None:
+    """``last_seen`` comes from the forwarder: the inactivity timer must see native packets."""
+    loop = asyncio.get_running_loop()
+    timeouts: asyncio.Queue[StreamTimedOut] = asyncio.Queue()
+    worker = RelayWorker(HOST, allocator=PortAllocator(44000, 44999), on_timeout=timeouts.put_nowait)
+    assert worker.path == relay_path
+    client = (await loop.create_datagram_endpoint(Peer, local_addr=(HOST, 0)))[1]
+    far = (await loop.create_datagram_endpoint(Peer, local_addr=(HOST, 0)))[1]
+    try:
+        a, _ = await worker.bind_pair()
+        b, _ = await worker.bind_pair()
+        worker.add_stream(
+            "s",
+            LegSpec.dedicated(a, latch=True),
+            LegSpec.dedicated(b, latch=False, remote_rtp=far.addr, remote_rtcp=far.addr),
+            inactivity_timeout_s=0.3,
+        )
+        for i in range(16):  # 0.8 s of media, well past the 0.3 s timeout
+            client.send(rtp(i, i * 160), a)
+            await asyncio.sleep(0.05)
+            assert timeouts.empty() and "s" in worker.table
+        assert len(far.received) == 16
+        event = await asyncio.wait_for(timeouts.get(), 5.0)
+        assert event.stream_id == "s" and event.idle_s >= 0.3
+        info = worker.stats()["worker"]
+        assert info.get("native", {"flows": 0})["flows"] == 0
+        assert worker.totals()["rx_packets"] == 16  # retired with the stream, nothing lost
+    finally:
+        for p in (client, far):
+            assert p.transport is not None
+            p.transport.close()
+        await worker.close()
+
+
+def test_env_var_forces_the_python_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(fastpath.ENV_VAR, "0")
+    assert not fastpath.available()
+    monkeypatch.setenv(fastpath.ENV_VAR, "1")
+    assert fastpath.available() == fastpath.built()
