@@ -2,6 +2,11 @@
 
 It feeds bytes to the sans-IO framer and hands messages, STUN requests and framing errors to the
 owner through callbacks; it writes bytes and closes. Nothing here knows SIP routing.
+
+Writes are coalesced: everything sent while one batch of input is handled (a chunk often holds
+many messages at load) leaves in one `transport.write` at the end of the loop iteration, so one
+TLS record and one syscall carry the batch. A malformed message, whether the framer found it or a
+handler's lazy parse did, is answered with its 4xx (STYLE §5), never with a traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from edge.sip.errors import SipParseError
 from edge.sip.events import FramingError, KeepaliveReceived, MessageReceived, StunReceived
 from edge.sip.framing import StreamFramer
-from edge.sip.message import Request, Response, make_response
+from edge.sip.message import Request, Response, Validation, make_response, parse_message
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +45,27 @@ class SipFlow(asyncio.Protocol):
         max_message_bytes: int = 65535,
         name: str = "sip",
         strict: bool = True,
+        validation: Validation | None = None,
     ) -> None:
-        """`strict=False` skips full validation for flows from peers that already validated (E's
-        zone flow into C, UCM): framing and parsing stay bounded either way."""
+        """`validation` (message.Validation) says how much of each message the framer checks:
+        PROXY for untrusted clients (what a proxy needs, RFC 3261 §16.3), NONE for flows from peers
+        that already validated (E's zone flow into C, UCM); `strict` is the older spelling
+        (True: FULL, False: NONE). Framing and parsing stay bounded either way."""
         self.flow_id = f"f{next(_ids):x}"
         self.name = name
         self._on_message = on_message
         self._on_closed = on_closed
         self._on_stun = on_stun
         self._on_connected = on_connected
-        self.framer = StreamFramer(max_message_bytes, strict=strict)
+        self.framer = StreamFramer(max_message_bytes, strict=strict, validation=validation)
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self.secure = False
         self.ssl_object: ssl.SSLObject | None = None
-        self.closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.closed = self._loop.create_future()
+        self._out: list[bytes] = []  # bytes sent during this loop iteration, written at its end
         self.context: dict[str, Any] = {}
         self.messages_in = 0
         self.messages_out = 0
@@ -82,12 +93,15 @@ class SipFlow(asyncio.Protocol):
         for event in self.framer.receive_data(data):
             if isinstance(event, MessageReceived):
                 self.messages_in += 1
+                msg = event.message
                 try:
-                    self._on_message(self, event.message)
+                    self._on_message(self, msg)
+                except SipParseError as exc:  # a header only parsed when needed was malformed
+                    log.info("%s %s: %d %s", self.name, self.flow_id, exc.status_code, exc.reason)
+                    self._answer(msg, exc.status_code, exc.reason)
                 except Exception:  # one bad message must not take the flow down with a traceback
                     log.exception("%s %s: handler failed", self.name, self.flow_id)
-                    if isinstance(event.message, Request) and event.message.method != "ACK":
-                        self.send(make_response(event.message, 500, "Server Internal Error"))
+                    self._answer(msg, 500, "Server Internal Error")
             elif isinstance(event, KeepaliveReceived):
                 if event.pong_needed:
                     self.write(b"\r\n")
@@ -105,6 +119,23 @@ class SipFlow(asyncio.Protocol):
         )
         if event.fatal:
             self.close(f"framing error: {event.reason}")
+        elif event.data:
+            try:  # framed but invalid: answer it when enough of it parses to build a response
+                msg = parse_message(event.data, strict=False)
+            except SipParseError:
+                return
+            self._answer(msg, event.status_code, event.reason)
+
+    def _answer(self, msg: Request | Response, status: int, reason: str) -> None:
+        """A final error answer to a request (never to an ACK or a response)."""
+        if not isinstance(msg, Request) or msg.method == "ACK":
+            return
+        try:
+            if msg.top_via is None:
+                return
+            self.send(make_response(msg, status, reason))
+        except SipParseError:
+            pass  # not even Via/From/To/Call-ID/CSeq could be read: nothing to answer to
 
     def eof_received(self) -> bool | None:
         return False
@@ -121,16 +152,31 @@ class SipFlow(asyncio.Protocol):
         if not self.is_open:
             return False
         self.messages_out += 1
-        assert self.transport is not None
-        self.transport.write(message.serialize())
+        self._queue(message.serialize())
         return True
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+            self._queue(data)
+
+    def _queue(self, data: bytes) -> None:
+        out = self._out
+        out.append(data)
+        if len(out) == 1:
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what was queued (runs by itself at the end of the loop iteration)."""
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self, reason: str = "closed") -> None:
         if self.transport is not None:
+            self.flush()
             self.transport.close()
         if not self.closed.done():
             self.closed.set_result(reason)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from edge.sip.address import NameAddr, Via
+from edge.sip.address import Via
 from edge.sip.errors import SipParseError
 from edge.sip.message import Request, Response, make_response
 from edge.sip.uri import Uri
@@ -27,31 +27,42 @@ def error_response(
 
 
 def stamp_top_via(msg: Request, peer: tuple[str, int], **extra: str | None) -> Via:
-    """RFC 3261 §18.2.1 + RFC 3581: record where the request really came from on the top Via."""
-    raw = msg.headers.remove_first("Via")
-    if raw is None:
+    """RFC 3261 §18.2.1 + RFC 3581: record where the request really came from on the top Via.
+
+    The stamped Via replaces the old one where it stands; every other line stays byte-exact."""
+    top = msg.top_via
+    if top is None:
         raise SipParseError(400, "Missing Via")
-    via = Via.parse(raw)
+    via = top.copy()  # the parsed original may be shared (make_response shares parsed values)
     via.params.set("received", peer[0])
     via.params.set("rport", str(peer[1]))
     for key, value in extra.items():
         via.params.set(key.replace("_", "-"), value)
-    msg.headers.prepend("Via", str(via))
+    msg.set_top_via(via)
     return via
 
 
 def push_via(msg: Request, via: Via) -> None:
-    msg.headers.prepend("Via", str(via))
+    msg.push_via(via)
 
 
 def pop_via(resp: Response) -> Via | None:
-    raw = resp.headers.remove_first("Via")
-    return Via.parse(raw) if raw is not None else None
+    via = resp.top_via
+    if via is not None:
+        resp.headers.remove_first("Via")
+    return via
 
 
 def top_via(msg: Request | Response) -> Via | None:
-    raw = msg.headers.get_all("Via")
-    return Via.parse(raw[0]) if raw else None
+    return msg.top_via
+
+
+def nth_via(msg: Request | Response, n: int) -> Via | None:
+    """The n-th Via value (0 = top), parsing only that one (C needs the client's, below E's)."""
+    if n == 0:
+        return msg.top_via
+    values = msg.headers.get_all("Via")
+    return Via.parse(values[n]) if len(values) > n else None
 
 
 def decrement_max_forwards(req: Request, cap: int | None = None) -> bool:
@@ -64,22 +75,23 @@ def decrement_max_forwards(req: Request, cap: int | None = None) -> bool:
     if mf <= 0:
         return False
     req.headers.replace("Max-Forwards", str(mf - 1))
+    req.headers.cache_put("max-forwards", mf - 1)
     return True
 
 
 def pop_own_routes(req: Request, is_own: Callable[[Uri], bool]) -> list[Uri]:
     """Remove top Route entries that name us (loose routing, RFC 3261 §16.4)."""
-    popped: list[Uri] = []
-    while True:
-        values = req.headers.get_all("Route")
-        if not values:
-            break
-        top = NameAddr.parse(values[0])
-        if not is_own(top.uri):
-            break
+    if "route" not in req.headers:
+        return []
+    routes = req.routes
+    n = 0
+    while n < len(routes) and is_own(routes[n].uri):
+        n += 1
+    for _ in range(n):
         req.headers.remove_first("Route")
-        popped.append(top.uri)
-    return popped
+    if n:
+        req.headers.cache_put("route", routes[n:])
+    return [r.uri for r in routes[:n]]
 
 
 def stateless_branch(req: Request, salt: str) -> str:

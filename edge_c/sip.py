@@ -22,9 +22,10 @@ from typing import Any
 
 from edge.config import LabConfig, UcmNode
 from edge.media_hooks import MediaSession, PassthroughMedia, Side
-from edge.sip.address import NameAddr, Via
+from edge.sip.address import NameAddr, Via, split_name_addr
 from edge.sip.auth import compute_authorization
 from edge.sip.errors import SipParseError
+from edge.sip.headers import Params
 from edge.sip.message import Request, Response, make_response, new_branch, new_call_id, new_tag
 from edge.sip.uri import Uri
 from edge.sip_flow import SipFlow, host_port
@@ -32,6 +33,7 @@ from edge.sip_proxy import (
     decrement_max_forwards,
     error_response,
     is_dialog_forming,
+    nth_via,
     pop_own_routes,
     pop_via,
     push_via,
@@ -243,8 +245,7 @@ class ExpcSip:
     def _zone_request(self, method: str, server_name: str, username: str) -> Request:
         uri = f"sip:{server_name}"
         req = Request(method, uri, [], b"")
-        via = Via(self.address, None, "TLS")
-        via.params.set("branch", new_branch())
+        via = Via(self.address, None, "TLS", Params([("branch", new_branch())]))
         req.headers.add("Via", str(via))
         req.headers.add("Max-Forwards", "70")
         req.headers.add("From", f"<sip:{username}@{server_name}>;tag={new_tag()}")
@@ -267,8 +268,7 @@ class ExpcSip:
             challenge = resp.headers.get("WWW-Authenticate") or ""
             retry = req.copy()
             retry.headers.replace("CSeq", "2 REGISTER")
-            via = Via(self.address, None, "TLS")
-            via.params.set("branch", new_branch())
+            via = Via(self.address, None, "TLS", Params([("branch", new_branch())]))
             retry.headers.replace("Via", str(via))
             retry.headers.replace(
                 "Authorization", compute_authorization(challenge, "REGISTER", req.uri, username, password)
@@ -309,6 +309,8 @@ class ExpcSip:
     def _pick_ucm(self, req: Request) -> UcmNode:
         nodes = self.config.ucm
         live = [n for n in nodes if n.name not in self.ucm_down] or list(nodes)
+        if len(live) == 1:
+            return live[0]  # nothing to choose: no need to parse Route or Request-URI
         for candidate in (req.headers.get_all("Route")[:1], [req.uri]):
             for text in candidate:
                 try:
@@ -463,22 +465,29 @@ class ExpcSip:
         try:
             stamp_top_via(req, flow.peer, ingress_zone=self.settings.zone.name)
             pop_own_routes(req, self._is_own)
-            client_via = req.vias[1] if len(req.vias) > 1 else req.vias[0]
+            client_via = nth_via(req, 1) or nth_via(req, 0)
+            assert client_via is not None  # the top Via was just stamped
             client_addr = (
                 client_via.received or client_via.host,
                 client_via.rport or client_via.port or 5061,
             )
             if req.method == "REGISTER":
+                # REGISTER never belongs to a dialog (RFC 3261 §10), so never to the B2BUA.
                 self.client_edge[client_addr] = flow.flow_id
                 self._count("register")
-            if self.b2bua.owns(req):
+            elif self.b2bua.owns(req):
                 self._run(self.b2bua.receive_from_zone(req, flow.flow_id, self._now()))
                 return
             self._rewrite_contacts(req, client_addr)
         except SipParseError as exc:
             flow.send(error_response(req, exc.status_code, exc.reason, agent=self.settings.name))
             return
-        self._spawn(self._to_ucm(req, flow))
+        node = self._pick_ucm(req)
+        ucm = self.ucm_out.get(node.name)
+        if ucm is not None and ucm.is_open:
+            self._forward_to_ucm(req, flow, node, ucm)  # the usual case: no task per request
+        else:
+            self._spawn(self._to_ucm(req, flow))
 
     def _rewrite_contacts(self, req: Request, client_addr: tuple[str, int]) -> None:
         """Spec §5: Contact host:port → C with orig-hostport, or a Path header in Path mode."""
@@ -492,14 +501,17 @@ class ExpcSip:
             return
         if "Contact" not in req.headers or req.contact_is_star:
             return
+        # Only the URI is rewritten; display name and header parameters (the MRA markers,
+        # +sip.instance, x-cisco-*) pass through verbatim (spec §5).
         rewritten = []
-        for contact in req.contacts:
-            uri = contact.uri.copy()
+        for value in req.headers.get_all("Contact"):
+            before, uri_text, after = split_name_addr(value)
+            uri = Uri.parse(uri_text)
             uri.host = self.address
             uri.port = self.ucm_port
             uri.params.set("transport", transport)
             uri.params.set("orig-hostport", f"{client_addr[0]}:{client_addr[1]}")
-            rewritten.append(str(NameAddr(uri, contact.display_name, contact.params)))
+            rewritten.append(f"{before}{uri}{after}" if before else f"<{uri}>{after}")
         req.headers.remove("Contact")
         for value in rewritten:
             req.headers.add("Contact", value)
@@ -530,6 +542,9 @@ class ExpcSip:
                         )
                     )
                 return
+        self._forward_to_ucm(req, zflow, node, flow)
+
+    def _forward_to_ucm(self, req: Request, zflow: SipFlow, node: UcmNode, flow: SipFlow) -> None:
         if is_dialog_forming(req):
             req.headers.prepend(
                 "Record-Route", f"<sip:{self.address}:{self.settings.sip_tls_port};transport=tls;lr>"
@@ -538,11 +553,19 @@ class ExpcSip:
                 "Record-Route",
                 f"<sip:{self.address}:{self.ucm_port};transport={self.settings.ucm_transport};lr>",
             )
-        via = Via(self.address, self.ucm_port, self.settings.ucm_transport.upper())
-        via.params.set("branch", stateless_branch(req, self.salt))
-        via.params.set("egress-zone", f"CE{self.settings.ucm_transport}-{node.name}")
-        via.params.set(FLOW_PARAM, zflow.flow_id)
-        via.params.set("rport", None)
+        via = Via(
+            self.address,
+            self.ucm_port,
+            self.settings.ucm_transport.upper(),
+            Params(
+                [
+                    ("branch", stateless_branch(req, self.salt)),
+                    ("egress-zone", f"CE{self.settings.ucm_transport}-{node.name}"),
+                    (FLOW_PARAM, zflow.flow_id),
+                    ("rport", None),
+                ]
+            ),
+        )
         push_via(req, via)
         flow.send(req)
 
@@ -561,7 +584,7 @@ class ExpcSip:
 
     def _ucm_message(self, flow: SipFlow, msg: Request | Response) -> None:
         if isinstance(msg, Response):
-            if self.b2bua.owns(msg):
+            if msg.cseq.method != "REGISTER" and self.b2bua.owns(msg):  # B2BUA sends no REGISTER
                 self._run(self.b2bua.receive_from_ucm(msg, flow.flow_id, self._now()))
                 return
             via = pop_via(msg)
@@ -628,11 +651,19 @@ class ExpcSip:
             req.headers.prepend(
                 "Record-Route", f"<sip:{self.address}:{self.settings.sip_tls_port};transport=tls;lr>"
             )
-        via = Via(self.address, self.settings.sip_tls_port, "TLS")
-        via.params.set("branch", stateless_branch(req, self.salt))
-        via.params.set("egress-zone", self.settings.zone.name)
-        via.params.set(FLOW_PARAM, flow.flow_id)
-        via.params.set("rport", None)
+        via = Via(
+            self.address,
+            self.settings.sip_tls_port,
+            "TLS",
+            Params(
+                [
+                    ("branch", stateless_branch(req, self.salt)),
+                    ("egress-zone", self.settings.zone.name),
+                    (FLOW_PARAM, flow.flow_id),
+                    ("rport", None),
+                ]
+            ),
+        )
         push_via(req, via)
         conn.flow.send(req)
 
@@ -658,9 +689,12 @@ class ExpcSip:
             self.ucm_down[node.name] = str(exc) or type(exc).__name__
             return
         req = Request("OPTIONS", f"sip:{node.address}:{node.sip_tcp_port}", [], b"")
-        via = Via(self.address, self.ucm_port, self.settings.ucm_transport.upper())
-        via.params.set("branch", new_branch())
-        via.params.set("rport", None)
+        via = Via(
+            self.address,
+            self.ucm_port,
+            self.settings.ucm_transport.upper(),
+            Params([("branch", new_branch()), ("rport", None)]),
+        )
         req.headers.add("Via", str(via))
         req.headers.add("Max-Forwards", "70")
         req.headers.add("From", f"<sip:{self.address}>;tag={new_tag()}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import ssl
 import time
@@ -24,10 +25,11 @@ from typing import Any
 
 from edge.media_hooks import MediaRejected, MediaSession, PassthroughMedia, Side
 from edge.pki import peer_has_san
-from edge.sip.address import NameAddr, Via
+from edge.sip.address import Via
 from edge.sip.auth import DigestCredentials, DigestVerdict, DigestVerifier
 from edge.sip.errors import SipParseError
-from edge.sip.message import Request, Response, make_response
+from edge.sip.headers import Params
+from edge.sip.message import Request, Response, Validation, make_response
 from edge.sip.uri import Uri
 from edge.sip_flow import SipFlow
 from edge.sip_proxy import (
@@ -49,6 +51,9 @@ log = logging.getLogger(__name__)
 
 FLOW_PARAM = "x-edge-flow"
 ZONE_PARAM = "x-edge-zc"
+CLIENT_PARAM = "x-edge-cf"
+"""On E's own Via towards C: the client flow the request came in on, so the response finds it
+without parsing the client's Via (RFC 3261 §16.11: a stateless proxy keeps such state in Via)."""
 PATH_STATE_HEADER = "X-Edge-Path-State"
 """C reports on its keepalive OPTIONS whether it reaches Unified CM (for STUN answers)."""
 
@@ -159,6 +164,32 @@ class SdpTracker:
         self.established.discard(call)
 
 
+_INSTANCE_RE = re.compile(r';\s*\+sip\.instance\s*=\s*("[^"]*"|[^;\s]+)', re.IGNORECASE)
+_EXPIRES_RE = re.compile(r";\s*expires\s*=\s*([0-9]{1,10})\s*(?:;|\Z)", re.IGNORECASE)
+
+
+def _uri_text(value: str) -> str:
+    """The URI of a name-addr / addr-spec value as written (between <> or before the first ';')."""
+    lt = value.find("<")
+    if lt >= 0:
+        gt = value.find(">", lt)
+        return value[lt + 1 : gt if gt > lt else len(value)].strip()
+    return value.split(";", 1)[0].strip()
+
+
+def _binding_of(contact: str) -> tuple[str, int | None]:
+    """(+sip.instance or the contact URI, the expires parameter) of one Contact value; the
+    header parameters are those after the '>' of a name-addr (RFC 3261 §20.10)."""
+    gt = contact.rfind(">")
+    params = contact[gt + 1 :] if gt >= 0 else contact[contact.find(";") :] if ";" in contact else ""
+    instance = _INSTANCE_RE.search(params)
+    expires = _EXPIRES_RE.search(params)
+    return (
+        instance.group(1) if instance else _uri_text(contact),
+        int(expires.group(1)) if expires else None,
+    )
+
+
 def _sdp_body(msg: Request | Response) -> bytes | None:
     ctype = (msg.content_type or "").split(";", 1)[0].strip().lower()
     return msg.body if ctype == "application/sdp" and msg.body else None
@@ -216,10 +247,12 @@ class EdgeSip:
         self.counters[key] = self.counters.get(key, 0) + 1
 
     def _is_own(self, uri: Uri) -> bool:
-        host = uri.host
-        if host == self.internal_address and uri.port in (None, self.zone_port):
+        return self._is_own_hostport(uri.host, uri.port)
+
+    def _is_own_hostport(self, host: str, port: int | None) -> bool:
+        if host == self.internal_address and port in (None, self.zone_port):
             return True
-        return host == self.external_address and uri.port in (None, self.client_port)
+        return host == self.external_address and port in (None, self.client_port)
 
     def live_zone_flow(self) -> SipFlow | None:
         for flow in self.zone_flows.values():
@@ -251,6 +284,7 @@ class EdgeSip:
                 on_stun=self._client_stun,
                 on_connected=self._client_connected,
                 name="sip-client",
+                validation=Validation.PROXY,  # RFC 3261 §16.3: check what E uses, pass the rest
             ),
             self.external_address,
             self.client_port,
@@ -327,7 +361,7 @@ class EdgeSip:
             return
         try:
             stamp_top_via(req, flow.peer, ingress_zone=self.zone_name)
-            routes = [NameAddr.parse(v).uri for v in req.headers.get_all("Route")]
+            routes = [r.uri for r in req.routes]
             own = pop_own_routes(req, self._is_own)
         except SipParseError as exc:
             self._reply(flow, req, exc.status_code, exc.reason)
@@ -355,16 +389,21 @@ class EdgeSip:
             req.headers.prepend(
                 "Record-Route", f"<sip:{self.internal_address}:{self.zone_port};transport=tls;lr>"
             )
-        via = Via(self.internal_address, self.zone_port, "TLS")
-        via.params.set("branch", stateless_branch(req, self.salt))
-        via.params.set("rport", None)
+        via = Via(
+            self.internal_address,
+            self.zone_port,
+            "TLS",
+            Params(
+                [("branch", stateless_branch(req, self.salt)), (CLIENT_PARAM, flow.flow_id), ("rport", None)]
+            ),
+        )
         push_via(req, via)
         zone.send(req)
 
     def _client_response(self, flow: SipFlow, resp: Response) -> None:
         """A client answering a request C sent: pop our Via, return it on the zone flow."""
         via = pop_via(resp)
-        if via is None or not self._is_own(Uri("sip", host=via.host, port=via.port)):
+        if via is None or not self._is_own_hostport(via.host, via.port):
             self._count("stray_response")
             return
         zone_id = via.params.get(ZONE_PARAM)
@@ -414,8 +453,10 @@ class EdgeSip:
         req = msg
         path_state = req.headers.get(PATH_STATE_HEADER) if req.method == "OPTIONS" else None
         # C's keepalive names E by its FQDN (the zone peer address), so the header marks it too.
-        if req.method == "OPTIONS" and req.request_uri.user is None and (
-            path_state is not None or self._is_own(req.request_uri)
+        if (
+            req.method == "OPTIONS"
+            and req.request_uri.user is None
+            and (path_state is not None or self._is_own(req.request_uri))
         ):
             flow.context["keepalive_at"] = time.monotonic()
             flow.context["ucm"] = (path_state or "down").lower()
@@ -517,24 +558,31 @@ class EdgeSip:
                 f"<sip:{target.flow_id}@{self.external_address}:{self.client_port};"
                 f"transport=tls;lr;{FLOW_PARAM}>",
             )
-        via = Via(self.external_address, self.client_port, "TLS")
-        via.params.set("branch", stateless_branch(req, self.salt))
-        via.params.set(ZONE_PARAM, zflow.flow_id)
-        via.params.set("rport", None)
+        via = Via(
+            self.external_address,
+            self.client_port,
+            "TLS",
+            Params(
+                [("branch", stateless_branch(req, self.salt)), (ZONE_PARAM, zflow.flow_id), ("rport", None)]
+            ),
+        )
         push_via(req, via)
         target.send(req)
 
     def _zone_response(self, resp: Response) -> None:
-        """C answering a client's request: pop our Via; the next one names the client flow."""
+        """C answering a client's request: pop our Via, which names the client flow."""
         via = pop_via(resp)
-        if via is None or not self._is_own(Uri("sip", host=via.host, port=via.port)):
+        if via is None or not self._is_own_hostport(via.host, via.port):
             self._count("stray_response")
             return
-        client_via = top_via(resp)
-        if client_via is None:
-            return
-        addr = (client_via.received or client_via.host, client_via.rport or client_via.port or 5061)
-        flow = self.clients_by_addr.get(addr)
+        flow_id = via.params.get(CLIENT_PARAM)
+        flow = self.clients.get(flow_id) if flow_id is not None else None
+        if flow is None:  # no token (or its flow is gone): the address E stamped on the client's Via
+            client_via = top_via(resp)
+            if client_via is None:
+                return
+            addr = (client_via.received or client_via.host, client_via.rport or client_via.port or 5061)
+            flow = self.clients_by_addr.get(addr)
         if flow is None or not flow.is_open:
             self._count("client_gone")
             return
@@ -544,19 +592,22 @@ class EdgeSip:
         flow.send(resp)
 
     def _track_registration(self, resp: Response) -> None:
+        """Count the bindings a registrar's 2xx lists. Only the parts counting needs are read
+        (To's URI; each Contact's +sip.instance, expires and URI text), not whole addresses."""
         now = time.monotonic()
-        aor = str(resp.to.uri)
-        default = resp.expires or 0
-        try:
-            contacts = resp.contacts
-        except SipParseError:
+        to = resp.headers.get("to")
+        contacts = resp.headers.get_all("contact")
+        if to is None:
             return
+        try:
+            default = resp.expires or 0
+        except SipParseError:
+            default = 0
         bindings: dict[str, int] = {}
         for contact in contacts:
-            expires_text = contact.params.get("expires")
-            expires = int(expires_text) if expires_text and expires_text.isdigit() else default
-            bindings[contact.params.get("+sip.instance") or str(contact.uri)] = expires
-        self.registrations.replace(aor, bindings, now)
+            key, expires = _binding_of(contact)
+            bindings[key] = default if expires is None else expires
+        self.registrations.replace(_uri_text(to), bindings, now)
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()

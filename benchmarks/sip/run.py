@@ -10,8 +10,9 @@
    (in-memory registrar, TLS listener, same stunnel arrangement, 2 workers) gets the same messages
    without the Route.
 2. Held registrations: for each N, a lab with `load.count=N`; sipp `-t tn` (one TLS flow per user
-   through stunnel) registers N users, refreshes every `--refresh-s`, holds, then unregisters.
-   RSS of E+C+UCM (/proc/<pid>/status VmRSS) idle and once every binding was refreshed once.
+   through stunnel) registers N users, keeps refreshing every `--refresh-s` until past the
+   sampling point, then unregisters. RSS of E+C+UCM (/proc/<pid>/status VmRSS) idle and once
+   every binding was refreshed once (all N held).
 3. Optionally py-spy on E, C and UCM during one window at the best rate: top functions by self time.
 
 Everything runs on loopback in a temporary directory; every sipp run is bounded by its call
@@ -21,6 +22,8 @@ count and `-timeout`; every process is ours and is stopped by PID.
 from __future__ import annotations
 
 import argparse
+import math
+import resource
 import sys
 import tempfile
 import time
@@ -79,6 +82,7 @@ class RateTarget:
 def run_window(t: RateTarget, rate: float, window_s: float, users: Path, workdir: Path) -> Step:
     calls = max(1, int(rate * window_s))
     before = {k: cpu_seconds(p) for k, p in t.cpu_pids.items()}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # sipp's CPU once it is reaped
     started = time.monotonic()
     result = (
         SippLoad(
@@ -99,6 +103,9 @@ def run_window(t: RateTarget, rate: float, window_s: float, users: Path, workdir
     )
     wall = time.monotonic() - started
     cpu = {k: 100 * (cpu_seconds(p) - before[k]) / wall for k, p in t.cpu_pids.items()}
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sipp_s = reaped.ru_utime + reaped.ru_stime - children.ru_utime - children.ru_stime
+    cpu["sipp"] = 100 * sipp_s / wall
     return Step(result, cpu)
 
 
@@ -136,6 +143,11 @@ def rate_search(
         else:
             fail_rate = rate
     return best, steps
+
+
+def _pid(st: Stunnel) -> int:
+    assert st.proc is not None
+    return st.proc.pid
 
 
 @contextmanager
@@ -193,7 +205,11 @@ def hold_registrations(
     shards = -(-n // SHARD_USERS)
     ramp_s = n / args.hold_rate
     refresh_ms = int(args.refresh_s * 1000)
-    hold_ms = int((ramp_s + 20) * 1000)
+    # Every user keeps refreshing until well past the sampling point (the last user's first
+    # refresh, about ramp + refresh): UCM grants 120 s, so a binding refreshed only once expired
+    # before RSS was sampled (a 10,000 run held only 5,953 then).
+    rounds = math.ceil((ramp_s + args.refresh_s + 30) / args.refresh_s)
+    hold_ms = 20_000  # after the last refresh, then unregister
     base = _ucm_regs(lab)
     peak = 0
     with ExitStack() as stack:
@@ -221,13 +237,13 @@ def hold_registrations(
                 rate=args.hold_rate * count / n,
                 calls=count,
                 limit=count,
-                timeout_s=ramp_s * 3 + args.refresh_s + hold_ms / 1000 + 60,
+                timeout_s=ramp_s * 3 + rounds * args.refresh_s + hold_ms / 1000 + 60,
                 keys={
                     "domain": lab.config.lab.domain,
                     "expires": str(args.expires),
                     "route": f"Route: {route}",
                 },
-                globals_={"refresh_ms": str(refresh_ms), "hold_ms": str(hold_ms), "refreshes": "1"},
+                globals_={"refresh_ms": str(refresh_ms), "hold_ms": str(hold_ms), "refreshes": str(rounds)},
             )
             sipps.append(sipp)
             stack.callback(sipp.stop)
@@ -256,10 +272,12 @@ def hold_registrations(
 
         def refreshed() -> bool:
             sample()
+            if time.monotonic() - t0 < ramp_s + args.refresh_s + 5:
+                return False  # the last users have not had their first refresh yet
             return _ucm_regs(lab)["refreshes"] - base["refreshes"] >= n - failed_so_far()
 
         try:
-            wait_for(refreshed, args.refresh_s + ramp_s + 30, f"{n} refreshes at UCM", interval_s=1.0)
+            wait_for(refreshed, args.refresh_s + ramp_s + 60, f"{n} refreshes at UCM", interval_s=1.0)
         except AssertionError as exc:
             log(f"  {exc}: sampling anyway")
         held = {k: rss_kib(p) for k, p in pids.items()}
@@ -268,6 +286,8 @@ def hold_registrations(
         asked = time.monotonic()
         e = lab.component("expe")
         log(f"  UCM current {ucm_now}; E /status answered in {time.monotonic() - asked:.1f} s")
+        if ucm_now < n - failed_so_far():
+            log(f"  only {ucm_now} of {n} registrations held when RSS was sampled")
         refreshes = _ucm_regs(lab)["refreshes"] - base["refreshes"]
         log(f"  {refreshes} refreshes after {time.monotonic() - t0:.1f} s; sampled RSS")
         results = [sipp.wait() for sipp in sipps]
@@ -367,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 st.accept,
                 "127.0.0.1",
                 {"domain": "example.com", "expires": str(args.expires), "route": "X-Route-Preloaded: no"},
-                {f"k{i}": p for i, p in enumerate(kam.pids())},
+                {**{f"k{i}": p for i, p in enumerate(kam.pids())}, "stunnel": _pid(st)},
             )
             kam_best, _ = rate_search(t, args, rate_users, tmp / "kamailio-rate", log)
             kam_pss = sum(pss_kib(p) for p in kam.pids())
@@ -387,12 +407,13 @@ def main(argv: list[str] | None = None) -> int:
             ("", 0),
             lab.ip(71),
             {"domain": lab.config.lab.domain, "expires": str(args.expires), "route": f"Route: {route}"},
-            pids,
+            dict(pids),  # the rate windows also count stunnel and sipp
         )
         with stunnel_to(
             lab.ip(70), lab.listener("expe", "sip"), lab.ca_file, lab.config.expe[0].fqdn, tmp / "est"
         ) as st:
             t.remote = st.accept
+            t.cpu_pids["stunnel"] = _pid(st)
             edge_best, _ = rate_search(t, args, rate_users, tmp / "edge-rate", log)
             if not args.no_profile:
                 rate = edge_best.result.rate_target if edge_best else args.start_rate

@@ -321,6 +321,17 @@ class Kamailio:
             return tcp_listening((self.ip, self.tls_port)) and tcp_listening((self.ip, self.tcp_port))
 
         wait_for(up, 20, "kamailio listening")
+        # Its workers fork after the listeners open: wait until the process count settles, so
+        # that the CPU of every worker is counted (one run saw only two of seven processes).
+        seen, stable_since = 0, time.monotonic()
+        deadline = stable_since + 10
+        while time.monotonic() < deadline:
+            count = len(self.pids())
+            if count != seen:
+                seen, stable_since = count, time.monotonic()
+            elif time.monotonic() - stable_since >= 1.0:
+                break
+            time.sleep(0.1)
         return self
 
     def __exit__(self, *exc: object) -> None:

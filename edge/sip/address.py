@@ -15,6 +15,11 @@ from edge.sip.headers import Params, is_token, quote, split_quoted
 from edge.sip.uri import Uri, split_hostport
 
 MAGIC_COOKIE = "z9hG4bK"
+# Methods known to be tokens (RFC 3261 and extensions), so the common ones skip the token check.
+METHODS = frozenset(
+    {"INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "PRACK", "SUBSCRIBE", "NOTIFY"}
+    | {"PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE"}
+)
 MAX_CSEQ = 2**31 - 1  # RFC 3261 §8.1.1.5
 
 
@@ -26,6 +31,21 @@ class NameAddr:
 
     @classmethod
     def parse(cls, text: str) -> NameAddr:
+        if text.startswith("<"):  # the common `<uri>;params`: no display name to look at
+            gt = text.find(">")
+            inner = text[1:gt]
+            if gt > 1 and inner == inner.strip():
+                rest = text[gt + 1 :].strip()
+                na = cls.__new__(cls)
+                na.uri = Uri.parse(inner)
+                na.display_name = None
+                if not rest:
+                    na.params = Params()
+                elif rest[0] == ";":
+                    na.params = Params.parse(rest[1:], what="header parameter")
+                else:
+                    raise SipParseError(400, "Junk after address")
+                return na
         s = text.strip()
         display: str | None = None
         if s.startswith('"'):
@@ -76,6 +96,26 @@ class NameAddr:
         return NameAddr(self.uri.copy(), self.display_name, self.params.copy())
 
 
+def split_name_addr(text: str) -> tuple[str, str, str]:
+    """A name-addr or addr-spec cut verbatim into (what precedes the URI, the URI, what follows
+    it): `"Bob" <sip:b@h;lr>;expires=60` → (`"Bob" <`, `sip:b@h;lr`, `>;expires=60`). For an
+    addr-spec the first part is empty and the URI ends at the first ';' (RFC 3261 §20.10).
+    Lets a hop rewrite the URI and pass display name and parameters through byte-exact."""
+    start = len(text) - len(text.lstrip())
+    search_from = _quoted_end(text, start) + 1 if text.startswith('"', start) else start
+    lt = text.find("<", search_from)
+    if lt >= 0:
+        gt = text.find(">", lt)
+        if gt < 0:
+            raise SipParseError(400, "Unterminated <URI>")
+        return text[: lt + 1], text[lt + 1 : gt], text[gt:]
+    if search_from > start:
+        raise SipParseError(400, "Display name without <URI>")
+    semi = text.find(";", start)
+    end = semi if semi >= 0 else len(text)
+    return "", text[start:end].strip(), text[end:]
+
+
 def parse_contacts(value: str) -> list[NameAddr] | None:
     """Contact values of one header line; None for the wildcard `*` (REGISTER removal)."""
     if value.strip() == "*":
@@ -110,6 +150,7 @@ def _unescape(s: str) -> str:
 
 
 _T = r"[A-Za-z0-9\-.!%*_+`'~]+"
+_VIA_FAST = re.compile(r"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9\-.:]+|\[[0-9A-Fa-f:.]+\](?::[0-9]+)?)\Z")
 _VIA_RE = re.compile(
     rf"\s*({_T})\s*/\s*({_T})\s*/\s*({_T})\s+(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+)(?:\s*:\s*([0-9]+))?\s*\Z",
     re.ASCII,
@@ -127,6 +168,22 @@ class Via:
     @classmethod
     def parse(cls, text: str) -> Via:
         head, semi, ptext = text.partition(";")
+        fast = _VIA_FAST.match(head)
+        if fast is not None:  # "SIP/2.0/TLS host[:port]", as every peer here writes it
+            transport, hostport = fast.groups()
+            host, port_num = split_hostport(hostport)
+            params = Params.parse(ptext, what="Via parameter") if semi else Params()
+            via = cls.__new__(cls)
+            via.host = host
+            via.port = port_num
+            via.transport = transport.upper()
+            via.params = params
+            via.protocol = "SIP/2.0"
+            if semi:
+                branch = params.get("branch")
+                if branch is not None and (branch == MAGIC_COOKIE or branch.startswith('"')):
+                    raise SipParseError(400, "Invalid Via branch")
+            return via
         m = _VIA_RE.match(head)
         if m is None:
             raise SipParseError(400, "Malformed Via")
@@ -188,7 +245,7 @@ class CSeq:
         seq = int(parts[0])
         if seq > MAX_CSEQ:
             raise SipParseError(400, "CSeq out of range")
-        if not is_token(parts[1]):
+        if parts[1] not in METHODS and not is_token(parts[1]):
             raise SipParseError(400, "Malformed CSeq method")
         return cls(seq, parts[1])
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from edge.sip.message import Request, Response
 
 
-@dataclass(frozen=True, slots=True)
-class TransactionKey:
-    """§17.1.3 / §17.2.3 matching key. Client side leaves `sent_by` empty."""
+class TransactionKey(NamedTuple):
+    """§17.1.3 / §17.2.3 matching key. Client side leaves `sent_by` empty. A NamedTuple: it is
+    hashed on every table lookup, and a tuple hashes and compares in C."""
 
     branch: str
     sent_by: str

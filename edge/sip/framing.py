@@ -1,19 +1,28 @@
 """Incremental SIP framing for streams (TCP/TLS, RFC 3261 §18.3) and the datagram path.
 
 One stream carries SIP messages, RFC 5626 CRLF keepalives and STUN (first byte's top two bits
-00 and the magic cookie at offset 4). Work is O(n) in bytes received: the header terminator
-search resumes where it stopped and each message is parsed once. Feeding one byte at a time
-gives the same events as feeding everything at once.
+00 and the magic cookie at offset 4). Work is O(n) in bytes received: a chunk holding many
+messages is walked with an offset and what is left over is kept once; the header terminator
+search resumes where it stopped, Content-Length is read straight from the head bytes and each
+message is parsed once. Feeding one byte at a time gives the same events as feeding everything
+at once.
 """
 
 from __future__ import annotations
 
+import re
+
 from edge.sip.errors import SipParseError
 from edge.sip.events import FramingError, FramingEvent, KeepaliveReceived, MessageReceived, StunReceived
-from edge.sip.message import MAX_MESSAGE_BYTES, parse_message
+from edge.sip.message import MAX_MESSAGE_BYTES, Validation, parse_framed, parse_message
 
 _STUN_COOKIE = b"\x21\x12\xa4\x42"
 _STUN_HEADER = 20
+# A Content-Length header line (long or compact form) of a head; continuation lines start with
+# LWS and never match.
+_CL_RE = re.compile(rb"\r\n(?:content-length|l)[ \t]*:([^\r\n]*)", re.IGNORECASE)
+
+Buffer = bytes | bytearray
 
 
 class StreamFramer:
@@ -21,14 +30,25 @@ class StreamFramer:
 
     A lone CRLF is ambiguous until the next byte arrives (pong vs. the start of a CRLFCRLF
     ping). Call `ping_sent()` after sending a ping so the next CRLF counts as the pong at once.
+
+    `validation` says how much of each message is checked (message.Validation); `strict` is the
+    older spelling (True: FULL, False: NONE).
     """
 
-    def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES, *, strict: bool = True) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        *,
+        strict: bool = True,
+        validation: Validation | None = None,
+    ) -> None:
         self.max_message_bytes = max_message_bytes
-        self.strict = strict
-        self._buf = bytearray()
-        self._scan = 0  # where the next search for CRLFCRLF starts
+        self.validation = validation or (Validation.FULL if strict else Validation.NONE)
+        self.strict = self.validation is Validation.FULL
+        self._buf: Buffer = b""  # bytes not yet framed (the tail of earlier chunks)
+        self._scan = 0  # where the next search for CRLFCRLF starts, from the message start
         self._need: int | None = None  # total length of the current SIP message once known
+        self._head = 0  # its head length (up to the CRLFCRLF) once known
         self._awaiting_pong = False
         self._closed = False
 
@@ -38,108 +58,112 @@ class StreamFramer:
     def receive_data(self, data: bytes) -> list[FramingEvent]:
         if self._closed:
             return []
-        self._buf += data
+        if self._buf:
+            buf: Buffer = self._buf if isinstance(self._buf, bytearray) else bytearray(self._buf)
+            buf += data
+        else:
+            buf = data
         events: list[FramingEvent] = []
-        while self._buf and not self._closed:
-            event = self._next_event()
+        pos = 0
+        end = len(buf)
+        while pos < end and not self._closed:
+            event, pos = self._next_event(buf, pos)
             if event is None:
                 break
             events.append(event)
+        if self._closed or pos >= end:
+            self._buf = b""
+        elif pos:
+            self._buf = bytearray(buf[pos:])
+        else:
+            self._buf = buf
         return events
 
     def _fail(self, status: int, reason: str) -> FramingError:
         self._closed = True
-        self._buf.clear()
+        self._buf = b""
         return FramingError(status, reason, True)
 
-    def _consume(self, n: int) -> bytes:
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
+    def _consumed(self) -> None:
         self._scan = 0
         self._need = None
-        return out
 
-    def _next_event(self) -> FramingEvent | None:
-        buf = self._buf
-        if self._need is None and buf[0] == 0x0D:
-            return self._keepalive()
-        if self._need is None and buf[0] & 0xC0 == 0:
-            return self._stun()
-        return self._sip()
-
-    def _keepalive(self) -> FramingEvent | None:
-        buf = self._buf
-        if self._awaiting_pong and buf.startswith(b"\r\n"):
-            self._awaiting_pong = False
-            self._consume(2)
-            return KeepaliveReceived(pong_needed=False)
-        if buf.startswith(b"\r\n\r\n"):
-            self._consume(4)
-            return KeepaliveReceived(pong_needed=True)
-        if len(buf) < 4 and b"\r\n\r\n".startswith(bytes(buf)):
-            return None  # wait: could still become a ping
-        if buf.startswith(b"\r\n"):
-            self._consume(2)
-            return KeepaliveReceived(pong_needed=False)
-        return self._fail(400, "Garbage on stream")
-
-    def _stun(self) -> FramingEvent | None:
-        buf = self._buf
-        if len(buf) < 8:
-            return None
-        if buf[4:8] != _STUN_COOKIE:
-            return self._fail(400, "Garbage on stream")
-        total = _STUN_HEADER + int.from_bytes(buf[2:4], "big")
-        if total > self.max_message_bytes:
-            return self._fail(413, "STUN message too large")
-        if len(buf) < total:
-            return None
-        return StunReceived(self._consume(total))
-
-    def _sip(self) -> FramingEvent | None:
-        buf = self._buf
+    def _next_event(self, buf: Buffer, pos: int) -> tuple[FramingEvent | None, int]:
         if self._need is None:
-            end = buf.find(b"\r\n\r\n", self._scan)
+            first = buf[pos]
+            if first == 0x0D:
+                return self._keepalive(buf, pos)
+            if first & 0xC0 == 0:
+                return self._stun(buf, pos)
+        return self._sip(buf, pos)
+
+    def _keepalive(self, buf: Buffer, pos: int) -> tuple[FramingEvent | None, int]:
+        if self._awaiting_pong and buf.startswith(b"\r\n", pos):
+            self._awaiting_pong = False
+            return KeepaliveReceived(pong_needed=False), pos + 2
+        if buf.startswith(b"\r\n\r\n", pos):
+            return KeepaliveReceived(pong_needed=True), pos + 4
+        if len(buf) - pos < 4 and b"\r\n\r\n".startswith(bytes(buf[pos:])):
+            return None, pos  # wait: could still become a ping
+        if buf.startswith(b"\r\n", pos):
+            return KeepaliveReceived(pong_needed=False), pos + 2
+        return self._fail(400, "Garbage on stream"), pos
+
+    def _stun(self, buf: Buffer, pos: int) -> tuple[FramingEvent | None, int]:
+        if len(buf) - pos < 8:
+            return None, pos
+        if buf[pos + 4 : pos + 8] != _STUN_COOKIE:
+            return self._fail(400, "Garbage on stream"), pos
+        total = _STUN_HEADER + int.from_bytes(buf[pos + 2 : pos + 4], "big")
+        if total > self.max_message_bytes:
+            return self._fail(413, "STUN message too large"), pos
+        if len(buf) - pos < total:
+            return None, pos
+        return StunReceived(bytes(buf[pos : pos + total])), pos + total
+
+    def _sip(self, buf: Buffer, pos: int) -> tuple[FramingEvent | None, int]:
+        if self._need is None:
+            end = buf.find(b"\r\n\r\n", pos + self._scan)
             if end < 0:
-                if len(buf) > self.max_message_bytes:
-                    return self._fail(413, "Message too large")
-                self._scan = max(0, len(buf) - 3)
-                return None
+                if len(buf) - pos > self.max_message_bytes:
+                    return self._fail(413, "Message too large"), pos
+                self._scan = max(0, len(buf) - pos - 3)
+                return None, pos
             try:
-                cl = _find_content_length(bytes(buf[:end]))
+                cl = _find_content_length(buf, pos, end)
             except SipParseError as exc:
-                return self._fail(exc.status_code, exc.reason)
+                return self._fail(exc.status_code, exc.reason), pos
             if cl is None:
-                return self._fail(400, "Missing Content-Length on stream")
-            self._need = end + 4 + cl
+                return self._fail(400, "Missing Content-Length on stream"), pos
+            self._head = end - pos
+            self._need = self._head + 4 + cl
             if self._need > self.max_message_bytes:
-                return self._fail(413, "Message too large")
-        if len(buf) < self._need:
-            return None
-        data = self._consume(self._need)
+                return self._fail(413, "Message too large"), pos
+        need = self._need
+        if len(buf) - pos < need:
+            return None, pos
+        data = buf[pos : pos + need]
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        head = self._head
+        self._consumed()
         try:
-            return MessageReceived(
-                parse_message(data, max_message_bytes=self.max_message_bytes, strict=self.strict)
-            )
+            return MessageReceived(parse_framed(data, 0, head, self.validation)), pos + need
         except SipParseError as exc:
             # Framing stayed intact (Content-Length was readable), so the flow survives.
-            return FramingError(exc.status_code, exc.reason, False, data)
+            return FramingError(exc.status_code, exc.reason, False, data), pos + need
 
 
-def _find_content_length(head: bytes) -> int | None:
+def _find_content_length(buf: Buffer, start: int, end: int) -> int | None:
     """Content-Length from raw header lines, independent of the rest of the head's validity."""
     found: int | None = None
-    for line in head.split(b"\r\n")[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or line[:1] in (b" ", b"\t"):
-            continue
-        if name.strip().lower() in (b"content-length", b"l"):
-            v = value.strip()
-            if not v.isdigit() or len(v) > 10:
-                raise SipParseError(400, "Malformed Content-Length")
-            if found is not None and found != int(v):
-                raise SipParseError(400, "Conflicting Content-Length")
-            found = int(v)
+    for m in _CL_RE.finditer(buf, start, end):
+        v = m.group(1).strip(b" \t")
+        if not v.isdigit() or len(v) > 10:
+            raise SipParseError(400, "Malformed Content-Length")
+        if found is not None and found != int(v):
+            raise SipParseError(400, "Conflicting Content-Length")
+        found = int(v)
     return found
 
 

@@ -9,15 +9,25 @@ import re
 from dataclasses import dataclass, field
 
 from edge.sip.errors import SipParseError
-from edge.sip.headers import Params
+from edge.sip.headers import SIMPLE_PARAMS, Params
 
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*\Z")
-_HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.?)+\Z|[0-9.]+\Z", re.ASCII)
+# hostname = *( domainlabel "." ) toplabel [ "." ] (RFC 3261 §25.1), written so that every dot
+# is mandatory between labels: the former `(label \.?)+` backtracked exponentially on a long
+# label followed by a bad character (`sip:aaaa…a_`), a denial of service from one request line.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
+_HOST_RE = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\.?\Z|[0-9.]+\Z", re.ASCII)
 _IPV6_RE = re.compile(r"\[[0-9A-Fa-f:.]+\]\Z")
 # Characters never legal unescaped anywhere in a SIP URI (RFC 3261 §25.1).
 _FORBIDDEN = re.compile(r'[\s<>"{}|\\^`]')
 
 SIP_SCHEMES = frozenset({"sip", "sips"})
+# The common shape, sip[s]:[user@]host[:port][;simple params], in one match; user and host
+# characters here are a subset of what the general parser accepts, which handles the rest.
+_SIP_FAST = re.compile(
+    r"([Ss][Ii][Pp][Ss]?):(?:([A-Za-z0-9\-_.!~*'()&=+$,%]+)@)?"
+    r"([A-Za-z0-9\-.]+(?::[0-9]{1,5})?)(?:;([^?]*))?\Z"
+)
 
 
 @dataclass(slots=True)
@@ -33,6 +43,21 @@ class Uri:
 
     @classmethod
     def parse(cls, text: str) -> Uri:
+        fast = _SIP_FAST.match(text)
+        if fast is not None:
+            scheme, user, hostport, ptext = fast.groups()
+            if ptext is None or SIMPLE_PARAMS.match(ptext):
+                host, port = split_hostport(hostport)
+                uri = cls.__new__(cls)
+                uri.scheme = scheme.lower()
+                uri.user = user
+                uri.password = None
+                uri.host = host
+                uri.port = port
+                uri.params = Params.split_simple(ptext) if ptext is not None else Params()
+                uri.headers = None
+                uri.opaque = None
+                return uri
         scheme, colon, rest = text.partition(":")
         if not colon or not _SCHEME_RE.match(scheme):
             raise SipParseError(400, "Malformed URI")
@@ -118,13 +143,30 @@ def _parse_sip(scheme: str, rest: str) -> Uri:
     if q >= 0:
         rest, headers = rest[:q], rest[q + 1 :]
     hostport, semi, ptext = rest.partition(";")
-    params = Params.parse(ptext, what="URI parameter") if semi else Params()
+    params = Params.parse(ptext, what="URI parameter") if semi else Params.__new__(Params)
+    if not semi:
+        params._items = []
     host, port = split_hostport(hostport)
     return Uri(scheme, user, password, host, port, params, headers)
 
 
+_HOSTPORTS: dict[str, tuple[str, int | None]] = {}
+_HOSTPORTS_MAX = 4096  # the same few peers repeat; bounded because the text comes from the network
+
+
 def split_hostport(hostport: str) -> tuple[str, int | None]:
     """`host[:port]` with IPv6 references; raises SipParseError(400) on anything else."""
+    known = _HOSTPORTS.get(hostport)
+    if known is not None:
+        return known
+    result = _split_hostport(hostport)
+    if len(_HOSTPORTS) >= _HOSTPORTS_MAX:
+        _HOSTPORTS.clear()
+    _HOSTPORTS[hostport] = result
+    return result
+
+
+def _split_hostport(hostport: str) -> tuple[str, int | None]:
     if hostport.startswith("["):
         end = hostport.find("]")
         if end < 0:

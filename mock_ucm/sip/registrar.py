@@ -157,7 +157,8 @@ class Registrar:
         user = self.find_user(request.to.uri.user)
         if user is None:
             return self._reject(request, 404, "Unknown user")
-        contacts = [] if request.contact_is_star else self._contacts(request)
+        star = request.contact_is_star
+        contacts = [] if star else self._contacts(request)
         for c in contacts:
             if c.device.startswith("dev:") and c.device[4:] not in user.device_names:
                 return self._reject(request, 403, "Device not associated")
@@ -165,7 +166,7 @@ class Registrar:
             denied = self._authenticate(request, user, now)
             if denied is not None:
                 return denied
-        if request.contact_is_star:
+        if star:
             if request.expires != 0:
                 return self._reject(request, 400, "Contact * needs Expires: 0")
             for b in self.bindings_for(user):

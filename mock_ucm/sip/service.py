@@ -30,7 +30,7 @@ from edge.sip.events import (
     TransactionKey,
 )
 from edge.sip.framing import StreamFramer
-from edge.sip.message import MAX_MESSAGE_BYTES, Request, make_response, parse_message
+from edge.sip.message import MAX_MESSAGE_BYTES, Request, Response, Validation, make_response, parse_message
 from mock_ucm.sip.calls import LocalNode
 from mock_ucm.sip.core import UcmSipCore
 from mock_ucm.sip.echo import EchoSession
@@ -203,9 +203,16 @@ class UcmSipService:
         for key in [k for k, f in self._by_remote.items() if f is flow]:
             del self._by_remote[key]
 
-    def _on_message(self, flow: _SipFlow, message: Any) -> None:
+    def _on_message(self, flow: _SipFlow, message: Request | Response) -> None:
         self.messages_in += 1
-        self._deliver(self.core.receive_message(message, flow.id, self._clock()))
+        try:
+            outputs = self.core.receive_message(message, flow.id, self._clock())
+        except SipParseError as exc:  # a header the core parses only when it needs it
+            self.parse_errors += 1
+            log.info("flow %d: malformed %s: %d %s", flow.id, message, exc.status_code, exc.reason)
+            flow.answer_error(message, exc.status_code, exc.reason)
+            return
+        self._deliver(outputs)
 
     # -- outputs ---------------------------------------------------------------------------
     def _deliver(self, outputs: list[SipOutput]) -> None:
@@ -277,7 +284,10 @@ class UcmSipService:
     def _arm_timer(self) -> None:
         when = self.core.get_timer()
         if self._timer is not None:
-            if self._timer_when == when:
+            armed = self._timer_when
+            if when is not None and armed is not None and armed <= when:
+                # Keep the earlier timer: firing early just finds nothing due and re-arms.
+                # (A registration refresh moves the earliest expiry later on every REGISTER.)
                 return
             self._timer.cancel()
             self._timer = None
@@ -301,7 +311,11 @@ class _SipFlow(asyncio.Protocol):
         self.service = service
         self.kind = kind
         self.outbound = outbound
-        self.framer = StreamFramer(service.max_message_bytes)
+        # A registrar/UAS checks what it uses (RFC 3261 §8.2): the framer validates what every
+        # request needs (Via, CSeq, Call-ID, From/To); the core parses, and refuses, the rest.
+        self.framer = StreamFramer(service.max_message_bytes, validation=Validation.PROXY)
+        self._loop = asyncio.get_running_loop()
+        self._out: list[bytes] = []  # written in one go at the end of the loop iteration
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] | None = None
         self.id = 0
@@ -342,12 +356,21 @@ class _SipFlow(asyncio.Protocol):
         if ev.data:
             try:
                 msg = parse_message(ev.data, max_message_bytes=self.service.max_message_bytes, strict=False)
-                if isinstance(msg, Request) and msg.method != "ACK" and msg.top_via is not None:
-                    self.write(bytes(make_response(msg, ev.status_code, ev.reason)))
             except (SipParseError, ValueError):
-                pass  # not even the Via/To/From could be read: nothing to answer to
+                msg = None  # not even the start line and header lines could be read
+            if msg is not None:
+                self.answer_error(msg, ev.status_code, ev.reason)
         if ev.fatal:
             self.close()
+
+    def answer_error(self, msg: Request | Response, status: int, reason: str) -> None:
+        if not isinstance(msg, Request) or msg.method == "ACK":
+            return
+        try:
+            if msg.top_via is not None:
+                self.write(bytes(make_response(msg, status, reason)))
+        except SipParseError:
+            pass  # not even the Via/To/From could be read: nothing to answer to
 
     def write(self, data: bytes) -> None:
         if self.transport is None or self.closing:
@@ -357,10 +380,22 @@ class _SipFlow(asyncio.Protocol):
             self.transport.abort()
             return
         self.service.messages_out += 1
-        self.transport.write(data)
+        out = self._out
+        out.append(data)
+        if len(out) == 1:
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        if self.transport is not None and not self.closing:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self) -> None:
         if self.transport is not None and not self.closing:
+            self.flush()
             self.closing = True
             self.transport.close()
 
