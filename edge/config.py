@@ -161,6 +161,12 @@ class ExpcSettings(_Model):
     ucm_publishers: list[str] = []
     """Unified CM servers configured on C (names of `ucm` nodes, one per cluster): "refresh servers"
     discovers the other nodes of each cluster with UDS `servers` (spec §8). Empty: the first node."""
+    imp_publishers: list[str] = []
+    """IM&P servers configured on C (names of `imp` nodes): "refresh servers" discovers the rest of
+    their cluster over AXL `listProcessNode`. Empty: every `imp` node is configured."""
+    cuc_publishers: list[str] = []
+    """Unity Connection servers configured on C (names of `cuc` nodes): "refresh servers" discovers
+    the rest of their cluster with VMREST `cluster`. Empty: every `cuc` node is configured."""
     refresh_servers_on_start: bool = True
     """Refresh servers when C starts; off, C knows only the configured servers until an admin
     refreshes them (as after adding a Unified CM server on the real product)."""
@@ -224,10 +230,15 @@ class ImpNode(InsideNode):
     edge_port: Port = 7400
     """Expressway-C: direct TLS (spec §2)."""
     https_port: Port = 8443
+    cluster_extra: list[str] = []
+    """FQDNs this node's AXL lists as cluster members besides the lab's `imp` nodes: nodes the lab
+    neither runs nor configures anywhere else (known only to the publisher)."""
 
 
 class CucNode(InsideNode):
     https_port: Port = 443
+    cluster_extra: list[str] = []
+    """FQDNs this node's VMREST `cluster` lists besides the lab's `cuc` nodes (known only to it)."""
 
 
 class User(_Model):
@@ -294,6 +305,15 @@ class LabConfig(_Model):
         for publisher in self.expc.ucm_publishers:
             if publisher not in ucm_names:
                 raise ValueError(f"expc.ucm_publishers names {publisher!r}, which is not a ucm node")
+        for role, publishers, nodes in (
+            ("imp", self.expc.imp_publishers, self.imp),
+            ("cuc", self.expc.cuc_publishers, self.cuc),
+        ):
+            for publisher in publishers:
+                if publisher not in {n.name for n in nodes}:
+                    raise ValueError(
+                        f"expc.{role}_publishers names {publisher!r}, which is not a {role} node"
+                    )
         dns_seen = {u.dn for u in self.users}
         if len(dns_seen) != len(self.users):
             raise ValueError("users: directory numbers must be unique")

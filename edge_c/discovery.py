@@ -3,15 +3,27 @@
 Spec §4 (automatic allow-list rules "for every discovered node"; OAuth keys "fetched from UCM when
 servers are refreshed") and §8 (C rediscovers nodes; MRA requests fail while that runs).
 
-The administrator configures one Unified CM server per cluster (`expc.ucm_publishers`); C asks
-it for the cluster's nodes with UDS `GET /cucm-uds/servers` (anonymous, as on Unified CM), which
-answers ``<servers><server>fqdn</server>…</servers>``. Every node of a cluster serves the same
-ports as its publisher. IM&P and Unity Connection nodes are the configured ones: nothing in the
-lab's inside servers lists them (the real product asks their publishers over AXL). Every node is
-then checked: its name must resolve in the internal DNS view and it must answer (UCM: UDS
-`version`; Unity Connection: any HTTPS answer; IM&P: a TCP connection to its port for C).
+The administrator configures one server per cluster (`expc.ucm_publishers`, `expc.imp_publishers`,
+`expc.cuc_publishers`; an empty list: the first Unified CM node, every IM&P / Unity Connection
+node). C asks each for its cluster's nodes:
 
-`parse_uds_servers` and `Inventory` are pure; `Discoverer` does the I/O.
+* Unified CM: UDS `GET /cucm-uds/servers` (anonymous, as on Unified CM), which answers
+  ``<servers><server>fqdn</server>…</servers>``;
+* IM&P: AXL `listProcessNode` (SOAP, `POST /axl/` on the node's HTTPS port), keeping the nodes of
+  role ``CUCM IM and Presence``;
+* Unity Connection: `GET /vmrest/cluster`, ``<Servers><Server><HostName>fqdn</HostName>…`` (the
+  lab's stand-in for the product's cluster listing; see `mock_ucm.vmrest`).
+
+AXL and the cluster listing take Basic credentials: the lab's admin ones (``lab.admin_username`` /
+``lab.admin_password``), standing in for the application user configured with each server. Every
+node of a cluster serves the same ports as its publisher. A publisher whose answer C cannot use
+(error status, not XML, too large, no valid host) is reported, and the nodes the last refresh
+learnt of its cluster stay. Every node is then checked: its name must resolve in the internal DNS
+view and it must answer (UCM: UDS `version`; Unity Connection: any HTTPS answer; IM&P: a TCP
+connection to its port for C).
+
+The parsers (`parse_uds_servers`, `parse_axl_process_nodes`, `parse_vmrest_cluster`) and
+`Inventory` are pure; `Discoverer` does the I/O.
 """
 
 from __future__ import annotations
@@ -20,13 +32,13 @@ import asyncio
 import re
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import aiohttp
 
-from edge.config import LabConfig, UcmNode
+from edge.config import CucNode, ImpNode, LabConfig, UcmNode
 from edge.dns.resolver import DnsLookupError, LabResolver
 from edge_c.internal import summarize
 
@@ -38,6 +50,16 @@ PROBE_TIMEOUT_S = 3.0
 MAX_SERVERS = 64
 """UDS `servers` entries taken from one cluster (a Unified CM cluster has at most 21 nodes)."""
 MAX_SERVERS_BODY_BYTES = 256 * 1024
+"""The largest cluster listing (UDS, AXL or VMREST) C reads from a publisher."""
+IMP_PROCESS_NODE_ROLE = "CUCM IM and Presence"
+AXL_LIST_PROCESS_NODE = (
+    b'<?xml version="1.0" encoding="UTF-8"?>'
+    b'<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"'
+    b' xmlns:ns="http://www.cisco.com/AXL/API/14.0"><soapenv:Body><ns:listProcessNode>'
+    b"<searchCriteria><name>%</name></searchCriteria>"
+    b"<returnedTags><name/><processNodeRole/></returnedTags>"
+    b"</ns:listProcessNode></soapenv:Body></soapenv:Envelope>"
+)
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
 )
@@ -47,29 +69,85 @@ class DiscoveryError(Exception):
     """A publisher's answer C cannot use (the refresh reports it; known nodes stay)."""
 
 
-def parse_uds_servers(body: bytes) -> list[str]:
-    """The node FQDNs of a UDS `servers` answer, lower-cased, in order, without repeats.
-
-    Raises DiscoveryError for anything that is not a `servers` document or names no valid host.
-    """
+def _parse_xml(body: bytes, what: str) -> ET.Element:
     if len(body) > MAX_SERVERS_BODY_BYTES:
-        raise DiscoveryError("UDS servers answer too large")
+        raise DiscoveryError(f"{what} answer too large")
+    if b"<!ENTITY" in body:  # no entity expansion from an answer, however small
+        raise DiscoveryError(f"{what} answer is not XML: it declares entities")
     try:
-        root = ET.fromstring(body)
+        return ET.fromstring(body)
     except ET.ParseError as exc:
-        raise DiscoveryError(f"UDS servers answer is not XML: {exc}") from None
-    if root.tag != "servers":
-        raise DiscoveryError(f"UDS servers answer has root <{root.tag[:40]}>, not <servers>")
+        raise DiscoveryError(f"{what} answer is not XML: {exc}") from None
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _hostnames(texts: Iterable[str | None], what: str) -> list[str]:
+    """Valid host names among `texts`, lower-cased, in order, without repeats, at most MAX_SERVERS."""
     names: list[str] = []
-    for server in root.iter("server"):
-        name = (server.text or "").strip().lower().rstrip(".")
+    for text in texts:
+        name = (text or "").strip().lower().rstrip(".")
         if _HOSTNAME.match(name) and name not in names:
             names.append(name)
         if len(names) >= MAX_SERVERS:
             break
     if not names:
-        raise DiscoveryError("UDS servers answer names no server")
+        raise DiscoveryError(f"{what} answer names no server")
     return names
+
+
+def parse_uds_servers(body: bytes) -> list[str]:
+    """The node FQDNs of a UDS `servers` answer, lower-cased, in order, without repeats.
+
+    Raises DiscoveryError for anything that is not a `servers` document or names no valid host.
+    """
+    root = _parse_xml(body, "UDS servers")
+    if root.tag != "servers":
+        raise DiscoveryError(f"UDS servers answer has root <{root.tag[:40]}>, not <servers>")
+    return _hostnames((s.text for s in root.iter("server")), "UDS servers")
+
+
+def parse_axl_process_nodes(body: bytes) -> list[str]:
+    """The IM&P node FQDNs of an AXL `listProcessNode` answer (role ``CUCM IM and Presence``).
+
+    Raises DiscoveryError for a SOAP fault, anything that is not a `listProcessNodeResponse`
+    envelope, or an answer that names no valid IM&P host.
+    """
+    root = _parse_xml(body, "AXL listProcessNode")
+    if _local(root.tag) != "Envelope":
+        raise DiscoveryError(f"AXL answer has root <{_local(root.tag)[:40]}>, not a SOAP <Envelope>")
+    soap_body = next((c for c in root if _local(c.tag) == "Body"), None)
+    if soap_body is None or len(soap_body) == 0:
+        raise DiscoveryError("AXL answer has no SOAP body")
+    answer = soap_body[0]
+    if _local(answer.tag) == "Fault":
+        fault = next((c.text or "" for c in answer.iter() if _local(c.tag) == "faultstring"), "")
+        raise DiscoveryError(f"AXL fault: {fault.strip()[:100]}")
+    if _local(answer.tag) != "listProcessNodeResponse":
+        raise DiscoveryError(f"AXL answer is <{_local(answer.tag)[:40]}>, not listProcessNodeResponse")
+
+    def imp_names() -> Iterator[str | None]:
+        for node in answer.iter():
+            if _local(node.tag) != "processNode":
+                continue
+            fields = {_local(c.tag): (c.text or "").strip() for c in node}
+            if fields.get("processNodeRole", "").lower() == IMP_PROCESS_NODE_ROLE.lower():
+                yield fields.get("name")
+
+    return _hostnames(imp_names(), "AXL listProcessNode")
+
+
+def parse_vmrest_cluster(body: bytes) -> list[str]:
+    """The node FQDNs of a VMREST `cluster` answer (``<Servers><Server><HostName>``).
+
+    Raises DiscoveryError for anything that is not a `Servers` document or names no valid host.
+    """
+    root = _parse_xml(body, "VMREST cluster")
+    if root.tag != "Servers":
+        raise DiscoveryError(f"VMREST cluster answer has root <{root.tag[:40]}>, not <Servers>")
+    return _hostnames((s.findtext("HostName") for s in root.iter("Server")), "VMREST cluster")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +213,16 @@ def configured_publishers(config: LabConfig) -> list[UcmNode]:
     return [n for n in config.ucm if n.name in names]
 
 
+def configured_imp(config: LabConfig) -> list[ImpNode]:
+    names = config.expc.imp_publishers
+    return [n for n in config.imp if not names or n.name in names]
+
+
+def configured_cuc(config: LabConfig) -> list[CucNode]:
+    names = config.expc.cuc_publishers
+    return [n for n in config.cuc if not names or n.name in names]
+
+
 def _ucm_node(
     config: LabConfig, publisher: UcmNode, fqdn: str, source: Literal["configured", "discovered"]
 ) -> Node:
@@ -157,10 +245,34 @@ def configured_inventory(config: LabConfig) -> Inventory:
         ucm=[_ucm_node(config, p, p.fqdn.lower(), "configured") for p in configured_publishers(config)],
         imp=[
             Node("imp", n.fqdn.lower(), n.fqdn.lower(), n.https_port, edge_port=n.edge_port, name=n.name)
-            for n in config.imp
+            for n in configured_imp(config)
         ],
-        cuc=[Node("cuc", n.fqdn.lower(), n.fqdn.lower(), n.https_port, name=n.name) for n in config.cuc],
+        cuc=[
+            Node("cuc", n.fqdn.lower(), n.fqdn.lower(), n.https_port, name=n.name)
+            for n in configured_cuc(config)
+        ],
     )
+
+
+def member_node(config: LabConfig, publisher: Node, fqdn: str) -> Node:
+    """A node `publisher` listed: the publisher's ports, the lab name if the config knows the host."""
+    nodes: list[UcmNode] | list[ImpNode] | list[CucNode] = getattr(config, publisher.role)
+    known = next((n.name for n in nodes if n.fqdn.lower() == fqdn), "")
+    return replace(publisher, fqdn=fqdn, source="discovered", name=known)
+
+
+def merge_nodes(nodes: Iterable[Node]) -> list[Node]:
+    """One node per FQDN, in order; a configured server wins over the same host discovered."""
+    nodes = list(nodes)
+    configured = {n.fqdn for n in nodes if n.source == "configured"}
+    out: list[Node] = []
+    seen: set[str] = set()
+    for node in nodes:
+        if node.fqdn in seen or (node.source == "discovered" and node.fqdn in configured):
+            continue
+        seen.add(node.fqdn)
+        out.append(node)
+    return out
 
 
 @dataclass
@@ -169,8 +281,11 @@ class DiscoveryResult:
     errors: list[str]
 
 
+Ask = Callable[[Node], Awaitable[list[str]]]
+
+
 class Discoverer:
-    """Runs one discovery: UDS `servers` of each configured Unified CM, then a check of every node."""
+    """Runs one discovery: each configured server's cluster listing, then a check of every node."""
 
     def __init__(
         self,
@@ -183,26 +298,17 @@ class Discoverer:
         self.session = session
         self.resolver = resolver
         self.local_address = local_address
+        self.auth = aiohttp.BasicAuth(config.lab.admin_username, config.lab.admin_password)
 
     async def discover(self, previous: Inventory) -> DiscoveryResult:
-        errors: list[str] = []
-        ucm: list[Node] = []
-        for publisher in configured_publishers(self.config):
-            pub = publisher.fqdn.lower()
-            try:
-                names = await self._uds_servers(publisher)
-            except (DiscoveryError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-                errors.append(f"{pub}: {summarize(exc)}")
-                # Keep what the last refresh learnt of this cluster; the checks below show its state.
-                known = [n for n in previous.ucm if n.cluster == pub] or [
-                    _ucm_node(self.config, publisher, pub, "configured")
-                ]
-                ucm += known
-                continue
-            ucm.append(_ucm_node(self.config, publisher, pub, "configured"))
-            ucm += [_ucm_node(self.config, publisher, n, "discovered") for n in names if n != pub]
         base = configured_inventory(self.config)
-        nodes = await asyncio.gather(*(self._check(n) for n in [*ucm, *base.imp, *base.cuc]))
+        roles = await asyncio.gather(
+            self._role(base.ucm, self._uds_servers, previous.ucm),
+            self._role(base.imp, self._axl_process_nodes, previous.imp),
+            self._role(base.cuc, self._vmrest_cluster, previous.cuc),
+        )
+        errors = [e for _, errs in roles for e in errs]
+        nodes = await asyncio.gather(*(self._check(n) for known, _ in roles for n in known))
         inventory = Inventory(
             ucm=[n for n in nodes if n.role == "ucm"],
             imp=[n for n in nodes if n.role == "imp"],
@@ -211,14 +317,63 @@ class Discoverer:
         )
         return DiscoveryResult(inventory, errors)
 
-    async def _uds_servers(self, publisher: UcmNode) -> list[str]:
-        url = f"https://{publisher.fqdn}:{publisher.https_port}/cucm-uds/servers"
+    async def _role(
+        self, publishers: list[Node], ask: Ask, previous: list[Node]
+    ) -> tuple[list[Node], list[str]]:
+        """Every node of the configured servers' clusters of one role, and what went wrong."""
+        errors: list[str] = []
+        nodes: list[Node] = []
+        for publisher in publishers:
+            pub = publisher.fqdn
+            try:
+                names = await ask(publisher)
+            except (DiscoveryError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                errors.append(f"{pub}: {summarize(exc)}")
+                # Keep what the last refresh learnt of this cluster; the checks below show its state.
+                nodes += [n for n in previous if n.cluster == pub] or [publisher]
+                continue
+            nodes.append(publisher)
+            nodes += [member_node(self.config, publisher, n) for n in names if n != pub]
+        return merge_nodes(nodes), errors
+
+    async def _fetch(self, what: str, method: str, url: str, **kwargs: Any) -> bytes:
+        """The body of a 200 answer, at most MAX_SERVERS_BODY_BYTES + 1 bytes of it."""
         timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
-        async with self.session.get(url, timeout=timeout, headers={"Accept": "application/xml"}) as resp:
+        async with self.session.request(method, url, timeout=timeout, **kwargs) as resp:
             if resp.status != 200:
-                raise DiscoveryError(f"UDS servers answered {resp.status}")
-            body = await resp.content.read(MAX_SERVERS_BODY_BYTES + 1)
+                raise DiscoveryError(f"{what} answered {resp.status}")
+            if (resp.content_length or 0) > MAX_SERVERS_BODY_BYTES:
+                raise DiscoveryError(f"{what} answer too large")
+            body = b""
+            while len(body) <= MAX_SERVERS_BODY_BYTES:
+                chunk = await resp.content.read(MAX_SERVERS_BODY_BYTES + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
+        return body
+
+    async def _uds_servers(self, publisher: Node) -> list[str]:
+        url = f"https://{publisher.fqdn}:{publisher.https_port}/cucm-uds/servers"
+        body = await self._fetch("UDS servers", "GET", url, headers={"Accept": "application/xml"})
         return parse_uds_servers(body)
+
+    async def _axl_process_nodes(self, publisher: Node) -> list[str]:
+        url = f"https://{publisher.fqdn}:{publisher.https_port}/axl/"
+        headers = {
+            "Content-Type": "text/xml; charset=utf-8",
+            "SOAPAction": '"CUCM:DB ver=14.0 listProcessNode"',
+        }
+        body = await self._fetch(
+            "AXL listProcessNode", "POST", url, data=AXL_LIST_PROCESS_NODE, headers=headers, auth=self.auth
+        )
+        return parse_axl_process_nodes(body)
+
+    async def _vmrest_cluster(self, publisher: Node) -> list[str]:
+        url = f"https://{publisher.fqdn}:{publisher.https_port}/vmrest/cluster"
+        body = await self._fetch(
+            "VMREST cluster", "GET", url, headers={"Accept": "application/xml"}, auth=self.auth
+        )
+        return parse_vmrest_cluster(body)
 
     async def _check(self, node: Node) -> Node:
         now = time.time()

@@ -2,7 +2,8 @@
 
 Users and passwords come from the same lab directory as Unified CM's. OAuth access tokens issued
 by the cluster validate too: the verifier reads the UCM nodes' keys from the lab state directory
-(``<state>/oauth/``), as a real Unity Connection fetches them from Unified CM.
+(``<state>/oauth/``), as a real Unity Connection fetches them from Unified CM. ``/vmrest/cluster``
+lists the lab's Unity Connection nodes plus the node's ``cluster_extra`` (see `mock_ucm.vmrest`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ def _lab_server_context(config: LabConfig, node_name: str) -> ssl.SSLContext:
     return server_context(lab_pki(config), node_name, require_client_cert=False)
 
 
+def cluster_members(config: LabConfig, node: CucNode) -> list[str]:
+    """What the node's `/vmrest/cluster` lists: itself first, the lab's other Unity Connection
+    nodes (the lab's nodes form one cluster), then its `cluster_extra` FQDNs."""
+    out: list[str] = []
+    for fqdn in [node.fqdn, *(n.fqdn for n in config.cuc), *node.cluster_extra]:
+        if fqdn.lower() not in out:
+            out.append(fqdn.lower())
+    return out
+
+
 class CucComponent(BaseComponent):
     role = "cuc"
 
@@ -55,7 +66,13 @@ class CucComponent(BaseComponent):
         self.verifier = verifier if verifier is not None else state_verifier(config, clock=clock)
         self.stats = RequestStats("vmrest", HttpMetrics(self.registry, "cuc"))
         self.app = build_vmrest_app(
-            self.node, self.directory, verifier=self.verifier, stats=self.stats, clock=clock
+            self.node,
+            self.directory,
+            verifier=self.verifier,
+            stats=self.stats,
+            clock=clock,
+            cluster=cluster_members(config, self.node),
+            admin=(config.lab.admin_username, config.lab.admin_password),
         )
         self._runner: web.AppRunner | None = None
 

@@ -1,17 +1,23 @@
 """One mock IM&P node as a lab process: XMPP for inside clients (5222, STARTTLS) and for
-Expressway-C (7400, TLS), authenticating against the UCM user directory and its OAuth tokens."""
+Expressway-C (7400, TLS), authenticating against the UCM user directory and its OAuth tokens, and
+HTTPS on its https_port (8443) with a minimal AXL (`mock_ucm.axl`: `listProcessNode`) that
+Expressway-C's "refresh servers" asks for the cluster's nodes."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
+from aiohttp import web
+
 from edge.config import ImpNode, LabConfig
 from edge.lab_pki import lab_pki
 from edge.metrics import Sample, StatusCollector
 from edge.pki import server_context
 from edge.runtime import BaseComponent
+from mock_ucm.axl import build_axl_app
 from mock_ucm.directory import Directory
+from mock_ucm.http_common import RequestStats
 from mock_ucm.imp.server import ImpServer
 from mock_ucm.oauth import state_verifier
 
@@ -24,6 +30,8 @@ class ImpComponent(BaseComponent):
         self.node: ImpNode = next(n for n in config.imp if n.name == name)
         self.directory = Directory.from_config(config)
         self.verifier = state_verifier(config)
+        self.axl_stats = RequestStats("axl")
+        self._runner: web.AppRunner | None = None
         self.registry.register(StatusCollector(self))
 
     def _token_ok(self, username: str, token: str) -> bool:
@@ -56,14 +64,28 @@ class ImpComponent(BaseComponent):
                 host,
                 port,
             )
+        https_ctx = server_context(lab_pki(self.config), self.name, require_client_cert=False)
+        runner = web.AppRunner(
+            build_axl_app(self.config, self.node, stats=self.axl_stats), access_log=None, handle_signals=False
+        )
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(
+            runner, self.node.address, self.node.https_port, ssl_context=https_ctx, reuse_address=True
+        )
+        await site.start()
+        self.add_listener("https", "tls", self.node.address, self.node.https_port)
 
     async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
         if hasattr(self, "server"):
             await self.server.stop()
         await super().stop()
 
     def status(self) -> dict[str, Any]:
-        return {"xmpp": self.server.status()}
+        return {"xmpp": self.server.status(), "http": self.axl_stats.snapshot()}
 
     def metric_samples(self) -> Iterable[Sample]:
         st = self.server.status()

@@ -7,8 +7,14 @@
 * ``GET /vmrest/mailbox`` → ``<MailboxInfo>`` of the authenticated user
 * ``GET /vmrest/mailbox/folders/{inbox|sent|deleted}/messages`` → ``<Messages total="…">``
 * ``GET /vmrest/messages/{MsgId}`` → one ``<Message>`` of the authenticated user
+* ``GET /vmrest/cluster`` → ``<Servers total="n"><Server><URI>/vmrest/cluster/1</URI><Key>1</Key>
+  <HostName>cuc1.example.com</HostName><ServerState>Primary</ServerState></Server>…</Servers>``:
+  the lab's stand-in for the cluster listing Expressway-C's "refresh servers" reads (the publisher
+  first, state ``Primary``; the other members ``Secondary``). It needs the lab's admin credentials
+  (Basic, ``lab.admin_username``/``lab.admin_password``), not a user's; anonymous when the app is
+  built without them
 
-Every request needs the caller's Basic credentials (checked against the lab directory) or an
+Every other request needs the caller's Basic credentials (checked against the lab directory) or an
 OAuth access token of the cluster; otherwise 401 with a Basic challenge. Bad input is a 400 with
 CUPI's ``<ErrorDetails>`` body.
 
@@ -18,6 +24,7 @@ are the next users in user-id order) and the server's start time, built on deman
 
 from __future__ import annotations
 
+import hmac
 import re
 import time
 import uuid
@@ -35,6 +42,7 @@ from mock_ucm.http_common import (
     bool_text,
     element,
     new_app,
+    parse_authorization,
     query_int,
     query_text,
     sub,
@@ -121,12 +129,21 @@ class Mailboxes:
 
 class VmrestHandlers:
     def __init__(
-        self, node: CucNode, directory: Directory, auth: Authenticator, mailboxes: Mailboxes
+        self,
+        node: CucNode,
+        directory: Directory,
+        auth: Authenticator,
+        mailboxes: Mailboxes,
+        *,
+        cluster: list[str] | None = None,
+        admin: tuple[str, str] | None = None,
     ) -> None:
         self.node = node
         self.directory = directory
         self.auth = auth
         self.mailboxes = mailboxes
+        self.cluster = cluster if cluster is not None else [node.fqdn]
+        self.admin = admin
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -135,6 +152,7 @@ class VmrestHandlers:
         r.add_get("/vmrest/mailbox", self._handle_mailbox)
         r.add_get("/vmrest/mailbox/folders/{folder}/messages", self._handle_folder)
         r.add_get("/vmrest/messages/{msgid}", self._handle_message)
+        r.add_get("/vmrest/cluster", self._handle_cluster)
 
     def _caller(self, request: web.Request) -> DirectoryUser:
         username = self.auth.username(request)
@@ -148,6 +166,27 @@ class VmrestHandlers:
         root = element("VersionInfo")
         sub(root, "name", "vmrest")
         sub(root, "version", CUC_VERSION)
+        return xml_response(root)
+
+    async def _handle_cluster(self, request: web.Request) -> web.Response:
+        if self.admin is not None:
+            creds = parse_authorization(request.headers.get("Authorization"))
+            if (
+                creds is None
+                or creds.scheme != "basic"
+                or not (
+                    hmac.compare_digest(creds.username.encode(), self.admin[0].encode())
+                    and hmac.compare_digest(creds.password.encode(), self.admin[1].encode())
+                )
+            ):
+                raise unauthorized(CUC_REALM)
+        root = element("Servers", attrs={"total": str(len(self.cluster))})
+        for key, fqdn in enumerate(self.cluster, 1):
+            server = sub(root, "Server")
+            sub(server, "URI", f"/vmrest/cluster/{key}")
+            sub(server, "Key", str(key))
+            sub(server, "HostName", fqdn)
+            sub(server, "ServerState", "Primary" if fqdn.lower() == self.node.fqdn.lower() else "Secondary")
         return xml_response(root)
 
     async def _handle_users(self, request: web.Request) -> web.Response:
@@ -295,12 +334,22 @@ def build_vmrest_app(
     verifier: TokenVerifier | None = None,
     stats: RequestStats | None = None,
     clock: Clock = time.time,
+    cluster: list[str] | None = None,
+    admin: tuple[str, str] | None = None,
 ) -> web.Application:
-    """The Unity Connection node's HTTPS application (mounted on 443 by CucComponent)."""
+    """The Unity Connection node's HTTPS application (mounted on 443 by CucComponent).
+
+    `cluster`: the FQDNs `/vmrest/cluster` lists (default: the node alone); `admin`: the
+    (username, password) it requires (default: none, anonymous)."""
     stats = stats or RequestStats("vmrest")
     app = new_app(stats)
     handlers = VmrestHandlers(
-        node, directory, Authenticator(directory, verifier), Mailboxes(directory, clock())
+        node,
+        directory,
+        Authenticator(directory, verifier),
+        Mailboxes(directory, clock()),
+        cluster=cluster,
+        admin=admin,
     )
     handlers.add_routes(app)
     return app
