@@ -22,6 +22,7 @@ from edge.sip.errors import SipParseError
 from edge.sip.events import FramingError, KeepaliveReceived, MessageReceived, StunReceived
 from edge.sip.framing import StreamFramer
 from edge.sip.message import Request, Response, Validation, make_response, parse_message
+from edge.write_batch import WriteBatch
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class SipFlow(asyncio.Protocol):
         self.ssl_object: ssl.SSLObject | None = None
         self._loop = asyncio.get_running_loop()
         self.closed = self._loop.create_future()
-        self._out: list[bytes] = []  # bytes sent during this loop iteration, written at its end
+        self._batch = WriteBatch(self._write_now)  # one transport write per loop iteration
         self.context: dict[str, Any] = {}
         self.messages_in = 0
         self.messages_out = 0
@@ -160,19 +161,15 @@ class SipFlow(asyncio.Protocol):
             self._queue(data)
 
     def _queue(self, data: bytes) -> None:
-        out = self._out
-        out.append(data)
-        if len(out) == 1:
-            self._loop.call_soon(self.flush)
+        self._batch.add(data)
 
     def flush(self) -> None:
         """Write what was queued (runs by itself at the end of the loop iteration)."""
-        out = self._out
-        if not out:
-            return
-        self._out = []
+        self._batch.flush()
+
+    def _write_now(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.transport.write(data)
 
     def close(self, reason: str = "closed") -> None:
         if self.transport is not None:

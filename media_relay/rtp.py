@@ -8,8 +8,10 @@ A.1 (sequence extension, loss) and A.8 (interarrival jitter) estimators in integ
 
 from __future__ import annotations
 
+import operator
 import struct
 from dataclasses import dataclass
+from typing import cast
 
 RTP_VERSION = 2
 RTP_HEADER_BYTES = 12
@@ -29,6 +31,21 @@ _SEQ_TS_SSRC = struct.Struct("!HII").unpack_from
 # ``StreamStats.get_state()``: packets, bytes, last_seen, ssrc, received, base_seq, max_seq,
 # cycles, bad_seq, transit, jitter16 (the native fast path keeps the same fields, fastpath.py).
 StatsState = tuple[int, int, float | None, int | None, int, int, int, int, int, int, int]
+# ``StreamStats`` fields in ``StatsState`` order (the order the C fast path uses too).
+_STATE_FIELDS = (
+    "packets",
+    "bytes",
+    "last_seen",
+    "ssrc",
+    "received",
+    "_base_seq",
+    "_max_seq",
+    "_cycles",
+    "_bad_seq",
+    "_transit",
+    "_jitter16",
+)
+_GET_STATE = operator.attrgetter(*_STATE_FIELDS)
 _U32 = 0xFFFFFFFF
 _HALF32 = 1 << 31
 
@@ -199,34 +216,11 @@ class StreamStats:
     def get_state(self) -> StatsState:
         """Every field ``update`` reads or writes (the native fast path runs the same estimators
         while it forwards a flow and hands the state back, ``media_relay/fastpath.py``)."""
-        return (
-            self.packets,
-            self.bytes,
-            self.last_seen,
-            self.ssrc,
-            self.received,
-            self._base_seq,
-            self._max_seq,
-            self._cycles,
-            self._bad_seq,
-            self._transit,
-            self._jitter16,
-        )
+        return cast(StatsState, _GET_STATE(self))
 
     def set_state(self, state: StatsState) -> None:
-        (
-            self.packets,
-            self.bytes,
-            self.last_seen,
-            self.ssrc,
-            self.received,
-            self._base_seq,
-            self._max_seq,
-            self._cycles,
-            self._bad_seq,
-            self._transit,
-            self._jitter16,
-        ) = state
+        for name, value in zip(_STATE_FIELDS, state, strict=True):
+            setattr(self, name, value)
 
     @property
     def extended_max_seq(self) -> int:

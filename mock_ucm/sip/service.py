@@ -31,6 +31,7 @@ from edge.sip.events import (
 )
 from edge.sip.framing import StreamFramer
 from edge.sip.message import MAX_MESSAGE_BYTES, Request, Response, Validation, make_response, parse_message
+from edge.write_batch import WriteBatch
 from mock_ucm.sip.calls import LocalNode
 from mock_ucm.sip.core import UcmSipCore
 from mock_ucm.sip.echo import EchoSession
@@ -314,8 +315,7 @@ class _SipFlow(asyncio.Protocol):
         # A registrar/UAS checks what it uses (RFC 3261 §8.2): the framer validates what every
         # request needs (Via, CSeq, Call-ID, From/To); the core parses, and refuses, the rest.
         self.framer = StreamFramer(service.max_message_bytes, validation=Validation.PROXY)
-        self._loop = asyncio.get_running_loop()
-        self._out: list[bytes] = []  # written in one go at the end of the loop iteration
+        self._batch = WriteBatch(self._write_now)  # one transport write per loop iteration
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] | None = None
         self.id = 0
@@ -380,18 +380,14 @@ class _SipFlow(asyncio.Protocol):
             self.transport.abort()
             return
         self.service.messages_out += 1
-        out = self._out
-        out.append(data)
-        if len(out) == 1:
-            self._loop.call_soon(self.flush)
+        self._batch.add(data)
 
     def flush(self) -> None:
-        out = self._out
-        if not out:
-            return
-        self._out = []
+        self._batch.flush()
+
+    def _write_now(self, data: bytes) -> None:
         if self.transport is not None and not self.closing:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.transport.write(data)
 
     def close(self) -> None:
         if self.transport is not None and not self.closing:
