@@ -63,6 +63,22 @@ class _MediaSocket(asyncio.DatagramProtocol):
         self.queue.put_nowait((data, time.perf_counter()))
 
 
+def make_invite(sip: MraSipUa, target: str, port: int, ours: CryptoAttribute, kind: str = "call") -> Request:
+    """An INVITE to ``target`` offering SDES-SRTP audio on our ``port`` (Call-ID ``<kind>-…``)."""
+    body = offer_sdp(sip.local[0], port, ours, int.from_bytes(os.urandom(4), "big"))
+    invite = sip._request(
+        "INVITE",
+        f"sip:{target}@{sip.domain}",
+        to=f"<sip:{target}@{sip.domain}>",
+        call_id=f"{kind}-{os.urandom(6).hex()}",
+        from_tag=os.urandom(4).hex(),
+        body=body,
+        content_type="application/sdp",
+    )
+    invite.headers.add("Contact", f"<sip:{sip.dn}@{sip.local[0]}:{sip.local[1]};transport=tls>")
+    return invite
+
+
 def offer_sdp(address: str, port: int, crypto: CryptoAttribute, session_id: int) -> bytes:
     return (
         "v=0\r\n"
@@ -94,17 +110,7 @@ async def place_call(
     try:
         port = int(transport.get_extra_info("sockname")[1])
         ours = generate_crypto(1, suite)
-        body = offer_sdp(local_ip, port, ours, int.from_bytes(os.urandom(4), "big"))
-        invite = sip._request(
-            "INVITE",
-            f"sip:{target}@{sip.domain}",
-            to=f"<sip:{target}@{sip.domain}>",
-            call_id=f"call-{os.urandom(6).hex()}",
-            from_tag=os.urandom(4).hex(),
-            body=body,
-            content_type="application/sdp",
-        )
-        invite.headers.add("Contact", f"<sip:{sip.dn}@{sip.local[0]}:{sip.local[1]};transport=tls>")
+        invite = make_invite(sip, target, port, ours)
         started = time.perf_counter()
         try:
             resp = await sip.transact(invite, answer_timeout_s)

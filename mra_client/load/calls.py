@@ -20,7 +20,7 @@ from edge.sip.dialog import Dialog
 from edge.sip.message import Request, Response, make_response
 from media_relay.sdp import SessionDescription
 from media_relay.srtp import CryptoAttribute, SdesError, generate_crypto
-from mra_client.call import offer_sdp
+from mra_client.call import make_invite, offer_sdp
 from mra_client.edge_http import StepError
 from mra_client.load.media import MediaEngine, MediaStream
 from mra_client.load.settings import LoadSettings
@@ -50,21 +50,6 @@ class LoadCall:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the far end hung up (a BYE reached either leg)."""
     finished: bool = False
-
-
-def make_invite(sip: MraSipUa, target: str, port: int, ours: CryptoAttribute) -> Request:
-    body = offer_sdp(sip.local[0], port, ours, int.from_bytes(os.urandom(4), "big"))
-    invite = sip._request(
-        "INVITE",
-        f"sip:{target}@{sip.domain}",
-        to=f"<sip:{target}@{sip.domain}>",
-        call_id=f"load-{os.urandom(6).hex()}",
-        from_tag=os.urandom(4).hex(),
-        body=body,
-        content_type="application/sdp",
-    )
-    invite.headers.add("Contact", f"<sip:{sip.dn}@{sip.local[0]}:{sip.local[1]};transport=tls>")
-    return invite
 
 
 def parse_media(body: bytes, step: str) -> tuple[tuple[str, int], CryptoAttribute]:
@@ -167,7 +152,7 @@ class CallDriver:
         handle, port = await self.media.open(sip.local[0])
         call.a_handle = handle
         ours = generate_crypto(1, self.settings.suite)
-        invite = make_invite(sip, call.target, port, ours)
+        invite = make_invite(sip, call.target, port, ours, kind="load")
         caller.dialogs[invite.call_id or ""] = call
         started = time.perf_counter()
         try:
