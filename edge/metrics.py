@@ -7,12 +7,15 @@ with stable names and labels. Every name starts with ``edge_``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class StatusCollector(Collector):
         except AttributeError:
             return
         except Exception:  # a scrape must never break the endpoint; the sample set is just smaller
+            log.exception("metrics: %s: collecting samples failed", getattr(self.component, "name", "?"))
             samples = []
         families: dict[str, Metric] = {}
         label_names: dict[str, list[str]] = {}

@@ -82,10 +82,22 @@ class UcmComponent(BaseComponent):
 
     def metric_samples(self) -> Iterable[Sample]:
         if self.sip is not None:
-            st = self.sip.status()
+            regs = self.sip.status()["registrations"]
             yield Sample(
                 "edge_ucm_registrations",
                 "gauge",
                 "Devices registered on this UCM node",
-                float(st.get("registrations", 0)),
+                float(regs["current"]),
             )
+            yield Sample(
+                "edge_ucm_registrations_peak",
+                "gauge",
+                "Most devices registered at once on this UCM node since start",
+                float(regs["peak"]),
+            )
+            for key, what in (
+                ("new", "new registrations"),
+                ("refreshes", "registration refreshes"),
+                ("failures", "REGISTERs refused"),
+            ):
+                yield Sample(f"edge_ucm_register_{key}_total", "counter", f"UCM {what}", float(regs[key]))

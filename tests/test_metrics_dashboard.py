@@ -89,6 +89,12 @@ def test_dashboard_uses_only_exported_metrics(lab: RunningLab) -> None:
     # The Expressways export the zone metrics; C its own view (maintenance, nodes, sessions).
     assert {"edge_zone_active", "edge_zone_channel_active"} <= exported["expc"] & exported["expe"]
     assert {"edge_maintenance", "edge_node_down", "edge_provisioning_sessions"} <= exported["expc"]
+    # The mock UCM exports its registrar's view (a broken sample source used to vanish silently).
+    assert {
+        "edge_ucm_registrations",
+        "edge_ucm_registrations_peak",
+        "edge_ucm_register_new_total",
+    } <= exported["ucm1"]
     everything = set().union(*exported.values())
     missing = {
         (title, name)
