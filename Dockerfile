@@ -15,12 +15,16 @@ COPY traversal ./traversal
 COPY media_relay ./media_relay
 COPY mock_ucm ./mock_ucm
 COPY mra_client ./mra_client
-# gcc builds the relay's native fast path (media_relay/_fastpath.c; the headers come with the
-# image's Python) and leaves again; without it the relay would run its pure-Python path.
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+# gcc builds the native fast paths (media_relay/_fastpath.c with libsrtp2 + OpenSSL for C's SRTP,
+# edge/sip/_scan.c; the Python headers come with the image) and leaves again with the -dev
+# packages; libsrtp2-1 stays (installed by name, so autoremove keeps it). Without them the relay
+# and the SIP scans would run their pure-Python paths.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev pkg-config \
+        libsrtp2-dev libsrtp2-1 libssl-dev \
     && pip install . && cd / && rm -rf /src \
-    && python -c "import media_relay._fastpath" \
-    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
+    && python -c "import media_relay._fastpath as f, edge.sip._scan; assert f.HAVE_SRTP" \
+    && apt-get purge -y gcc libc6-dev pkg-config libsrtp2-dev libssl-dev \
+    && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 # The lab configuration of the compose deployment: each component on its own address of the
 # inside / dmz / outside networks that docker-compose.yml declares (same subnets, same addresses);

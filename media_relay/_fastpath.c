@@ -1,4 +1,4 @@
-/* Native fast path of the plain media relay (spec §7): established flows leave Python.
+/* Native fast path of the media relay (spec §7): established flows leave Python.
  *
  * A Forwarder holds a hash table of flows keyed by (local port, source IPv4 address, source
  * port). A flow is one *ingress endpoint* of the Python RelayTable whose remote address is known
@@ -12,7 +12,12 @@
  * RelayTable.receive_datagram are forwarded with sendmmsg, grouped per egress socket; every other
  * datagram (strangers, garbage, unknown ports, packets that would latch) is handed back to
  * Python, which counts it exactly as before. Python owns the flows: it installs and removes them
- * and collects counters and receiver state (flush(), remove()) into its own objects.
+ * and collects counters and receiver state (flush(), remove(), last_seen()) into its own objects.
+ *
+ * A flow may carry a Transcoder (_srtp.c; C's SRTP B2BUA, built when libsrtp2 is found): its
+ * packets are then unprotected/protected in the send slot before they are queued, as
+ * RelayTable.receive_and_transcode does; a packet SRTP refuses is dropped and counted here
+ * (transcode_drops, and auth_failures in the Transcoder itself).
  *
  * Hostile input never reaches anything but bounds-checked reads of a fixed-size buffer; a
  * datagram longer than BUF_BYTES is truncated to it, which is still "too big" (> 1500) for every
@@ -21,6 +26,8 @@
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include "_srtp.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -35,6 +42,7 @@
 
 #define BATCH 64                 /* datagrams per recvmmsg */
 #define POOL 256                 /* forwarded datagrams wait here for sendmmsg */
+#define SLOT_BYTES 2048          /* a pool slot: a datagram and libsrtp's trailer room */
 #define BUF_BYTES 2048           /* > MAX_DATAGRAM: a truncated datagram still counts as too big */
 #define MAX_DATAGRAM 1500        /* table.MAX_DATAGRAM_BYTES */
 #define MIN_DATAGRAM 8           /* an RTCP header */
@@ -68,7 +76,8 @@ typedef struct {
     uint64_t key; /* 0 = empty slot (a bound local port is never 0) */
     int is_rtcp_port, dirty;
     Egress out[2]; /* [0] RTP towards the peer's RTP endpoint, [1] RTCP */
-    int64_t rx_packets, rx_bytes, tx_packets[2], tx_bytes[2];
+    PyObject *xcoder; /* a _srtp Transcoder (C's SRTP B2BUA step; strong reference) or NULL */
+    int64_t rx_packets, rx_bytes, tx_packets[2], tx_bytes[2], transcode_drops;
     double last_seen;
     Stats st;
 } Flow;
@@ -89,7 +98,7 @@ typedef struct {
     int busy;           /* inside drain()/poll(): the table must not change */
     int sockets;        /* registered with the epoll set */
     unsigned char *rbuf;  /* BATCH receive buffers of BUF_BYTES (set up once: see init) */
-    unsigned char *pool;  /* POOL send slots of MAX_DATAGRAM */
+    unsigned char *pool;  /* POOL send slots of SLOT_BYTES */
     int npend;
     Pending pend[POOL];
     struct mmsghdr rmsg[BATCH];
@@ -99,6 +108,7 @@ typedef struct {
     struct iovec siov[POOL];
     struct epoll_event events[MAX_EVENTS];
     unsigned long long forwarded, to_python, send_errors, recv_errors, recv_calls, send_calls;
+    unsigned long long transcoded, transcode_drops;
 } Forwarder;
 
 /* -- flow table: open addressing, linear probing, backward-shift deletion ------------------- */
@@ -165,6 +175,8 @@ static int flow_reserve(Forwarder *self)
 
 static void flow_delete(Forwarder *self, Flow *f)
 {
+    PyObject *xcoder = f->xcoder; /* released last: its dealloc must not see a half-moved table */
+    f->xcoder = NULL;
     size_t mask = self->cap - 1, i = (size_t)(f - self->slots), j = i;
     for (;;) {
         j = (j + 1) & mask;
@@ -179,6 +191,7 @@ static void flow_delete(Forwarder *self, Flow *f)
     }
     memset(&self->slots[i], 0, sizeof(Flow));
     self->count--;
+    Py_XDECREF(xcoder);
 }
 
 /* -- RFC 3550 A.1 / A.8, exactly as media_relay.rtp.StreamStats.update ------------------------ */
@@ -372,15 +385,17 @@ static PyObject *flush_item(Flow *f)
     PyObject *state = stats_state(&f->st);
     if (state == NULL)
         return NULL;
-    PyObject *item = Py_BuildValue("(KLLLLLLdO)", (unsigned long long)f->key, (long long)f->rx_packets,
+    PyObject *item = Py_BuildValue("(KLLLLLLdOL)", (unsigned long long)f->key, (long long)f->rx_packets,
                                    (long long)f->rx_bytes, (long long)f->tx_packets[0],
                                    (long long)f->tx_bytes[0], (long long)f->tx_packets[1],
-                                   (long long)f->tx_bytes[1], f->last_seen, state);
+                                   (long long)f->tx_bytes[1], f->last_seen, state,
+                                   (long long)f->transcode_drops);
     Py_DECREF(state);
     if (item == NULL)
         return NULL;
     f->rx_packets = f->rx_bytes = 0;
     f->tx_packets[0] = f->tx_packets[1] = f->tx_bytes[0] = f->tx_bytes[1] = 0;
+    f->transcode_drops = 0;
     f->dirty = 0;
     return item;
 }
@@ -427,7 +442,7 @@ static void flush_sends(Forwarder *self)
         qsort(self->pend, (size_t)n, sizeof(Pending), cmp_pending);
     for (int i = 0; i < n; i++) {
         Pending *p = &self->pend[i];
-        self->siov[i].iov_base = self->pool + (size_t)p->slot * MAX_DATAGRAM;
+        self->siov[i].iov_base = self->pool + (size_t)p->slot * SLOT_BYTES;
         self->siov[i].iov_len = p->len;
         memset(&self->smsg[i], 0, sizeof(struct mmsghdr));
         self->smsg[i].msg_hdr.msg_name = (void *)p->dst;
@@ -458,7 +473,10 @@ static void flush_sends(Forwarder *self)
     self->npend = 0;
 }
 
-/* Forward (queue) one datagram of an installed flow; 0 when Python must see it instead. */
+/* Forward (queue) one datagram of an installed flow: 1 queued, 2 dropped here (SRTP refused it:
+ * counted as the table's transcode drop), 0 when Python must see it instead. Everything handed
+ * back is handed back before any cryptography, so Python's RelayTable.receive_and_transcode does
+ * exactly what it would have done (with the same libsrtp sessions, see _srtp.c). */
 static inline int forward(Forwarder *self, Flow *f, const unsigned char *d, size_t n, double now)
 {
     if (n < MIN_DATAGRAM || n > MAX_DATAGRAM || (d[0] & 0xC0) != 0x80)
@@ -469,6 +487,24 @@ static inline int forward(Forwarder *self, Flow *f, const unsigned char *d, size
     Egress *e = &f->out[rtcp];
     if (e->fd < 0)
         return 0; /* no route for this kind (RTCP on a muxed port): the table counts the drop */
+    if (self->npend == POOL)
+        flush_sends(self);
+    unsigned slot = (unsigned)self->npend;
+    unsigned char *buf = self->pool + (size_t)slot * SLOT_BYTES;
+    memcpy(buf, d, n);
+    int len = (int)n;
+    if (f->xcoder != NULL) {
+        /* RelayTable.receive_and_transcode: SRTP first (a refused packet counts nothing else),
+         * then the table's accounting of the *ingress* packet (sizes, RFC 3550 state). */
+        int auth;
+        if (fp_transcode(f->xcoder, rtcp, buf, &len, &auth) != 0) {
+            f->transcode_drops++;
+            f->dirty = 1;
+            self->transcode_drops++;
+            return 2;
+        }
+        self->transcoded++;
+    }
     if (!rtcp)
         stats_update(&f->st, d, n, now);
     f->last_seen = now;
@@ -477,16 +513,13 @@ static inline int forward(Forwarder *self, Flow *f, const unsigned char *d, size
     f->tx_packets[rtcp]++;
     f->tx_bytes[rtcp] += (int64_t)n;
     f->dirty = 1;
-    if (self->npend == POOL)
-        flush_sends(self);
-    unsigned slot = (unsigned)self->npend++;
-    memcpy(self->pool + (size_t)slot * MAX_DATAGRAM, d, n);
+    self->npend++;
     Pending *p = &self->pend[slot];
     p->fd = e->fd;
     p->dst = &e->dst;
     p->seq = slot;
     p->slot = (uint16_t)slot;
-    p->len = (uint16_t)n;
+    p->len = (uint16_t)len;
     return 1;
 }
 
@@ -547,10 +580,11 @@ static int drain_fd(Forwarder *self, int fd, unsigned port, int max_batches, int
             if (ss->ss_family == AF_INET && sslen >= (socklen_t)sizeof(struct sockaddr_in)) {
                 const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
                 Flow *f = flow_find(self, make_key(port, ntohl(sin->sin_addr.s_addr), ntohs(sin->sin_port)));
-                if (f != NULL && forward(self, f, d, n, now)) {
+                int done = f == NULL ? 0 : forward(self, f, d, n, now);
+                if (done == 1)
                     self->forwarded++;
+                if (done != 0)
                     continue;
-                }
             }
             if (!(ss->ss_family == AF_INET && sslen >= (socklen_t)sizeof(struct sockaddr_in)) &&
                 !(ss->ss_family == AF_INET6 && sslen >= (socklen_t)sizeof(struct sockaddr_in6))) {
@@ -718,14 +752,19 @@ static PyObject *Forwarder_remove_socket(Forwarder *self, PyObject *args)
 static PyObject *Forwarder_install(Forwarder *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"local_port", "src_host", "src_port", "is_rtcp_port", "rtp_fd", "rtp_dst",
-                             "rtcp_fd", "rtcp_dst", "clock_rate", "state", NULL};
+                             "rtcp_fd", "rtcp_dst", "clock_rate", "state", "transcoder", NULL};
     int port, src_port, is_rtcp, rtp_fd, rtcp_fd;
     const char *src_host;
-    PyObject *rtp_dst, *rtcp_dst, *state;
+    PyObject *rtp_dst, *rtcp_dst, *state, *xcoder = Py_None;
     long long clock_rate;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "isipiOiOLO", kwlist, &port, &src_host, &src_port, &is_rtcp,
-                                     &rtp_fd, &rtp_dst, &rtcp_fd, &rtcp_dst, &clock_rate, &state))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "isipiOiOLO|O", kwlist, &port, &src_host, &src_port, &is_rtcp,
+                                     &rtp_fd, &rtp_dst, &rtcp_fd, &rtcp_dst, &clock_rate,
+                                     &state, &xcoder))
         return NULL;
+    if (xcoder != Py_None && !fp_is_transcoder(xcoder)) {
+        PyErr_SetString(PyExc_TypeError, "transcoder must be a _fastpath.Transcoder or None");
+        return NULL;
+    }
     if (check_idle(self) < 0)
         return NULL;
     if (port < 1 || port > 65535 || src_port < 1 || src_port > 65535) {
@@ -754,6 +793,7 @@ static PyObject *Forwarder_install(Forwarder *self, PyObject *args, PyObject *kw
     }
     if (flow_reserve(self) < 0)
         return NULL;
+    tmp.xcoder = xcoder == Py_None ? NULL : Py_NewRef(xcoder);
     *slot_for(self->slots, self->cap, tmp.key) = tmp;
     self->count++;
     return PyLong_FromUnsignedLongLong(tmp.key);
@@ -784,6 +824,21 @@ static PyObject *Forwarder_remove(Forwarder *self, PyObject *arg)
     return item;
 }
 
+/* When a flow last forwarded (0.0: never): the inactivity check asks only for streams it
+ * would otherwise time out, instead of folding every flow back (media_relay/worker.py). */
+static PyObject *Forwarder_last_seen(Forwarder *self, PyObject *arg)
+{
+    uint64_t key;
+    if (parse_key(arg, &key) < 0 || check_idle(self) < 0)
+        return NULL;
+    Flow *f = key == 0 ? NULL : flow_find(self, key);
+    if (f == NULL) {
+        PyErr_SetString(PyExc_KeyError, "no such flow");
+        return NULL;
+    }
+    return PyFloat_FromDouble(f->last_seen);
+}
+
 /* Every flow that forwarded since the last flush: counters (then zeroed) and receiver state. */
 static PyObject *Forwarder_flush(Forwarder *self, PyObject *Py_UNUSED(ignored))
 {
@@ -809,9 +864,10 @@ static PyObject *Forwarder_flush(Forwarder *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *Forwarder_counters(Forwarder *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("{sKsKsKsKsKsKsnsi}", "forwarded", self->forwarded, "to_python", self->to_python,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsnsi}", "forwarded", self->forwarded, "to_python", self->to_python,
                          "send_errors", self->send_errors, "recv_errors", self->recv_errors, "recv_calls",
-                         self->recv_calls, "send_calls", self->send_calls, "flows", (Py_ssize_t)self->count,
+                         self->recv_calls, "send_calls", self->send_calls, "transcoded", self->transcoded,
+                         "transcode_drops", self->transcode_drops, "flows", (Py_ssize_t)self->count,
                          "sockets", self->sockets);
 }
 
@@ -830,9 +886,13 @@ static void forwarder_release(Forwarder *self)
         close(self->epfd);
         self->epfd = -1;
     }
-    PyMem_Free(self->slots);
+    Flow *slots = self->slots;
+    size_t cap = self->cap;
     self->slots = NULL;
     self->cap = self->count = 0;
+    for (size_t i = 0; slots != NULL && i < cap; i++)
+        Py_XDECREF(slots[i].xcoder);
+    PyMem_Free(slots);
     PyMem_Free(self->pool);
     self->pool = NULL;
     PyMem_Free(self->rbuf);
@@ -866,7 +926,7 @@ static int Forwarder_init(Forwarder *self, PyObject *args, PyObject *kwds)
     self->cap = 64;
     self->count = 0;
     self->slots = PyMem_Calloc(self->cap, sizeof(Flow));
-    self->pool = PyMem_Malloc((size_t)POOL * MAX_DATAGRAM);
+    self->pool = PyMem_Malloc((size_t)POOL * SLOT_BYTES);
     self->rbuf = PyMem_Malloc((size_t)BATCH * BUF_BYTES);
     if (self->slots == NULL || self->pool == NULL || self->rbuf == NULL) {
         forwarder_release(self);
@@ -919,11 +979,12 @@ static PyMethodDef Forwarder_methods[] = {
      "remove_socket(fd, local_port) -> int: stop watching; purge flows using it (count)."},
     {"install", (PyCFunction)(void (*)(void))Forwarder_install, METH_VARARGS | METH_KEYWORDS,
      "install(local_port, src_host, src_port, is_rtcp_port, rtp_fd, rtp_dst, rtcp_fd, rtcp_dst,\n"
-     "        clock_rate, state) -> key"},
+     "        clock_rate, state, transcoder=None) -> key"},
     {"remove", (PyCFunction)Forwarder_remove, METH_O, "remove(key) -> flush item or None"},
+    {"last_seen", (PyCFunction)Forwarder_last_seen, METH_O, "last_seen(key) -> float (0.0: never)"},
     {"flush", (PyCFunction)Forwarder_flush, METH_NOARGS,
      "flush() -> [(key, rx_packets, rx_bytes, tx_rtp_packets, tx_rtp_bytes, tx_rtcp_packets,\n"
-     "             tx_rtcp_bytes, last_seen, state)] of flows that forwarded since the last flush"},
+     "             tx_rtcp_bytes, last_seen, state, transcode_drops)] of flows changed since the last flush"},
     {"counters", (PyCFunction)Forwarder_counters, METH_NOARGS, "counters() -> dict"},
     {"fileno", (PyCFunction)Forwarder_fileno, METH_NOARGS, "the epoll fd (readable: poll() has work)"},
     {"close", (PyCFunction)Forwarder_close, METH_NOARGS, "close the epoll fd, free every flow"},
@@ -961,7 +1022,8 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "Forwarder", (PyObject *)&ForwarderType) < 0 ||
-        PyModule_AddIntConstant(m, "BATCH", BATCH) < 0 || PyModule_AddIntConstant(m, "BUF_BYTES", BUF_BYTES) < 0) {
+        PyModule_AddIntConstant(m, "BATCH", BATCH) < 0 || PyModule_AddIntConstant(m, "BUF_BYTES", BUF_BYTES) < 0 ||
+        fp_srtp_add_to_module(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,14 +1,46 @@
-"""Type stub of the native fast path (``_fastpath.c``; used through ``media_relay.fastpath``)."""
+"""Type stub of the native fast path (``_fastpath.c``, ``_srtp.c``; used through
+``media_relay.fastpath`` and ``media_relay.srtp``)."""
 
 from media_relay.rtp import StatsState
 
 Addr = tuple[str, int]
 # (key, rx_packets, rx_bytes, tx_rtp_packets, tx_rtp_bytes, tx_rtcp_packets, tx_rtcp_bytes,
-#  last_seen, StreamStats state); counters are deltas since the previous flush of the flow.
-FlushItem = tuple[int, int, int, int, int, int, int, float, StatsState]
+#  last_seen, StreamStats state, transcode_drops); counters are deltas since the previous flush.
+FlushItem = tuple[int, int, int, int, int, int, int, float, StatsState, int]
 
 BATCH: int
 BUF_BYTES: int
+HAVE_SRTP: int  # 0: built without libsrtp2; the names below then do not exist
+SRTP_VERSION: str
+SRTP_PRIMITIVES: str  # "openssl" (OpenSSL's AES/SHA-1 plugged into libsrtp) or "libsrtp"
+
+class SrtpError(Exception):
+    """``args``: (message, libsrtp status; -1 = packet too long)."""
+
+class SrtpAuthError(SrtpError):
+    """Authentication or replay check failed."""
+
+class SrtpSession:
+    """One direction of one SDES key, any SSRC (libsrtp ``srtp_t``)."""
+
+    profile: int
+    outbound: bool
+    def __init__(self, profile: int, key_salt: bytes, outbound: bool) -> None: ...
+    def protect(self, packet: bytes, /) -> bytes: ...
+    def protect_rtcp(self, packet: bytes, /) -> bytes: ...
+    def unprotect(self, packet: bytes, /) -> bytes: ...
+    def unprotect_rtcp(self, packet: bytes, /) -> bytes: ...
+
+class Transcoder:
+    """Unprotect with ``inbound``, protect with ``outbound`` (None: plain RTP on that side)."""
+
+    auth_failures: int
+    @property
+    def inbound(self) -> SrtpSession | None: ...
+    @property
+    def outbound(self) -> SrtpSession | None: ...
+    def __init__(self, inbound: SrtpSession | None, outbound: SrtpSession | None) -> None: ...
+    def transcode(self, data: bytes, rtcp: bool) -> bytes: ...
 
 class Forwarder:
     def __init__(self) -> None: ...
@@ -29,8 +61,10 @@ class Forwarder:
         rtcp_dst: Addr | None,
         clock_rate: int,
         state: StatsState,
+        transcoder: Transcoder | None = None,
     ) -> int: ...
     def remove(self, key: int, /) -> FlushItem | None: ...
+    def last_seen(self, key: int, /) -> float: ...
     def flush(self) -> list[FlushItem]: ...
     def drain(
         self, fd: int, local_port: int, *, now: float | None = None, max_batches: int = 4

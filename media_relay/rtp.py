@@ -219,8 +219,21 @@ class StreamStats:
         return cast(StatsState, _GET_STATE(self))
 
     def set_state(self, state: StatsState) -> None:
-        for name, value in zip(_STATE_FIELDS, state, strict=True):
-            setattr(self, name, value)
+        # One unpacking assignment (the fields of ``_STATE_FIELDS``, in order): several times
+        # cheaper than a setattr loop, and the native path folds thousands of these at once.
+        (
+            self.packets,
+            self.bytes,
+            self.last_seen,
+            self.ssrc,
+            self.received,
+            self._base_seq,
+            self._max_seq,
+            self._cycles,
+            self._bad_seq,
+            self._transit,
+            self._jitter16,
+        ) = state
 
     @property
     def extended_max_seq(self) -> int:

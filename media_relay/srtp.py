@@ -1,9 +1,15 @@
-"""SDES key exchange (RFC 4568) and SRTP contexts over pylibsrtp (spec §7).
+"""SDES key exchange (RFC 4568) and SRTP contexts over libsrtp (spec §7).
 
 E relays SRTP untouched; only C, the B2BUA, terminates it: it unprotects with the key the peer
 offered and re-protects with the key C announced (or sends plain RTP to an inside endpoint that
 did not offer SRTP). Every libsrtp failure becomes ``SrtpError`` / ``SrtpAuthError``, which the
 relay table counts as a drop; nothing from libsrtp reaches the event loop.
+
+Two libsrtp bindings, byte-identical output: the native fast path's ``SrtpSession`` (system
+libsrtp2, ``media_relay/_srtp.c``) when the extension was built with it and is not switched off
+(``fastpath.native_srtp()``), else pylibsrtp. A native ``SrtpTranscoder`` can be handed to the
+native forwarder (``fastpath.FlowSync``), which then transcodes that leg's packets in C with the
+very same sessions: one SRTP state per SSRC whichever path a packet takes.
 """
 
 from __future__ import annotations
@@ -11,14 +17,36 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import logging
 import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pylibsrtp
 
+from media_relay import fastpath
 from media_relay.errors import MediaError, TranscodeError
+
+if TYPE_CHECKING:
+    from media_relay._fastpath import SrtpSession, Transcoder
+
+try:
+    from media_relay import _fastpath as _native
+except ImportError:  # not built: pylibsrtp only
+    _native = None  # type: ignore[assignment]
+
+# The native binding's exceptions (empty tuples without it: ``except ()`` catches nothing).
+_NATIVE_AUTH: tuple[type[Exception], ...] = ()
+_NATIVE_ERR: tuple[type[Exception], ...] = ()
+if _native is not None and bool(getattr(_native, "HAVE_SRTP", False)):
+    _NATIVE_AUTH = (_native.SrtpAuthError,)
+    _NATIVE_ERR = (_native.SrtpError,)
+# What else a binding may raise for a bad packet (pylibsrtp: ValueError "packet is too long").
+_OTHER_ERR: tuple[type[Exception], ...] = (ValueError, TypeError, *_NATIVE_ERR)
+
+log = logging.getLogger(__name__)
 
 
 class SrtpError(TranscodeError):
@@ -205,26 +233,51 @@ class Direction(enum.Enum):
 
 
 class SrtpContext:
-    """One direction of one SRTP session (any SSRC), RTP and RTCP."""
+    """One direction of one SRTP session (any SSRC), RTP and RTCP.
 
-    def __init__(self, suite: str, key_salt: bytes, direction: Direction) -> None:
+    ``native``: None = the native binding when available (``fastpath.native_srtp()``), True
+    requires it, False = pylibsrtp. Both produce the same bytes and raise the same errors.
+    """
+
+    def __init__(
+        self, suite: str, key_salt: bytes, direction: Direction, *, native: bool | None = None
+    ) -> None:
         info = suite_info(suite)
         if len(key_salt) != info.key_salt_bytes:
             raise SdesError(f"{suite} needs {info.key_salt_bytes} key||salt bytes, got {len(key_salt)}")
-        ssrc_type = (
-            pylibsrtp.Policy.SSRC_ANY_INBOUND
-            if direction is Direction.INBOUND
-            else pylibsrtp.Policy.SSRC_ANY_OUTBOUND
-        )
-        policy = pylibsrtp.Policy(key=key_salt, ssrc_type=ssrc_type, srtp_profile=info.profile)
+        required = native is True
+        if native is None:
+            native = fastpath.native_srtp()
         self.suite = suite
         self.direction = direction
-        self._session = pylibsrtp.Session(policy)
+        self._session: pylibsrtp.Session | SrtpSession
+        self.native: SrtpSession | None = None
+        if native:
+            if not _NATIVE_ERR:
+                raise SrtpUnsupportedError("the native fast path was built without libsrtp2")
+            try:
+                self.native = _native.SrtpSession(info.profile, key_salt, direction is Direction.OUTBOUND)
+            except _OTHER_ERR as exc:  # e.g. a libsrtp2 without GCM: pylibsrtp, Python path
+                if required:
+                    raise SrtpUnsupportedError(f"crypto suite {suite}: native libsrtp2: {exc}") from None
+                log.warning("crypto suite %s: native libsrtp2 refused it (%s): pylibsrtp instead", suite, exc)
+        if self.native is not None:
+            self._session = self.native
+        else:
+            ssrc_type = (
+                pylibsrtp.Policy.SSRC_ANY_INBOUND
+                if direction is Direction.INBOUND
+                else pylibsrtp.Policy.SSRC_ANY_OUTBOUND
+            )
+            policy = pylibsrtp.Policy(key=key_salt, ssrc_type=ssrc_type, srtp_profile=info.profile)
+            self._session = pylibsrtp.Session(policy)
 
     @classmethod
-    def from_crypto(cls, attr: CryptoAttribute, direction: Direction) -> SrtpContext:
+    def from_crypto(
+        cls, attr: CryptoAttribute, direction: Direction, *, native: bool | None = None
+    ) -> SrtpContext:
         check_usable(attr)
-        return cls(attr.suite, attr.key_salt, direction)
+        return cls(attr.suite, attr.key_salt, direction, native=native)
 
     def protect(self, packet: bytes) -> bytes:
         return self._call(self._session.protect, packet)
@@ -244,8 +297,10 @@ class SrtpContext:
             return fn(packet)
         except pylibsrtp.Error as exc:
             raise _srtp_error(str(exc)) from None
-        except (ValueError, TypeError) as exc:
-            raise SrtpError(str(exc)) from None
+        except _NATIVE_AUTH as exc:
+            raise SrtpAuthError(str(exc.args[0])) from None
+        except _OTHER_ERR as exc:
+            raise SrtpError(str(exc.args[0] if exc.args else exc)) from None
 
 
 def _srtp_error(reason: str) -> SrtpError:
@@ -262,11 +317,13 @@ class SrtpTranscoder:
 
     Either side may be None for plain RTP (an inside endpoint that did not offer SRTP).
     Satisfies ``media_relay.table.Transcoder``; ``auth_failures`` counts packets refused by
-    SRTP authentication or the replay check. Per packet it calls pylibsrtp's ``Session``
-    directly (one Python frame here instead of four through ``SrtpContext``).
+    SRTP authentication or the replay check. When every context given is native (or none is
+    given and the native binding is available), ``native`` is a ``_fastpath.Transcoder`` that
+    does the work and the counting, for Python here and for the native forwarder alike;
+    otherwise each packet calls pylibsrtp's ``Session`` directly (one Python frame).
     """
 
-    __slots__ = ("_rtcp", "_rtp", "auth_failures", "inbound", "outbound")
+    __slots__ = ("_auth_failures", "_rtcp", "_rtp", "inbound", "native", "outbound")
 
     def __init__(self, inbound: SrtpContext | None, outbound: SrtpContext | None) -> None:
         if inbound is not None and inbound.direction is not Direction.INBOUND:
@@ -275,7 +332,13 @@ class SrtpTranscoder:
             raise ValueError("outbound context must have Direction.OUTBOUND")
         self.inbound = inbound
         self.outbound = outbound
-        self.auth_failures = 0
+        self._auth_failures = 0
+        given = [c for c in (inbound, outbound) if c is not None]
+        self.native: Transcoder | None = None
+        if _NATIVE_ERR and (all(c.native is not None for c in given) if given else fastpath.native_srtp()):
+            self.native = _native.Transcoder(
+                None if inbound is None else inbound.native, None if outbound is None else outbound.native
+            )
         i = None if inbound is None else inbound._session
         o = None if outbound is None else outbound._session
         self._rtp: tuple[_Op, _Op] = (None if i is None else i.unprotect, None if o is None else o.protect)
@@ -284,7 +347,20 @@ class SrtpTranscoder:
             None if o is None else o.protect_rtcp,
         )
 
+    @property
+    def auth_failures(self) -> int:
+        native = self.native
+        return self._auth_failures + (0 if native is None else native.auth_failures)
+
     def transcode(self, data: bytes, rtcp: bool) -> bytes:
+        native = self.native
+        if native is not None:
+            try:
+                return native.transcode(data, rtcp)
+            except _NATIVE_AUTH as exc:  # counted by the native transcoder
+                raise SrtpAuthError(str(exc.args[0])) from None
+            except _OTHER_ERR as exc:
+                raise SrtpError(str(exc.args[0] if exc.args else exc)) from None
         unprotect, protect = self._rtcp if rtcp else self._rtp
         try:
             plain = data if unprotect is None else unprotect(data)
@@ -292,7 +368,10 @@ class SrtpTranscoder:
         except pylibsrtp.Error as exc:
             error = _srtp_error(str(exc))
             if isinstance(error, SrtpAuthError):
-                self.auth_failures += 1
+                self._auth_failures += 1
             raise error from None
-        except (ValueError, TypeError) as exc:
-            raise SrtpError(str(exc)) from None
+        except _NATIVE_AUTH as exc:  # a native context next to a pylibsrtp one
+            self._auth_failures += 1
+            raise SrtpAuthError(str(exc.args[0])) from None
+        except _OTHER_ERR as exc:
+            raise SrtpError(str(exc.args[0] if exc.args else exc)) from None

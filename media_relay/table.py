@@ -532,6 +532,17 @@ class RelayTable:
         """The earliest time a stream may have gone idle (may be early: activity is not tracked)."""
         return self._deadline
 
+    def due(self, before: float) -> list[Stream]:
+        """The streams whose inactivity deadline (by ``last_seen``) is at or before ``before``.
+
+        An adapter that keeps ``last_seen`` elsewhere (the native fast path) refreshes just these
+        before ``handle_timer``, instead of every stream every time."""
+        return [
+            s
+            for s in self._streams.values()
+            if s.inactivity_timeout_s is not None and s.last_seen + s.inactivity_timeout_s <= before
+        ]
+
     def handle_timer(self, now: float) -> list[StreamTimedOut]:
         expired: list[StreamTimedOut] = []
         deadline: float | None = None
@@ -551,13 +562,31 @@ class RelayTable:
     # -- status -------------------------------------------------------------------------------
 
     def totals(self) -> dict[str, int]:
-        totals = dict(self._retired)
+        # Plain attribute sums (no per-endpoint dicts): this runs over every endpoint.
+        rx_p = rx_b = tx_p = tx_b = garbage = unlatched = not_latched = transcode = 0
         for stream in self._streams.values():
-            for ep in stream.endpoints():
-                for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"):
-                    totals[k] += getattr(ep, k)
-                for k, v in ep.drops().items():
-                    totals[f"{k}_drops"] += v
+            for leg in stream.legs:
+                for ep in leg.endpoints():
+                    rx_p += ep.rx_packets
+                    rx_b += ep.rx_bytes
+                    tx_p += ep.tx_packets
+                    tx_b += ep.tx_bytes
+                    garbage += ep.garbage_drops
+                    unlatched += ep.unlatched_drops
+                    not_latched += ep.not_latched_drops
+                    transcode += ep.transcode_drops
+        totals = dict(self._retired)
+        for k, v in (
+            ("rx_packets", rx_p),
+            ("rx_bytes", rx_b),
+            ("tx_packets", tx_p),
+            ("tx_bytes", tx_b),
+            ("garbage_drops", garbage),
+            ("unlatched_drops", unlatched),
+            ("not_latched_drops", not_latched),
+            ("transcode_drops", transcode),
+        ):
+            totals[k] += v
         totals["unknown_port_drops"] = self.unknown_port_drops
         totals["unknown_source_drops"] = self.unknown_source_drops
         totals["garbage_drops"] = self.garbage_drops  # includes per-stream garbage

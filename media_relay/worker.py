@@ -8,9 +8,12 @@ Thin by design (shared/STYLE.md §8). Two ways to move packets, same table, same
   ready socket with recvmmsg and forwards the packets of established flows with sendmmsg, in C.
   What the forwarder does not know (first packets, strangers, garbage) comes back as a list and
   goes through ``RelayTable.receive_datagram`` as before. ``fastpath.FlowSync`` keeps the
-  forwarder's flows equal to the table's routes and folds counters back (every second, before
-  snapshots and inactivity checks, when a flow goes). On C (``transcoding=True``) no flow is
-  installed: the forwarder only batches the reads and Python does the SRTP per packet.
+  forwarder's flows equal to the table's routes and folds counters back lazily: before
+  snapshots and ``totals()``, when a flow goes, and (``last_seen`` only) for the streams an
+  inactivity check would time out; nothing runs over every flow periodically, so the loop has
+  no once-a-second stall. On C (``transcoding=True``) a flow carries its leg's native SRTP
+  transcoder (``srtp.SrtpTranscoder.native``) and the forwarder unprotects/protects in C;
+  without libsrtp2 in the extension C's flows stay in Python (pylibsrtp per packet).
 * **python**: one ``DatagramProtocol`` per port; ``datagram_received`` hands the datagram to
   ``receive_datagram`` (``receive_and_transcode`` on C) and does one ``sendto``.
 
@@ -34,7 +37,9 @@ from media_relay.table import Addr, LegSpec, PortAllocator, RelayTable, Stream
 log = logging.getLogger(__name__)
 
 _BIND_ATTEMPTS = 16  # pairs tried when the allocator's next pair is taken by another process
-FLUSH_INTERVAL_S = 1.0  # native counters and receiver state reach the table at least this often
+# Native path: an inactivity check also refreshes ``last_seen`` of streams due this much later,
+# so that refreshes (and timer wake-ups) come in batches rather than one per stream.
+IDLE_REFRESH_SLACK_S = 5.0
 # Socket buffers (the kernel doubles them for bookkeeping). A relay port carries one stream;
 # E's demux ports carry every C-facing stream (spec §7: 2776/2777), so they get far more.
 RELAY_RCVBUF_BYTES = 512 << 10
@@ -216,13 +221,10 @@ class RelayWorker:
             native = fastpath.available()
         self._forwarder = fastpath.new_forwarder() if native else None
         self._flows: fastpath.FlowSync | None = None
-        self._flush_timer: asyncio.TimerHandle | None = None
         self._reader_fd: int | None = None
         if self._forwarder is not None:
-            if not transcoding:  # C's streams all transcode: nothing to install
-                self._flows = fastpath.FlowSync(self._forwarder, self.table, self._native_fd)
-                self.table.track_changes = True
-                self._flush_timer = self._loop.call_later(FLUSH_INTERVAL_S, self._on_flush_timer)
+            self._flows = fastpath.FlowSync(self._forwarder, self.table, self._native_fd)
+            self.table.track_changes = True
             on_ready = self._on_readable_transcoding if transcoding else self._on_readable
             self._reader_fd = self._forwarder.fileno()
             self._loop.add_reader(self._reader_fd, on_ready)
@@ -505,6 +507,10 @@ class RelayWorker:
             "allocator_in_use": None if self.allocator is None else self.allocator.in_use,
             "fastpath": self.path,
         }
+        if self.transcoding:  # whose SRTP: the forwarder's (C) or pylibsrtp's per packet
+            primitives = fastpath.srtp_primitives()
+            worker["srtp"] = "python" if self._forwarder is None or primitives is None else "native"
+            worker["srtp_primitives"] = primitives if worker["srtp"] == "native" else "pylibsrtp"
         if self._forwarder is not None:
             native = self._forwarder.counters()
             errors += native["send_errors"] + native["recv_errors"]
@@ -539,8 +545,11 @@ class RelayWorker:
             self._flows.sync(table.take_changed())
 
     def _on_readable_transcoding(self) -> None:
-        """C: batched reads; Python unprotects/protects each packet (``receive_and_transcode``)."""
-        assert self._forwarder is not None
+        """C: established flows transcode in C; the rest via ``receive_and_transcode``."""
+        assert self._forwarder is not None and self._flows is not None
+        table = self.table
+        if table.changed:  # e.g. a re-INVITE gave a leg new keys: before any packet moves
+            self._flows.sync(table.take_changed())
         slow = self._forwarder.poll()
         if not slow:
             return
@@ -560,10 +569,8 @@ class RelayWorker:
                         egress.sendto(out[2], out[1])
                 except OSError:  # send buffer full: dropped
                     self.socket_errors += 1
-
-    def _on_flush_timer(self) -> None:
-        self.flush()
-        self._flush_timer = self._loop.call_later(FLUSH_INTERVAL_S, self._on_flush_timer)
+        if table.changed:  # latched legs: their flows go native from the next packet on
+            self._flows.sync(table.take_changed())
 
     # -- timer --------------------------------------------------------------------------------
 
@@ -581,8 +588,10 @@ class RelayWorker:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.flush()  # the forwarder's last_seen decides who idled out
-        events = self.table.handle_timer(self._loop.time())
+        now = self._loop.time()
+        if self._flows is not None:  # the forwarder's last_seen decides who idled out
+            self._flows.refresh_idle(self.table.due(now + IDLE_REFRESH_SLACK_S), now)
+        events = self.table.handle_timer(now)
         if events and self._flows is not None:
             self._flows.drop_detached()
         for event in events:
@@ -597,9 +606,6 @@ class RelayWorker:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
         if self._reader_fd is not None:
             self._loop.remove_reader(self._reader_fd)
             self._reader_fd = None

@@ -6,71 +6,13 @@
  * CLOCK_REALTIME send time written into the packet), with sendmmsg per tx socket and recvmmsg.
  * Built by load.native_loadgen() on first use; benchmark tooling only.
  */
-#define _GNU_SOURCE
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
-#include <arpa/inet.h>
-#include <errno.h>
-#include <netinet/in.h>
-#include <poll.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <time.h>
+#include "_loadgen.h"
 
 #define PACKET_BYTES 172
-#define MAX_SOCKS 8
 #define MAX_BURST 1024
 #define RX_BATCH 64
 #define RX_BATCHES 4 /* per socket per turn, as load.DRAIN = 256 */
 #define BUF_BYTES 2048
-
-typedef struct {
-    int64_t *v;
-    size_t n, cap;
-} Lat;
-
-static int lat_push(Lat *l, int64_t x)
-{
-    if (l->n == l->cap) {
-        size_t ncap = l->cap ? l->cap * 2 : 65536;
-        int64_t *nv = PyMem_Realloc(l->v, ncap * sizeof(int64_t));
-        if (nv == NULL)
-            return -1;
-        l->v = nv;
-        l->cap = ncap;
-    }
-    l->v[l->n++] = x;
-    return 0;
-}
-
-static double mono(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int64_t real_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static void put32(unsigned char *p, uint32_t v)
-{
-    p[0] = (unsigned char)(v >> 24);
-    p[1] = (unsigned char)(v >> 16);
-    p[2] = (unsigned char)(v >> 8);
-    p[3] = (unsigned char)v;
-}
-
-static uint32_t get32(const unsigned char *p)
-{
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
-}
 
 typedef struct {
     int ntx, nrx;
@@ -115,19 +57,7 @@ static long long drain(Gen *g, int *failed)
                 if (g->rmsg[i].msg_len < 24 || get32(d + 20) != g->run_id)
                     continue;
                 int64_t sent_ns = (int64_t)(((uint64_t)get32(d + 12) << 32) | get32(d + 16));
-                int64_t kernel_ns = -1;
-                for (struct cmsghdr *c = CMSG_FIRSTHDR(&g->rmsg[i].msg_hdr); c != NULL;
-                     c = CMSG_NXTHDR(&g->rmsg[i].msg_hdr, c)) {
-                    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS &&
-                        c->cmsg_len >= CMSG_LEN(sizeof(struct timespec))) {
-                        struct timespec ts;
-                        memcpy(&ts, CMSG_DATA(c), sizeof(ts));
-                        kernel_ns = (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-                    }
-                }
-                if (kernel_ns < 0)
-                    kernel_ns = real_ns();
-                if (lat_push(&g->lat, kernel_ns - sent_ns) < 0) {
+                if (lat_push(&g->lat, kernel_ns(&g->rmsg[i].msg_hdr) - sent_ns) < 0) {
                     *failed = 1;
                     return got;
                 }
@@ -194,44 +124,6 @@ static void send_burst(Gen *g, long long first, int n)
             }
         }
     }
-}
-
-static void wait_rx(Gen *g, double seconds)
-{
-    struct pollfd fds[MAX_SOCKS];
-    for (int s = 0; s < g->nrx; s++) {
-        fds[s].fd = g->rx[s];
-        fds[s].events = POLLIN;
-        fds[s].revents = 0;
-    }
-    struct timespec ts;
-    ts.tv_sec = (time_t)seconds;
-    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
-    ppoll(fds, (nfds_t)g->nrx, &ts, NULL); /* a timeout or EINTR is as good as readiness */
-}
-
-static int fd_list(PyObject *seq, int *out, int *n)
-{
-    PyObject *fast = PySequence_Fast(seq, "expected a sequence of fds");
-    if (fast == NULL)
-        return -1;
-    Py_ssize_t len = PySequence_Fast_GET_SIZE(fast);
-    if (len < 1 || len > MAX_SOCKS) {
-        Py_DECREF(fast);
-        PyErr_SetString(PyExc_ValueError, "1..8 sockets");
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < len; i++) {
-        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
-        if (v == -1 && PyErr_Occurred()) {
-            Py_DECREF(fast);
-            return -1;
-        }
-        out[i] = (int)v;
-    }
-    *n = (int)len;
-    Py_DECREF(fast);
-    return 0;
 }
 
 static PyObject *run_plain(PyObject *module, PyObject *args, PyObject *kwds)
@@ -313,7 +205,7 @@ static PyObject *run_plain(PyObject *module, PyObject *args, PyObject *kwds)
         if (got == 0 && sent >= due) {
             double wait = t0 + (double)sent / rate - mono();
             if (wait > 0)
-                wait_rx(g, wait);
+                wait_fds(g->rx, g->nrx, wait);
         }
         if ((++turns & 1023) == 0 && PyErr_CheckSignals() < 0)
             goto done;
@@ -330,7 +222,7 @@ static PyObject *run_plain(PyObject *module, PyObject *args, PyObject *kwds)
         long long got = drain(g, &failed);
         received += got;
         if (got == 0)
-            wait_rx(g, 0.02);
+            wait_fds(g->rx, g->nrx, 0.02);
     }
     if (failed) {
         PyErr_NoMemory();

@@ -7,6 +7,10 @@ by a packet count and a hard deadline.
 Latency is ``kernel receive timestamp (SO_TIMESTAMPNS) - time.time_ns() just before sendto``,
 both CLOCK_REALTIME in this one process, so the sink's own scheduling does not count; a
 generator -> sink (or -> echo -> client) baseline at the same rate gives what the harness adds.
+
+The Python loops here do one syscall per packet (~100-120k pps on one core); ``_loadgen.c``
+(part 1) and ``_pathgen.c`` (part 2) are the same loops with sendmmsg/recvmmsg, built on first
+use by ``native_module`` and wrapped by ``run_plain_native`` / ``run_echo_path_native``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sysconfig
 import time
 from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -88,6 +92,9 @@ class Window:
     cpu_s: dict[str, float]
     bad: int = 0  # packets that came back wrong (SRTP authentication failed on a sample)
     checked: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # loop-specific (echoed, unmatched, turns)
+    # Part 2, C loop: each latency less the time the packet waited on the echo socket (harness).
+    net_latencies_ns: array[int] = field(default_factory=lambda: array("q"))
 
     @property
     def loss_pct(self) -> float:
@@ -97,10 +104,11 @@ class Window:
     def pps(self) -> float:
         return self.received / max(self.send_s, 1e-9)
 
-    def percentile_us(self, q: float) -> float:
-        if not self.latencies_ns:
+    def percentile_us(self, q: float, net: bool = False) -> float:
+        values = self.net_latencies_ns if net else self.latencies_ns
+        if not values:
             return float("nan")
-        ordered = sorted(self.latencies_ns)
+        ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
 
     def cpu_pct(self, name: str) -> float:
@@ -140,27 +148,61 @@ def udp_rcvbuf_errors() -> int:
     return int(rows[1][rows[0].index("RcvbufErrors")])
 
 
+def host_busy_s() -> float:
+    """CPU-seconds the whole host spent busy (every core; user, system, irq, softirq, steal),
+    from /proc/stat: loopback delivery often runs in softirq, charged to no process of ours."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def runqueue_wait_s(pid: int | str) -> float:
+    """Seconds the main thread of ``pid`` has spent runnable but waiting for a CPU
+    (/proc/<pid>/schedstat, second field): the relays' share of a busy machine's queueing."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
 class CpuProbe:
     """CPU seconds of named processes between ``start()`` and ``stop()``; "load" is this one;
-    "rcvbuf_drops" is the host's UDP receive-queue overflow count over the same span."""
+    "host" is the busy time of all cores together (others' work included); "rcvbuf_drops" is the
+    host's UDP receive-queue overflow count over the same span. ``waited``: run-queue wait of
+    the same processes (main threads) over the span."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self._t0: dict[str, float] = {}
+        self._w0: dict[str, float] = {}
         self.used: dict[str, float] = {}
+        self.waited: dict[str, float] = {}
+
+    def _waits(self) -> dict[str, float]:
+        waits: dict[str, float] = {}
+        named: list[tuple[str, int | str]] = [*self.pids.items(), ("load", "self")]
+        for name, pid in named:
+            try:
+                waits[name] = runqueue_wait_s(pid)
+            except (OSError, IndexError, ValueError):  # no schedstats in this kernel
+                pass
+        return waits
 
     def _now(self) -> dict[str, float]:
         now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         now["load"] = cpu_of_self()
+        now["host"] = host_busy_s()
         now["rcvbuf_drops"] = float(udp_rcvbuf_errors())
         return now
 
     def start(self) -> None:
         self._t0 = self._now()
+        self._w0 = self._waits()
 
     def stop(self) -> None:
-        end = self._now()
+        end, waits = self._now(), self._waits()
         self.used = {k: end[k] - self._t0[k] for k in end}
+        self.waited = {k: waits[k] - self._w0[k] for k in waits if k in self._w0}
 
 
 def run_plain(
@@ -221,30 +263,44 @@ def run_plain(
     return Window(sent, received, errors, last - t0, behind, lat, probe.used)
 
 
-_LOADGEN_SRC = Path(__file__).with_name("_loadgen.c")
-_BUILD_DIR = Path(__file__).resolve().parents[1] / "results" / "build"  # git-ignored
+_SRC_DIR = Path(__file__).resolve().parent
+_BUILD_DIR = _SRC_DIR.parent / "results" / "build"  # git-ignored
 
 
-def native_loadgen() -> ModuleType | None:
-    """``_loadgen.c`` (``run_plain`` with sendmmsg/recvmmsg), compiled on first use and whenever
-    the source changes; None (with the reason printed) when it cannot be built here."""
-    out = _BUILD_DIR / f"_loadgen{sysconfig.get_config_var('EXT_SUFFIX')}"
+def native_module(name: str) -> ModuleType | None:
+    """``benchmarks/media/<name>.c`` as an extension module, compiled on first use and whenever it
+    or ``_loadgen.h`` changes; None (with the reason printed) when it cannot be built here."""
+    src = _SRC_DIR / f"{name}.c"
+    out = _BUILD_DIR / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
     try:
-        if not out.exists() or out.stat().st_mtime < _LOADGEN_SRC.stat().st_mtime:
+        newest = max(src.stat().st_mtime, (_SRC_DIR / "_loadgen.h").stat().st_mtime)
+        if not out.exists() or out.stat().st_mtime < newest:
             _BUILD_DIR.mkdir(parents=True, exist_ok=True)
             cc = os.environ.get("CC") or str(sysconfig.get_config_var("CC") or "cc").split()[0]
             include = sysconfig.get_paths()["include"]
-            cmd = [cc, "-O2", "-Wall", "-shared", "-fPIC", f"-I{include}", str(_LOADGEN_SRC), "-o", str(out)]
+            tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # another run may be loading `out`
+            cmd = [cc, "-O2", "-Wall", "-shared", "-fPIC", f"-I{include}", str(src), "-o", str(tmp)]
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        spec = importlib.util.spec_from_file_location("_loadgen", out)
+            os.replace(tmp, out)
+        spec = importlib.util.spec_from_file_location(name, out)
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot load {out}")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except (OSError, subprocess.SubprocessError, ImportError) as exc:
-        print(f"batched load generator unavailable ({exc}); using the Python loop")
+        print(f"batched load loop {name} unavailable ({exc}); using the Python loop")
         return None
     return module
+
+
+def native_loadgen() -> ModuleType | None:
+    """``_loadgen.c``: ``run_plain`` with sendmmsg/recvmmsg (part 1)."""
+    return native_module("_loadgen")
+
+
+def native_pathgen() -> ModuleType | None:
+    """``_pathgen.c``: ``run_echo_path`` with sendmmsg/recvmmsg (part 2)."""
+    return native_module("_pathgen")
 
 
 def run_plain_native(
@@ -306,12 +362,14 @@ def run_echo_path(
     rate: float,
     probe: CpuProbe,
     verify: Callable[[int, bytes], bool] | None = None,
+    ssrc_base: int = 0,
     drain_s: float = 0.5,
 ) -> Window:
     """Part 2: the client sends ``packets[k * N + i]`` (round k of call i, precomputed SRTP) to
     ``dests[i]`` for rounds ``first_round..``; the echo socket returns whatever it receives to
-    its source; the client matches what comes back by (SSRC = i + 1, seq = k) in the clear RTP
-    header. ``verify(i, data)`` is run on 1 packet in 64 (SRTP authentication of C's output)."""
+    its source; the client matches what comes back by (SSRC = ssrc_base + i + 1, seq = k) in the
+    clear RTP header (a fresh ssrc_base per run: late packets of an earlier run never match).
+    ``verify(i, data)`` is run on 1 packet in 64 (SRTP authentication of C's output)."""
     n = len(dests)
     start = first_round * n
     count = len(packets) - start
@@ -342,15 +400,16 @@ def run_echo_path(
             if len(data) < 12:
                 continue
             _b0, _b1, seq, _ts, ssrc = unpack(data)
-            idx = seq * n + ssrc - 1
-            if not start <= idx < len(packets) or seen[idx]:
+            call = ssrc - ssrc_base - 1
+            idx = seq * n + call
+            if not 0 <= call < n or not start <= idx < len(packets) or seen[idx] or not sent_ns[idx]:
                 continue
             seen[idx] = 1
             lat.append(_kernel_ns(anc) - sent_ns[idx])
             got += 1
             if verify is not None and (received + got) % 64 == 0:
                 checked += 1
-                if not verify(ssrc - 1, data):
+                if not verify(call, data):
                     bad += 1
         return moved, got
 
@@ -390,6 +449,25 @@ def run_echo_path(
     return Window(sent, received, errors, last - t0, behind, lat, probe.used, bad, checked)
 
 
+def flush(socks: Sequence[socket.socket], quiet_s: float = 0.05, max_s: float = 2.0) -> int:
+    """Discard what waits on ``socks`` until they stay quiet for ``quiet_s`` (at most ``max_s``):
+    an overloaded step leaves packets queued that the next run must not see or pay for."""
+    dropped = 0
+    end = time.perf_counter() + max_s
+    while time.perf_counter() < end:
+        ready, _, _ = select.select(socks, [], [], quiet_s)
+        if not ready:
+            break
+        for s in ready:
+            for _ in range(DRAIN):
+                try:
+                    s.recv(2048)
+                except BlockingIOError:
+                    break
+                dropped += 1
+    return dropped
+
+
 def warm_echo_path(
     client: socket.socket,
     echo: socket.socket,
@@ -420,3 +498,72 @@ def warm_echo_path(
             back += 1
         select.select([client, echo], [], [], 0.01)
     return back
+
+
+def _ssrc_seq(data: bytes) -> tuple[int, int]:
+    _b0, _b1, seq, _ts, ssrc = RTP.unpack_from(data)
+    return int(ssrc), int(seq)
+
+
+def run_echo_path_native(
+    gen: ModuleType,
+    client: socket.socket,
+    echo: socket.socket,
+    dests: Sequence[Addr],
+    packets: Sequence[bytes],
+    first_round: int,
+    rate: float,
+    probe: CpuProbe,
+    verify: Callable[[int, bytes], bool] | None = None,
+    ssrc_base: int = 0,
+    tick_s: float = 0.0,
+    drain_s: float = 0.5,
+) -> Window:
+    """``run_echo_path`` in C (``_pathgen.c``): the same packets, pacing, matching and latency,
+    with batched syscalls; the 1-in-64 sample is authenticated here after the window, per call in
+    seq order (libsrtp's replay window wants each call's indexes rising)."""
+    size = len(packets[0])
+    if any(len(p) != size for p in packets):
+        raise ValueError("the batched loop wants packets of one size")
+    probe.start()
+    res = gen.run_echo_path(
+        client.fileno(),
+        echo.fileno(),
+        [(host, port) for host, port in dests],
+        b"".join(packets),
+        size,
+        first_round,
+        float(rate),
+        probe.stop,
+        ssrc_base=ssrc_base,
+        tick_s=tick_s,
+        drain_s=drain_s,
+    )
+    lat: array[int] = array("q")
+    lat.frombytes(res["latencies"])
+    net: array[int] = array("q")
+    net.frombytes(res["latencies_net"])
+    bad = checked = 0
+    if verify is not None:
+        for ssrc, _seq, data in sorted((*_ssrc_seq(d), d) for d in res["samples"]):
+            checked += 1
+            if not verify(ssrc - ssrc_base - 1, data):
+                bad += 1
+    counts = {k: int(res[k]) for k in ("echoed", "echo_errors", "unmatched", "turns")}
+    hold: array[int] = array("q")
+    hold.frombytes(res["echo_hold"])
+    if hold:
+        counts["echo_hold_p99_us"] = sorted(hold)[int(0.99 * (len(hold) - 1))] // 1000
+    return Window(
+        res["sent"],
+        res["received"],
+        res["errors"],
+        res["send_s"],
+        res["behind_s"],
+        lat,
+        probe.used,
+        bad,
+        checked,
+        counts,
+        net,
+    )

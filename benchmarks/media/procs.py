@@ -1,4 +1,4 @@
-"""The relays under test, each in its own process pinned to one core, driven without SIP.
+"""The relays under test, each in its own process (pinned to one core or not), driven without SIP.
 
 A child (``python -m benchmarks.media.run --child relay|e|c ...``) runs on uvloop, as `edge run`
 does, and takes one JSON command per line on stdin, answering one JSON line on stdout:
@@ -40,8 +40,11 @@ def raise_fd_limit(wanted: int = 65536) -> None:
 
 
 def pin(cpu: int) -> None:
+    """Pin this process to one CPU; ``cpu < 0``: let it run on any (children inherit the
+    parent's affinity, so an unpinned child must say so)."""
+    cpus = set(range(os.cpu_count() or 1)) if cpu < 0 else {cpu}
     with contextlib.suppress(AttributeError, OSError):
-        os.sched_setaffinity(0, {cpu})
+        os.sched_setaffinity(0, cpus)
 
 
 # -- child side ---------------------------------------------------------------------------------
@@ -116,10 +119,21 @@ class _Anchor:
 
 
 def _totals(worker: Any) -> dict[str, Any]:
-    """Table totals (after folding in the native path's counters) and the worker's own."""
+    """Table totals (after folding in the native path's counters) and the worker's own; ``srtp``:
+    whose SRTP a native C-side flow uses (``fastpath.srtp_primitives()``, where it exists)."""
+    from media_relay import fastpath
+
     info = worker.stats()["worker"]
     native = {f"native_{k}": v for k, v in info.get("native", {}).items()}
-    return {**worker.totals(), "socket_errors": info["socket_errors"], "path": info["fastpath"], **native}
+    primitives = getattr(fastpath, "srtp_primitives", None)
+    srtp = (primitives() if callable(primitives) else None) or "python"
+    return {
+        **worker.totals(),
+        "socket_errors": info["socket_errors"],
+        "path": info["fastpath"],
+        "srtp": str(srtp),
+        **native,
+    }
 
 
 async def _serve(role: str, prefix: str, max_s: float) -> None:

@@ -5,6 +5,7 @@ Run from the repository root as root (Debian `rtpengine-daemon` installed; py-sp
 
     .venv/bin/python -m benchmarks.media.run                 # both parts, about 10 minutes
     .venv/bin/python -m benchmarks.media.run --part 1 --streams 200,400,600 --window-s 5
+    .venv/bin/python -m benchmarks.media.run --part 2 --calls 200,400,600,800,1000,1200 --window-s 5
 
 1. **One hop.** The relay under test runs in its own process pinned to CPU 1: (a) ours, a plain
    ``RelayWorker`` on uvloop with N streams of two dedicated latching legs (``ours``: the native
@@ -18,12 +19,24 @@ Run from the repository root as root (Debian `rtpengine-daemon` installed; py-sp
    window).
 2. **Full path.** client -> E (``EdgeMedia``) -> C (``GatewayMedia``, SRTP terminated) -> echo
    (plain RTP) -> C (SRTP protected with C's key) -> E -> client, E and C each in its own
-   process (both pinned to CPU 1), calls set up by feeding them SDP offers/answers in the order
-   the SIP path would (no SIP: the lab's signalling is not what is measured), client and echo in
-   this process on CPU 0. The client's SRTP packets are precomputed (libsrtp cost is not the
-   generator's to pay in the window); returning packets are matched by SSRC/seq of the clear
-   RTP header and one in 64 is authenticated with C's key. Added latency is over a direct
-   client -> echo -> client baseline.
+   process, calls set up by feeding them SDP offers/answers in the order the SIP path would (no
+   SIP: the lab's signalling is not what is measured), client and echo in this process. N calls,
+   50 pps each way per call, rising N (default 200..1,200). The client's SRTP packets are
+   precomputed with pylibsrtp before the window (fresh keys, fresh E and C per step: no index is
+   ever sent twice); one client socket plays every caller and one echo socket reflects every
+   call, in C with sendmmsg/recvmmsg (``_pathgen.c``, at most one turn per ``--gen-tick-us``
+   while traffic flows; ``--python-load``: the Python loop). The send time of each packet is
+   kept in a table keyed by SSRC/seq (the payload is encrypted); returning packets are matched
+   by SSRC/seq of the clear RTP header (a fresh SSRC block per run) and one in 64 is
+   authenticated with C's key after the window. Added latency is over a direct client -> echo
+   -> client baseline of the same loop, rate and packet size.
+
+   CPU placement (``--path-cpus``): the target is the full path "on this 2-core machine", so by
+   default nothing is pinned (``none``): E, C and the client/echo share both cores as the
+   scheduler sees fit, and the table reports each one's CPU, the host's busy time (``host``, of
+   200 %) and what neither E, C nor the load used (``other``: other users, unattributed
+   softirq). ``split`` pins E to CPU 0 and C to CPU 1 with the load floating; ``shared`` is the
+   old layout (E and C together on CPU 1, client/echo on CPU 0), which caps E+C at one core.
 
 Every window is bounded by a packet count and a deadline; every process started here is stopped
 by its PID; addresses are on a free 127.x.y block.
@@ -33,14 +46,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,33 +60,26 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine_line, table  # noqa: E402
+from benchmarks.media.fullpath import PATH_LAYOUTS, part2  # noqa: E402
 from benchmarks.media.load import (  # noqa: E402
-    PAYLOAD_BYTES,
     PTIME_PPS,
-    RTP,
     Addr,
     CpuProbe,
     Window,
     addr_of,
     native_loadgen,
-    run_echo_path,
     run_plain,
     run_plain_native,
     udp_socket,
-    warm_echo_path,
     warm_plain,
 )
 from benchmarks.media.procs import Child, child_main, pin, raise_fd_limit  # noqa: E402
-from benchmarks.media.rtpengine import Rtpengine, plain_sdp  # noqa: E402
-from media_relay.sdp import SessionDescription  # noqa: E402
-from media_relay.srtp import Direction, SrtpAuthError, SrtpContext, generate_crypto  # noqa: E402
+from benchmarks.media.report import LOSS_TARGET_PCT, Profile, delta, fmt_us, load_average  # noqa: E402
+from benchmarks.media.rtpengine import Rtpengine  # noqa: E402
 
-LOSS_TARGET_PCT = 0.1
 HOP_P99_ADDED_MS = 5.0  # "keeps up": no standing queue in the relay's socket buffers
-NOT_CPU = ("load", "rcvbuf_drops")
+NOT_CPU = ("load", "host", "rcvbuf_drops")
 RATIO_TARGET = 1.5
-PATH_CALLS_TARGET = 1000
-PATH_P99_TARGET_MS = 5.0
 
 
 def free_prefix() -> str:
@@ -95,53 +97,6 @@ def free_prefix() -> str:
                 continue
             return prefix
     raise RuntimeError("no free 127.x.y block")
-
-
-def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """Counters over the window only (set-up leaves drops: C's pinhole packets, warm-up)."""
-    return {k: v - before.get(k, 0) if isinstance(v, int) else v for k, v in after.items()}
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def fmt_us(v: float) -> str:
-    return "-" if math.isnan(v) else f"{v:.0f}"
-
-
-# -- profiling ----------------------------------------------------------------------------------
-
-
-class Profile:
-    """py-spy on one process for one window (pinned to CPU 0 with the load); top self-time."""
-
-    def __init__(self, pid: int, seconds: float, out: Path, native: bool) -> None:
-        self.out = out
-        cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-d", f"{seconds:.0f}"]
-        cmd += ["-r", "200", "-f", "raw", "-o", str(out), "--nonblocking"] + (["--native"] if native else [])
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: pin(0)
-        )
-
-    def top(self, k: int = 10) -> list[str]:
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        if not self.out.exists():
-            return ["(py-spy wrote nothing)"]
-        own: Counter[str] = Counter()
-        total = 0
-        for line in self.out.read_text().splitlines():
-            stack, _, count = line.rpartition(" ")
-            if not stack or not count.isdigit():
-                continue
-            leaf = re.sub(r":\d+\)", ")", stack.split(";")[-1])
-            own[leaf] += int(count)
-            total += int(count)
-        return [f"{100 * c / max(total, 1):5.1f}%  {name}" for name, c in own.most_common(k)]
 
 
 # -- part 1: one hop ----------------------------------------------------------------------------
@@ -369,205 +324,6 @@ def part1(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None
         hop.close()
 
 
-# -- part 2: the full path ----------------------------------------------------------------------
-
-
-def client_offer(addr: Addr, crypto: str, session: int) -> str:
-    return (
-        f"v=0\r\no=jabber {session} 1 IN IP4 {addr[0]}\r\ns=-\r\nc=IN IP4 {addr[0]}\r\nt=0 0\r\n"
-        f"m=audio {addr[1]} RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na={crypto}\r\na=sendrecv\r\n"
-    )
-
-
-@dataclass
-class PathRow:
-    n: int
-    w: Window
-    base: Window
-    setup_s: float
-    totals: dict[str, dict[str, int]]
-
-    @property
-    def added_p99_us(self) -> float:
-        return self.w.percentile_us(0.99) - self.base.percentile_us(0.99)
-
-    @property
-    def ok(self) -> bool:
-        return self.w.loss_pct < LOSS_TARGET_PCT and self.added_p99_us / 1000 < PATH_P99_TARGET_MS
-
-    def cells(self) -> list[object]:
-        w = self.w
-        p50, p99, a99 = w.percentile_us(0.5), w.percentile_us(0.99), self.added_p99_us
-        drops = {
-            f"{name}.{k[:-6]}": v
-            for name, t in self.totals.items()
-            for k, v in t.items()
-            if k.endswith("_drops") and k != "garbage_drops" and v
-        }
-        return [
-            self.n,
-            self.n * PTIME_PPS,
-            f"{w.loss_pct:.3f}",
-            fmt_us(p50),
-            fmt_us(p99),
-            fmt_us(a99),
-            f"{w.cpu_pct('expe'):.0f}",
-            f"{w.cpu_pct('expc'):.0f}",
-            f"{w.cpu_pct('load'):.0f}",
-            f"{w.checked - w.bad}/{w.checked}",
-            f"{self.setup_s:.1f}",
-            f"{w.cpu_s.get('rcvbuf_drops', 0):.0f}",
-            "ok" if self.ok else "FAIL",
-            " ".join(f"{k}={v}" for k, v in drops.items()),
-        ]
-
-
-PATH_HEADERS = [
-    "calls", "pps/dir", "loss %", "p50 us", "p99 us", "+p99 us", "E CPU %", "C CPU %", "load CPU %",
-    "SRTP ok", "setup s", "rcvbuf drops", "verdict", "relay drops",
-]  # fmt: skip
-
-
-class Path2:
-    def __init__(self, args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None:
-        self.args, self.prefix, self.log, self.tmp = args, prefix, log, tmp
-        self.client = udp_socket(f"{prefix}.4")
-        self.echo = udp_socket(f"{prefix}.5", timestamps=False)
-        self.rounds = 1 + math.ceil(args.window_s * PTIME_PPS)
-
-    def close(self) -> None:
-        self.client.close()
-        self.echo.close()
-
-    def packets(self, ctxs: list[SrtpContext], n: int) -> list[bytes]:
-        payload = bytes(range(PAYLOAD_BYTES))
-        return [
-            ctxs[i].protect(RTP.pack(0x80, 0, k, k * 160, i + 1) + payload)
-            for k in range(self.rounds)
-            for i in range(n)
-        ]
-
-    def baseline(self, n: int) -> Window:
-        outs = [SrtpContext.from_crypto(generate_crypto(1), Direction.OUTBOUND) for _ in range(n)]
-        packets = self.packets(outs, n)
-        dests = [addr_of(self.echo)] * n
-        warm_echo_path(self.client, self.echo, dests, packets, 2.0)
-        return run_echo_path(self.client, self.echo, dests, packets, 1, n * PTIME_PPS, CpuProbe({}))
-
-    def step(
-        self, n: int, profile: bool = False
-    ) -> tuple[Window, float, dict[str, dict[str, int]], list[str]]:
-        e = Child("e", self.prefix, 1, self.log)
-        try:
-            c = Child("c", self.prefix, 1, self.log)
-        except BaseException:
-            e.close()
-            raise
-        try:
-            t0 = time.perf_counter()
-            keys = [generate_crypto(1) for _ in range(n)]
-            me = addr_of(self.client)
-            offers = [[f"call{i}", client_offer(me, keys[i].to_line()[2:], i + 1)] for i in range(n)]
-            to_c = e.call("offer", ingress="outside", items=offers)
-            c.call("offer", ingress="outside", items=[[f"c{i}", s] for i, s in enumerate(to_c)])
-            far = [[f"c{i}", plain_sdp(addr_of(self.echo), i + 1)] for i in range(n)]
-            to_e = c.call("answer", ingress="inside", items=far)
-            answers = e.call("answer", ingress="inside", items=[[f"call{i}", s] for i, s in enumerate(to_e)])
-            e.call("wait_bound")
-            c.call("wait_bound")
-            setup_s = time.perf_counter() - t0
-            dests: list[Addr] = []
-            ins: list[SrtpContext] = []
-            for text in answers:
-                sd = SessionDescription.parse(text.encode())
-                conn = sd.media_connection(0)
-                assert conn is not None
-                dests.append((conn.address, sd.media[0].port))
-                ins.append(SrtpContext.from_crypto(sd.media[0].crypto[0], Direction.INBOUND))
-            outs = [SrtpContext.from_crypto(k, Direction.OUTBOUND) for k in keys]
-            packets = self.packets(outs, n)
-
-            def verify(i: int, data: bytes) -> bool:
-                try:
-                    ins[i].unprotect(data)
-                except SrtpAuthError:
-                    return False
-                return True
-
-            back = warm_echo_path(self.client, self.echo, dests, packets, 3.0)
-            if back < n:
-                print(f"    warm-up: {back}/{n} echoes came back", flush=True)
-            pids = {"expe": e.pid, "expc": c.pid}
-            profs = []
-            if profile:
-                profs = [
-                    (
-                        name,
-                        Profile(pid, self.args.window_s, self.tmp / f"path-{name}-{n}.txt", self.args.native),
-                    )
-                    for name, pid in pids.items()
-                ]
-            before = {"E": e.call("totals"), "C": c.call("totals")}
-            w = run_echo_path(
-                self.client, self.echo, dests, packets, 1, n * PTIME_PPS, CpuProbe(pids), verify
-            )
-            totals = {"E": delta(before["E"], e.call("totals")), "C": delta(before["C"], c.call("totals"))}
-            top = [f"{name}: {line}" for name, p in profs for line in p.top(8)]
-        finally:
-            c.close()
-            e.close()
-        return w, setup_s, totals, top
-
-    def sweep(self) -> list[PathRow]:
-        rows: list[PathRow] = []
-        fails = 0
-        for n in self.args.calls:
-            base = self.baseline(n)
-            w, setup_s, totals, _ = self.step(n)
-            row = PathRow(n, w, base, setup_s, totals)
-            rows.append(row)
-            print("  " + "  ".join(str(c) for c in row.cells()), flush=True)
-            fails = fails + 1 if w.loss_pct >= LOSS_TARGET_PCT else 0
-            if fails >= 2 or w.loss_pct >= 5.0:
-                break
-        return rows
-
-
-def part2(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None:
-    print(
-        f"\n## 2. Full path client -SRTP-> E -SRTP-> C -RTP-> echo and back, {args.window_s:.0f} s windows"
-        " (E and C on CPU 1, client+echo on CPU 0; calls set up by SDP, no SIP)",
-        flush=True,
-    )
-    path = Path2(args, prefix, log, tmp)
-    try:
-        rows = path.sweep()
-        print()
-        print(table(PATH_HEADERS, [r.cells() for r in rows]))
-        print(
-            "\ndirect client -> echo -> client baselines (p50/p99 us, loss %): "
-            + ", ".join(
-                f"N={r.n}: {fmt_us(r.base.percentile_us(0.5))}/{fmt_us(r.base.percentile_us(0.99))}"
-                f" {r.base.loss_pct:.2f}"
-                for r in rows
-            )
-        )
-        good = [r.n for r in rows if r.ok]
-        best = max(good, default=0)
-        verdict = "MET" if best >= PATH_CALLS_TARGET else "MISSED"
-        print(
-            f"largest N, loss < {LOSS_TARGET_PCT} % and added p99 < {PATH_P99_TARGET_MS} ms: {best} calls "
-            f"(target {PATH_CALLS_TARGET}): {verdict}"
-        )
-        if args.profile and rows:
-            n = rows[-1].n if best == 0 else min((r.n for r in rows if r.n > best), default=best)
-            _w, _s, _t, top = path.step(n, profile=True)
-            print(f"\npy-spy at N={n} calls, self time:")
-            print("\n".join("  " + t for t in top))
-    finally:
-        path.close()
-
-
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -586,8 +342,24 @@ def main(argv: list[str] | None = None) -> int:
         default=["ours", "rtpengine"],
         help="relays of part 1: ours, ours-python, rtpengine",
     )
-    parser.add_argument("--python-load", action="store_true", help="part 1 load from the Python loop")
-    parser.add_argument("--calls", type=ints, default=ints("100,150,200,250,300,400,600,800,1000"))
+    parser.add_argument(
+        "--python-load", action="store_true", help="part 1 load, part 2 client/echo: the Python loop"
+    )
+    parser.add_argument("--calls", type=ints, default=ints("200,400,600,800,1000,1200"))
+    parser.add_argument(
+        "--path-cpus",
+        choices=sorted(PATH_LAYOUTS),
+        default="none",
+        help="part 2 CPU placement: none (default, nothing pinned), split (E CPU 0, C CPU 1), "
+        "shared (E+C CPU 1, load CPU 0)",
+    )
+    parser.add_argument(
+        "--gen-tick-us",
+        type=float,
+        default=100.0,
+        help="part 2 C loop: at most one send/receive turn per tick while traffic flows (0: per packet)",
+    )
+    parser.add_argument("--keep-going", action="store_true", help="part 2: run every N even after losses")
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--rtpengine-threads", type=int, default=1)
     parser.add_argument("--no-rtpengine", action="store_true")

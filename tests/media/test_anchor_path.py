@@ -21,6 +21,7 @@ from edge.config import ExpcSettings, ExpeSettings
 from edge.media_hooks import MediaRejected
 from edge_c.media import GatewayMedia
 from edge_e.media import EdgeMedia
+from media_relay import fastpath
 from media_relay.sdp import SessionDescription
 from media_relay.srtp import CryptoAttribute, Direction, SrtpContext, generate_crypto
 
@@ -299,3 +300,20 @@ async def test_inside_call_media_path(lab: Lab) -> None:
     await round_trip(lab, e_port, sender, range(7, 107))
     check_echoes(lab, e_port, receiver, range(7, 107))
     assert lab.gateway.snapshot()["calls"]["c-call"][0]["outside_srtp"] == chosen.suite
+
+
+async def test_c_transcodes_in_the_native_forwarder_on_the_native_path(lab: Lab, relay_path: str) -> None:
+    e_port, sender, receiver = await call_out(lab, "AES_CM_128_HMAC_SHA1_80")
+    await round_trip(lab, e_port, sender, range(1, 101))
+    check_echoes(lab, e_port, receiver, range(1, 101))
+    worker = lab.gateway.snapshot()["worker"]
+    if relay_path == "native" and fastpath.native_srtp():  # (built with libsrtp2: see setup.py)
+        assert worker["fastpath"] == "native" and worker["srtp"] == "native"
+        # Both directions once established; only a burst that arrived before the inside leg
+        # latched (at most one batch) went through the table.
+        # Flows: outside RTP and RTCP (E's address is known from SDP), inside RTP (latched by
+        # the echo's first packet); the inside RTCP port has heard nothing, so it has none.
+        assert worker["native"]["transcoded"] >= 200 - BATCH and worker["native"]["flows"] == 3
+    else:
+        assert worker["fastpath"] == relay_path and worker["srtp"] == "python"
+        assert worker["srtp_primitives"] == "pylibsrtp"

@@ -302,6 +302,30 @@ def test_relatch_set_remote_and_removal_keep_counters_exact(rig: Rig) -> None:
     assert rig.native.totals() == rig.python.totals()
 
 
+def test_counters_fold_lazily_and_the_idle_check_asks_only_for_due_streams(rig: Rig) -> None:
+    """Nothing is copied back until someone reads (``flush``); the inactivity check refreshes
+    ``last_seen`` of the streams the table would time out, keeps the ones that were active
+    natively, and retires an idle one with exact counters (fake clock, default 60 s timeout)."""
+    now = establish(rig)
+    for i in range(2, 200):  # 4 s of native traffic after the Python-path latch
+        now += 0.02
+        rig.send(rig.client, rig.client_rtp, rtp(i, i * 160), now)
+    stream = rig.native.get_stream("s1")
+    assert stream.legs[0].rtp.rx_packets == 1  # (only what the table itself saw: not folded yet)
+    assert stream.last_seen < now - 3.9
+    assert rig.native.due(1.0 + 60.0 + 5.0) == [stream]  # by the table's own (stale) numbers
+    rig.flows.refresh_idle(rig.native.due(61.5 + 5.0), 61.5)  # as the worker's timer does
+    assert stream.last_seen == now and len(rig.flows) == 4  # active natively: kept
+    assert rig.native.handle_timer(61.5) == [] and rig.python.handle_timer(61.5) == []
+    rig.check()
+    later = now + 60.0
+    rig.flows.refresh_idle(rig.native.due(later + 5.0), later)
+    assert len(rig.flows) == 0  # idle: folded and removed before the table retires it
+    assert [e.stream_id for e in rig.native.handle_timer(later)] == ["s1"]
+    assert [e.stream_id for e in rig.python.handle_timer(later)] == ["s1"]
+    assert rig.native.totals() == rig.python.totals() and rig.native.totals()["rx_packets"] == 4 + 198
+
+
 def test_removing_a_socket_purges_flows_that_use_it(rig: Rig) -> None:
     establish(rig)
     assert len(rig.forwarder) == 4
