@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edge.sip.errors import SipParseError
-from edge.sip.events import FramingError, KeepaliveReceived, MessageReceived, StunReceived
+from edge.sip.events import FramingError, KeepaliveReceived, MessageFramed, MessageReceived, StunReceived
 from edge.sip.framing import StreamFramer
 from edge.sip.message import Request, Response, Validation, make_response, parse_message
 from edge.write_batch import WriteBatch
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 
 MessageHandler = Callable[["SipFlow", Request | Response], None]
+FrameHandler = Callable[["SipFlow", MessageFramed], bool]
+"""A hop's byte-level fast path (edge.sip.fastpath): handles a framed message and returns True,
+or returns False having changed nothing, and the message is parsed and given to on_message."""
 StunHandler = Callable[["SipFlow", bytes], None]
 ClosedHandler = Callable[["SipFlow", str], None]
 
@@ -43,6 +46,7 @@ class SipFlow(asyncio.Protocol):
         on_closed: ClosedHandler | None = None,
         on_stun: StunHandler | None = None,
         on_connected: Callable[[SipFlow], None] | None = None,
+        on_frame: FrameHandler | None = None,
         max_message_bytes: int = 65535,
         name: str = "sip",
         strict: bool = True,
@@ -51,14 +55,18 @@ class SipFlow(asyncio.Protocol):
         """`validation` (message.Validation) says how much of each message the framer checks:
         PROXY for untrusted clients (what a proxy needs, RFC 3261 §16.3), NONE for flows from peers
         that already validated (E's zone flow into C, UCM); `strict` is the older spelling
-        (True: FULL, False: NONE). Framing and parsing stay bounded either way."""
+        (True: FULL, False: NONE). Framing and parsing stay bounded either way. `on_frame`, if
+        given, sees each framed message first (FrameHandler)."""
         self.flow_id = f"f{next(_ids):x}"
         self.name = name
         self._on_message = on_message
         self._on_closed = on_closed
         self._on_stun = on_stun
         self._on_connected = on_connected
-        self.framer = StreamFramer(max_message_bytes, strict=strict, validation=validation)
+        self._on_frame = on_frame
+        self.framer = StreamFramer(
+            max_message_bytes, strict=strict, validation=validation, split_heads=on_frame is not None
+        )
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
@@ -91,18 +99,18 @@ class SipFlow(asyncio.Protocol):
             self._on_connected(self)
 
     def data_received(self, data: bytes) -> None:
-        for event in self.framer.receive_data(data):
-            if isinstance(event, MessageReceived):
-                self.messages_in += 1
-                msg = event.message
-                try:
-                    self._on_message(self, msg)
-                except SipParseError as exc:  # a header only parsed when needed was malformed
-                    log.info("%s %s: %d %s", self.name, self.flow_id, exc.status_code, exc.reason)
-                    self._answer(msg, exc.status_code, exc.reason)
-                except Exception:  # one bad message must not take the flow down with a traceback
-                    log.exception("%s %s: handler failed", self.name, self.flow_id)
-                    self._answer(msg, 500, "Server Internal Error")
+        framer = self.framer
+        for event in framer.receive_frames(data):
+            if isinstance(event, MessageFramed):
+                if self._on_frame is not None and self._fast(event):
+                    self.messages_in += 1
+                    continue
+                parsed = framer.parse_frame(event)
+                if isinstance(parsed, MessageReceived):
+                    self.messages_in += 1
+                    self._dispatch(parsed.message)
+                else:
+                    self._framing_error(parsed)
             elif isinstance(event, KeepaliveReceived):
                 if event.pong_needed:
                     self.write(b"\r\n")
@@ -113,6 +121,24 @@ class SipFlow(asyncio.Protocol):
                 self._framing_error(event)
                 if event.fatal:
                     return
+
+    def _fast(self, frame: MessageFramed) -> bool:
+        assert self._on_frame is not None
+        try:
+            return self._on_frame(self, frame)
+        except Exception:  # a fast-path bug: it changes nothing before it commits, so parse fully
+            log.exception("%s %s: fast path failed", self.name, self.flow_id)
+            return False
+
+    def _dispatch(self, msg: Request | Response) -> None:
+        try:
+            self._on_message(self, msg)
+        except SipParseError as exc:  # a header only parsed when needed was malformed
+            log.info("%s %s: %d %s", self.name, self.flow_id, exc.status_code, exc.reason)
+            self._answer(msg, exc.status_code, exc.reason)
+        except Exception:  # one bad message must not take the flow down with a traceback
+            log.exception("%s %s: handler failed", self.name, self.flow_id)
+            self._answer(msg, 500, "Server Internal Error")
 
     def _framing_error(self, event: FramingError) -> None:
         log.info(
@@ -154,6 +180,14 @@ class SipFlow(asyncio.Protocol):
             return False
         self.messages_out += 1
         self._queue(message.serialize())
+        return True
+
+    def send_bytes(self, data: bytes) -> bool:
+        """A whole serialized message (the fast path's output)."""
+        if not self.is_open:
+            return False
+        self.messages_out += 1
+        self._queue(data)
         return True
 
     def write(self, data: bytes) -> None:

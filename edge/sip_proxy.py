@@ -6,9 +6,9 @@ Route entries, Record-Route, stateless branch derivation, error answers with a W
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 
+from edge.sip import fastpath
 from edge.sip.address import Via
 from edge.sip.errors import SipParseError
 from edge.sip.message import Request, Response, make_response
@@ -98,8 +98,9 @@ def stateless_branch(req: Request, salt: str) -> str:
     """A branch that is the same for retransmissions and for the CANCEL/ACK of the same INVITE
     (RFC 3261 §16.11): derived from the incoming top Via branch and our own salt."""
     via = top_via(req)
-    basis = f"{salt}|{via.branch if via else ''}|{via.sent_by if via else ''}|{req.call_id}"
-    return "z9hG4bK" + hashlib.blake2b(basis.encode(), digest_size=10).hexdigest()
+    if via is None:
+        return fastpath.stateless_branch(salt, "", "", req.call_id)
+    return fastpath.stateless_branch(salt, via.branch, via.sent_by, req.call_id)
 
 
 def is_dialog_forming(req: Request) -> bool:

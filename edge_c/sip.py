@@ -22,9 +22,11 @@ from typing import Any
 
 from edge.config import LabConfig, UcmNode
 from edge.media_hooks import MediaSession, PassthroughMedia, Side
+from edge.sip import fastpath
 from edge.sip.address import NameAddr, Via, split_name_addr
 from edge.sip.auth import compute_authorization
 from edge.sip.errors import SipParseError
+from edge.sip.events import MessageFramed
 from edge.sip.headers import Params
 from edge.sip.message import Request, Response, make_response, new_branch, new_call_id, new_tag
 from edge.sip.uri import Uri
@@ -47,7 +49,12 @@ from traversal.channel import LinkRejectedError
 log = logging.getLogger(__name__)
 
 FLOW_PARAM = "x-c-flow"
+_FLOW = FLOW_PARAM.encode()
 PATH_STATE_HEADER = "X-Edge-Path-State"
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
 
 
 class ZoneSipConnection:
@@ -124,6 +131,9 @@ class ExpcSip:
         self._b2bua_timer: asyncio.TimerHandle | None = None
         self.calls_active = 0
         self.calls_peak = 0
+        self._route_own: dict[bytes, bool | None] = {}  # fast path: Route value → names C?
+        # fast path: (client Contact, its address) → the rewritten Contact; refreshes repeat it
+        self._contact_memo: dict[tuple[bytes, bytes], bytes] = {}
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -161,6 +171,7 @@ class ExpcSip:
             on_message=self._ucm_message,
             on_closed=self._ucm_closed,
             on_connected=self._ucm_connected,
+            on_frame=self._ucm_frame,
             name="sip-ucm",
             strict=False,
         )
@@ -214,7 +225,11 @@ class ExpcSip:
                     self.zone_conns.pop(flow.flow_id, None)
 
             flow_factory = lambda: SipFlow(  # noqa: E731
-                on_message=on_message, on_closed=on_closed, name="sip-zone", strict=False
+                on_message=on_message,
+                on_closed=on_closed,
+                on_frame=self._zone_frame,
+                name="sip-zone",
+                strict=False,
             )
             _, flow = await asyncio.wait_for(
                 loop.create_connection(
@@ -306,9 +321,14 @@ class ExpcSip:
     def _is_own(self, uri: Uri) -> bool:
         return uri.host == self.address
 
-    def _pick_ucm(self, req: Request) -> UcmNode:
+    def _live_ucm(self) -> list[UcmNode]:
         nodes = self.config.ucm
-        live = [n for n in nodes if n.name not in self.ucm_down] or list(nodes)
+        if not self.ucm_down:
+            return nodes
+        return [n for n in nodes if n.name not in self.ucm_down] or list(nodes)
+
+    def _pick_ucm(self, req: Request) -> UcmNode:
+        live = self._live_ucm()
         if len(live) == 1:
             return live[0]  # nothing to choose: no need to parse Route or Request-URI
         for candidate in (req.headers.get_all("Route")[:1], [req.uri]):
@@ -488,6 +508,133 @@ class ExpcSip:
             self._forward_to_ucm(req, flow, node, ucm)  # the usual case: no task per request
         else:
             self._spawn(self._to_ucm(req, flow))
+
+    # -- fast path: a plain REGISTER from the zone, UCM's answer, on bytes (edge.sip.fastpath) --
+
+    def _zone_frame(self, flow: SipFlow, frame: MessageFramed) -> bool:
+        """`_zone_message` + `_forward_to_ucm` for a plain REGISTER on an open UCM flow: the same
+        bytes, without building a Message. False, having changed nothing, for the rest."""
+        conn = self.zone_conns.get(flow.flow_id)
+        if conn is None or conn.flow is not flow or self.maintenance():
+            return False
+        head = fastpath.register_head(frame.data, frame.head_end, frame.head)
+        if head is None:
+            return False
+        plan = head.plan
+        vias = plan.vias
+        mi = plan.first.get("max-forwards", 0)
+        mf = fastpath.max_forwards(head.value(mi)) if mi else None
+        if len(vias) < 2 or not mf:  # no client Via below E's; Max-Forwards absent or 0
+            return False
+        top = fastpath.parse_via(head.value(vias[0]))
+        client = fastpath.parse_via(head.value(vias[1]))
+        if top is None or client is None:
+            return False
+        ri = plan.first.get("route", 0)
+        own_route = ri > 0 and self._route_names_c(head.value(ri))
+        if ri and (own_route is None or plan.count["route"] > 1):
+            return False
+        received = client.param(b"received")
+        rport_text = client.param(b"rport")
+        rport = int(rport_text) if rport_text is not None and rport_text.isdigit() else None
+        client_addr = (received.decode() if received else client.host, rport or client.port or 5061)
+        orig = f"{client_addr[0]}:{client_addr[1]}".encode()
+        transport = self.settings.ucm_transport.encode()
+        ci = plan.first.get("contact", 0)
+        contact = None
+        if ci and not self.settings.sip_path_headers:
+            value = head.value(ci)
+            if plan.count["contact"] > 1 or b"," in value:
+                return False
+            contact = self._contact_memo.get((value, orig))
+            if contact is None:
+                params = [(b"transport", transport), (b"orig-hostport", orig)]
+                contact = fastpath.rewrite_contact(value, self.address, self.ucm_port, params)
+                if contact is None:
+                    return False
+                if len(self._contact_memo) >= 8192:
+                    self._contact_memo.clear()
+                self._contact_memo[(value, orig)] = contact
+        live = self._live_ucm()
+        ucm = self.ucm_out.get(live[0].name) if len(live) == 1 else None
+        if ucm is None or not ucm.is_open:
+            return False
+        node = live[0]
+        self.client_edge[client_addr] = flow.flow_id
+        self._count("register")
+        branch = fastpath.stateless_branch(
+            self.salt, _text(top.branch), top.sent_by, head.value(plan.first["call-id"]).decode()
+        )
+        top.stamp(flow.peer, self.settings.zone.name)
+        lines = head.lines
+        lines[vias[0]] = head.replaced(vias[0], top.encode())
+        mf = min(mf, self.settings.zone.max_hops)
+        lines[mi] = head.replaced(mi, str(mf - 1).encode())
+        for i in sorted((ci if contact is not None else 0, ri if own_route else 0), reverse=True):
+            if i:
+                del lines[i]
+        if contact is not None:  # Headers.remove + add: the rewritten Contact goes last
+            lines.append(b"Contact: " + contact)
+        fresh = [
+            lines[0],
+            b"Via: SIP/2.0/%s %s:%d;branch=%s;egress-zone=CE%s-%s;%s=%s;rport"
+            % (
+                transport.upper(),
+                self.address.encode(),
+                self.ucm_port,
+                branch.encode(),
+                transport,
+                node.name.encode(),
+                _FLOW,
+                flow.flow_id.encode(),
+            ),
+        ]
+        if self.settings.sip_path_headers:
+            fresh.append(
+                b"Path: <sip:%s:%d;transport=%s;lr;orig-hostport=%s>"
+                % (self.address.encode(), self.ucm_port, transport, orig)
+            )
+        lines[0:1] = fresh
+        ucm.send_bytes(b"\r\n".join(lines) + head.body_tail())
+        return True
+
+    def _route_names_c(self, value: bytes) -> bool | None:
+        """Whether a single Route value names C (then popped); None: not plain, parse fully."""
+        memo = self._route_own
+        if value in memo:
+            return memo[value]
+        own: bool | None = None
+        if b"," not in value:
+            try:
+                own = self._is_own(NameAddr.parse(value.decode()).uri)
+            except SipParseError:
+                own = None
+        if len(memo) >= 1024:
+            memo.clear()
+        memo[value] = own
+        return own
+
+    def _ucm_frame(self, flow: SipFlow, frame: MessageFramed) -> bool:
+        """`_ucm_message` for UCM's answer to a REGISTER: our Via popped, the rest as received."""
+        if not frame.data.startswith(b"SIP/2.0 "):
+            return False
+        head = frame.head or fastpath.scan(frame.data, frame.head_end)
+        if head is None or fastpath.status_code(head.lines[0]) is None:
+            return False
+        plan = head.plan
+        ci = plan.first.get("cseq", 0)
+        vi = plan.first.get("via", 0)
+        if not ci or not vi or fastpath.cseq_method(head.value(ci)) != b"REGISTER":
+            return False
+        via = fastpath.parse_via(head.value(vi))
+        if via is None or via.host != self.address or plan.count.get("content-length", 0) > 1:
+            return False
+        token = via.param(_FLOW)
+        conn = self.zone_conns.get(token.decode()) if token is not None else None
+        if conn is None or not conn.flow.is_open:
+            return False
+        conn.flow.send_bytes(head.without(vi))
+        return True
 
     def _rewrite_contacts(self, req: Request, client_addr: tuple[str, int]) -> None:
         """Spec §5: Contact host:port → C with orig-hostport, or a Path header in Path mode."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from edge.sip.fastpath import RawHead
 from edge.sip.message import Request, Response
 
 
@@ -23,6 +24,17 @@ class TransactionKey(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
     message: Request | Response
+
+
+@dataclass(slots=True)  # not frozen: one per message on the hot path, and frozen __init__ is slow
+class MessageFramed:
+    """A complete SIP message cut from a stream but not parsed yet (`StreamFramer.receive_frames`):
+    `data` is exactly its bytes, `head_end` the offset of the CRLFCRLF ending its head. Lets a hop
+    try a byte-level fast path (edge.sip.fastpath) before `StreamFramer.parse_frame`."""
+
+    data: bytes
+    head_end: int
+    head: RawHead | None = None  # its head split on bytes, when the framer was asked to
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,16 @@ from __future__ import annotations
 
 import re
 
+from edge.sip import fastpath
 from edge.sip.errors import SipParseError
-from edge.sip.events import FramingError, FramingEvent, KeepaliveReceived, MessageReceived, StunReceived
+from edge.sip.events import (
+    FramingError,
+    FramingEvent,
+    KeepaliveReceived,
+    MessageFramed,
+    MessageReceived,
+    StunReceived,
+)
 from edge.sip.message import MAX_MESSAGE_BYTES, Validation, parse_framed, parse_message
 
 _STUN_COOKIE = b"\x21\x12\xa4\x42"
@@ -23,6 +31,7 @@ _STUN_HEADER = 20
 _CL_RE = re.compile(rb"\r\n(?:content-length|l)[ \t]*:([^\r\n]*)", re.IGNORECASE)
 
 Buffer = bytes | bytearray
+RawFramingEvent = MessageFramed | KeepaliveReceived | StunReceived | FramingError
 
 
 class StreamFramer:
@@ -32,7 +41,7 @@ class StreamFramer:
     ping). Call `ping_sent()` after sending a ping so the next CRLF counts as the pong at once.
 
     `validation` says how much of each message is checked (message.Validation); `strict` is the
-    older spelling (True: FULL, False: NONE).
+    older spelling (True: FULL, False: NONE). `split_heads`: see MessageFramed.head.
     """
 
     def __init__(
@@ -41,10 +50,15 @@ class StreamFramer:
         *,
         strict: bool = True,
         validation: Validation | None = None,
+        split_heads: bool = False,
     ) -> None:
         self.max_message_bytes = max_message_bytes
         self.validation = validation or (Validation.FULL if strict else Validation.NONE)
         self.strict = self.validation is Validation.FULL
+        # receive_frames splits each head on bytes for a hop's fast path (MessageFramed.head)
+        # and reads Content-Length from that split instead of a second scan of the head.
+        self.split_heads = split_heads
+        self._raw: fastpath.RawHead | None = None
         self._buf: Buffer = b""  # bytes not yet framed (the tail of earlier chunks)
         self._scan = 0  # where the next search for CRLFCRLF starts, from the message start
         self._need: int | None = None  # total length of the current SIP message once known
@@ -56,6 +70,23 @@ class StreamFramer:
         self._awaiting_pong = True
 
     def receive_data(self, data: bytes) -> list[FramingEvent]:
+        """Framing events with every SIP message parsed (at this framer's validation level)."""
+        return [
+            self.parse_frame(event) if isinstance(event, MessageFramed) else event
+            for event in self.receive_frames(data)
+        ]
+
+    def parse_frame(self, frame: MessageFramed) -> MessageReceived | FramingError:
+        """Parse a message `receive_frames` cut out. A parse error leaves framing intact, so the
+        flow survives it (a non-fatal FramingError carrying the bytes, to answer them)."""
+        try:
+            return MessageReceived(parse_framed(frame.data, 0, frame.head_end, self.validation))
+        except SipParseError as exc:
+            return FramingError(exc.status_code, exc.reason, False, frame.data)
+
+    def receive_frames(self, data: bytes) -> list[RawFramingEvent]:
+        """As `receive_data`, but SIP messages come unparsed (MessageFramed): the caller may
+        handle one on a fast path and hands the rest to `parse_frame`."""
         if self._closed:
             return []
         if self._buf:
@@ -63,7 +94,7 @@ class StreamFramer:
             buf += data
         else:
             buf = data
-        events: list[FramingEvent] = []
+        events: list[RawFramingEvent] = []
         pos = 0
         end = len(buf)
         while pos < end and not self._closed:
@@ -84,11 +115,7 @@ class StreamFramer:
         self._buf = b""
         return FramingError(status, reason, True)
 
-    def _consumed(self) -> None:
-        self._scan = 0
-        self._need = None
-
-    def _next_event(self, buf: Buffer, pos: int) -> tuple[FramingEvent | None, int]:
+    def _next_event(self, buf: Buffer, pos: int) -> tuple[RawFramingEvent | None, int]:
         if self._need is None:
             first = buf[pos]
             if first == 0x0D:
@@ -97,7 +124,7 @@ class StreamFramer:
                 return self._stun(buf, pos)
         return self._sip(buf, pos)
 
-    def _keepalive(self, buf: Buffer, pos: int) -> tuple[FramingEvent | None, int]:
+    def _keepalive(self, buf: Buffer, pos: int) -> tuple[RawFramingEvent | None, int]:
         if self._awaiting_pong and buf.startswith(b"\r\n", pos):
             self._awaiting_pong = False
             return KeepaliveReceived(pong_needed=False), pos + 2
@@ -109,7 +136,7 @@ class StreamFramer:
             return KeepaliveReceived(pong_needed=False), pos + 2
         return self._fail(400, "Garbage on stream"), pos
 
-    def _stun(self, buf: Buffer, pos: int) -> tuple[FramingEvent | None, int]:
+    def _stun(self, buf: Buffer, pos: int) -> tuple[RawFramingEvent | None, int]:
         if len(buf) - pos < 8:
             return None, pos
         if buf[pos + 4 : pos + 8] != _STUN_COOKIE:
@@ -121,7 +148,7 @@ class StreamFramer:
             return None, pos
         return StunReceived(bytes(buf[pos : pos + total])), pos + total
 
-    def _sip(self, buf: Buffer, pos: int) -> tuple[FramingEvent | None, int]:
+    def _sip(self, buf: Buffer, pos: int) -> tuple[RawFramingEvent | None, int]:
         if self._need is None:
             end = buf.find(b"\r\n\r\n", pos + self._scan)
             if end < 0:
@@ -129,29 +156,40 @@ class StreamFramer:
                     return self._fail(413, "Message too large"), pos
                 self._scan = max(0, len(buf) - pos - 3)
                 return None, pos
-            try:
-                cl = _find_content_length(buf, pos, end)
-            except SipParseError as exc:
-                return self._fail(exc.status_code, exc.reason), pos
+            raw: fastpath.RawHead | None = None
+            cl: int | None = None
+            if self.split_heads:
+                raw = fastpath.scan_head(bytes(buf[pos:end]))
+                cl = raw.content_length() if raw is not None else None
             if cl is None:
-                return self._fail(400, "Missing Content-Length on stream"), pos
-            self._head = end - pos
-            self._need = self._head + 4 + cl
-            if self._need > self.max_message_bytes:
+                try:
+                    cl = _find_content_length(buf, pos, end)
+                except SipParseError as exc:
+                    return self._fail(exc.status_code, exc.reason), pos
+                if cl is None:
+                    return self._fail(400, "Missing Content-Length on stream"), pos
+            head = end - pos
+            need = head + 4 + cl
+            if need > self.max_message_bytes:
                 return self._fail(413, "Message too large"), pos
+            self._scan = 0
+            if len(buf) - pos >= need:  # the usual case: the whole message is here already
+                return self._framed(buf, pos, need, head, raw), pos + need
+            self._need, self._head, self._raw = need, head, raw
+            return None, pos
         need = self._need
         if len(buf) - pos < need:
             return None, pos
-        data = buf[pos : pos + need]
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        head = self._head
-        self._consumed()
-        try:
-            return MessageReceived(parse_framed(data, 0, head, self.validation)), pos + need
-        except SipParseError as exc:
-            # Framing stayed intact (Content-Length was readable), so the flow survives.
-            return FramingError(exc.status_code, exc.reason, False, data), pos + need
+        raw = self._raw
+        self._need = self._raw = None
+        return self._framed(buf, pos, need, self._head, raw), pos + need
+
+    @staticmethod
+    def _framed(buf: Buffer, pos: int, need: int, head: int, raw: fastpath.RawHead | None) -> MessageFramed:
+        data = bytes(buf[pos : pos + need])
+        if raw is not None:
+            raw.data = data
+        return MessageFramed(data, head, raw)
 
 
 def _find_content_length(buf: Buffer, start: int, end: int) -> int | None:

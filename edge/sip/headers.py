@@ -166,6 +166,21 @@ def split_quoted(value: str, sep: str) -> list[str]:
     return parts
 
 
+def split_values(key: str, lines: list[str]) -> list[str]:
+    """Values of header lines with comma lists split (not inside quotes or <...>), empty ones
+    dropped; lines of a header whose grammar is no comma list (`key` in _NO_SPLIT) as they are."""
+    if not lines or key in _NO_SPLIT:
+        return lines
+    out: list[str] = []
+    for value in lines:
+        if "," not in value:
+            if value:
+                out.append(value)
+            continue
+        out.extend(p.strip() for p in split_quoted(value, ",") if p.strip())
+    return out
+
+
 def unquote(value: str) -> str:
     """Decode a quoted-string (RFC 3261 §25.1); a token is returned as is."""
     if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
@@ -440,17 +455,7 @@ class Headers:
 
     def get_all(self, name: str) -> list[str]:
         """All values, comma-separated lists split (not inside quotes or <...>)."""
-        lines = self.get_lines(name)
-        if not lines or header_key(name) in _NO_SPLIT:
-            return lines
-        out: list[str] = []
-        for value in lines:
-            if "," not in value:
-                if value:
-                    out.append(value)
-                continue
-            out.extend(p.strip() for p in split_quoted(value, ",") if p.strip())
-        return out
+        return split_values(header_key(name), self.get_lines(name))
 
     def first_value(self, name: str) -> str | None:
         """The first of get_all(name) without splitting every line (top Via, top Route)."""

@@ -4,6 +4,7 @@ Sans-IO: fed parsed messages with the id of the flow (connection) they arrived o
 returns `OutgoingRequest` / `OutgoingResponse` for the adapter. One timer (`get_timer()` /
 `handle_timer(now)`) covers transaction timers (B/F: 32 s → 408 to the caller, H, L, M) and
 registration expiry. TCP and TLS are reliable, so no retransmission timers run (RFC 3261 §17).
+The usual REGISTER can instead be answered from its bytes (`answer_register`, fastpath.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from edge.sip.events import (
     TransactionTimedOut,
     TransportErrorOccurred,
 )
+from edge.sip.fastpath import RawHead
 from edge.sip.headers import Headers
 from edge.sip.message import Request, Response, make_response, new_call_id, new_tag
 from edge.sip.transaction import TransactionStateError, client_key, server_key
@@ -33,6 +35,7 @@ from edge.sip.transaction_layer import TransactionLayer
 from edge.sip.uri import Uri
 from mock_ucm.sip.calls import CallControl, EchoPorts, LocalNode
 from mock_ucm.sip.events import OutgoingRequest, OutgoingResponse, SipOutput, Target
+from mock_ucm.sip.fastpath import RegisterFastPath
 from mock_ucm.sip.registrar import Binding, Registrar
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,7 @@ class UcmSipCore:
             config.all_users(), domain=config.lab.domain, node_name=node.name, digest_secret=digest_secret
         )
         self.calls = CallControl(self.registrar, local, self, echo_ports, echo_number=config.echo_number)
+        self.fast = RegisterFastPath(self.registrar, SERVER)
         self.counters = SipCoreCounters()
         self._out: list[SipOutput] = []
         self._server_flows: dict[TransactionKey, int | None] = {}
@@ -94,6 +98,18 @@ class UcmSipCore:
             self._process(self.layer.receive_request(message, now, reliable=True), now, flow)
         return self._flush()
 
+    def answer_register(
+        self, data: bytes, head_end: int, flow: int | None, now: float, head: RawHead | None = None
+    ) -> bytes | None:
+        """The lean path (fastpath.py): the 200 OK to the usual REGISTER, as bytes to send on
+        `flow`, straight from the framed message (`head`: its head as the framer split it, if it
+        did); None if it must be parsed and given to `receive_message` (which answers
+        everything, this included, the general way)."""
+        out = self.fast.answer(data, head_end, flow, now, head)
+        if out is not None:
+            self.counters.requests_in += 1
+        return out
+
     def transport_error(self, key: TransactionKey, now: float) -> list[SipOutput]:
         """The adapter could not deliver a request of client transaction `key`."""
         self._process(self.layer.transport_error(key, now), now)
@@ -104,8 +120,11 @@ class UcmSipCore:
         return min(timers) if timers else None
 
     def handle_timer(self, now: float) -> list[SipOutput]:
-        for b in self.registrar.handle_timer(now):
-            log.info("registration of %s (%s) expired", b.username, b.device)
+        expired = self.registrar.handle_timer(now)
+        for b in expired:
+            log.debug("registration of %s (%s) expired", b.username, b.device)
+        if expired:  # one line, not one per binding: 10,000 can expire together under load
+            log.info("%d registrations expired (%d left)", len(expired), self.registrar.registered)
         self._process(self.layer.handle_timer(now), now)
         return self._flush()
 

@@ -1,10 +1,14 @@
 """asyncio adapter of the mock UCM SIP service: TCP/TLS listeners, flows, echo sockets, one timer.
 
 Thin by design (shared/STYLE.md §8): each `_SipFlow` frames bytes with edge.sip's StreamFramer
-and feeds `UcmSipCore`; the service performs the outputs. Responses go back on the flow their
-request came in on (RFC 3261 §18.2.2); requests to a device go to its Contact (or Path) over a
-connection whose remote address is that host:port, opened (TCP, or TLS trusting the lab CA)
-and kept for reuse when none exists — the way UCM reaches Expressway-C (spec §5).
+and feeds `UcmSipCore`; the service performs the outputs. A framed message goes to the core's
+REGISTER fast path first (bytes in, the 200's bytes out, fastpath.py) and is parsed only if that
+declines; what a flow writes during one loop turn leaves in one transport write (WriteBatch), and
+the expiry timer is re-armed only when the core's earliest deadline may have moved earlier.
+Responses go back on the flow their request came in on (RFC 3261 §18.2.2); requests to a device
+go to its Contact (or Path) over a connection whose remote address is that host:port, opened
+(TCP, or TLS trusting the lab CA) and kept for reuse when none exists — the way UCM reaches
+Expressway-C (spec §5).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from edge.sip.errors import SipParseError
 from edge.sip.events import (
     FramingError,
     KeepaliveReceived,
+    MessageFramed,
     MessageReceived,
     StunReceived,
     TransactionKey,
@@ -204,8 +209,13 @@ class UcmSipService:
         for key in [k for k, f in self._by_remote.items() if f is flow]:
             del self._by_remote[key]
 
+    def _on_register_answered(self) -> None:
+        """After a fast-path REGISTER: its binding expires after every other one (same grant,
+        later `now`), so an armed timer stays right; only arm one if none is."""
+        if self._timer is None:
+            self._arm_timer()
+
     def _on_message(self, flow: _SipFlow, message: Request | Response) -> None:
-        self.messages_in += 1
         try:
             outputs = self.core.receive_message(message, flow.id, self._clock())
         except SipParseError as exc:  # a header the core parses only when it needs it
@@ -314,7 +324,8 @@ class _SipFlow(asyncio.Protocol):
         self.outbound = outbound
         # A registrar/UAS checks what it uses (RFC 3261 §8.2): the framer validates what every
         # request needs (Via, CSeq, Call-ID, From/To); the core parses, and refuses, the rest.
-        self.framer = StreamFramer(service.max_message_bytes, validation=Validation.PROXY)
+        # Heads are split on bytes while framing (split_heads) for the REGISTER fast path.
+        self.framer = StreamFramer(service.max_message_bytes, validation=Validation.PROXY, split_heads=True)
         self._batch = WriteBatch(self._write_now)  # one transport write per loop iteration
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] | None = None
@@ -335,11 +346,25 @@ class _SipFlow(asyncio.Protocol):
         log.debug("flow %d: down (%s)", self.id, exc)
 
     def data_received(self, data: bytes) -> None:
-        for ev in self.framer.receive_data(data):
+        service = self.service
+        for ev in self.framer.receive_frames(data):
             if self.closing:
                 return
-            if isinstance(ev, MessageReceived):
-                self.service._on_message(self, ev.message)
+            if isinstance(ev, MessageFramed):
+                service.messages_in += 1
+                # the usual REGISTER is answered from its bytes (fastpath.py); the rest is parsed
+                answer = service.core.answer_register(
+                    ev.data, ev.head_end, self.id, service._clock(), ev.head
+                )
+                if answer is not None:
+                    self.write(answer)
+                    service._on_register_answered()
+                    continue
+                parsed = self.framer.parse_frame(ev)
+                if isinstance(parsed, MessageReceived):
+                    service._on_message(self, parsed.message)
+                else:
+                    self._framing_error(parsed)
             elif isinstance(ev, KeepaliveReceived):
                 self.service.keepalives += 1
                 if ev.pong_needed:

@@ -166,3 +166,14 @@ def test_non_digest_users_need_no_credentials(config: LabConfig) -> None:
         reg.handle_register(register("1003", mra_contact("1003", C_HOST, C_PORT, "CSFCAROL")), T0).status_code
         == 200
     )
+
+
+def test_display_name_with_angle_brackets_keeps_the_contact_uri(config: LabConfig) -> None:
+    """A quoted display name may hold '<' and '>' (RFC 3261 §25.1): the stored URI is the one
+    inside the real <...>, and the 200 sets expires after it, not inside the quotes."""
+    reg = make_registrar(config)
+    contact = '"Alice <desk>" ' + alice_contact()
+    resp = reg.handle_register(register("1001", contact + ";expires=60"), T0)
+    assert resp.headers.get_all("contact") == [contact + ";expires=120"]
+    [b] = reg.bindings_for("alice")
+    assert b.uri == f"sip:1001@{C_HOST}:{C_PORT};transport=tcp;orig-hostport=198.51.100.7:51000"
