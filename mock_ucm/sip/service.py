@@ -46,7 +46,11 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 STOP_DEADLINE_S = 5.0
-MAX_WRITE_BUFFER_BYTES = 4 * 1024 * 1024  # a peer that does not read is cut off
+MAX_WRITE_BUFFER_BYTES = 16 * 1024 * 1024  # a peer that does not read at all is cut off
+# TCP backpressure (RFC 3261 §18 leaves flow control to the transport): above this many bytes
+# waiting for the peer, the flow stops reading its requests until the peer has taken its answers,
+# so an overloaded Expressway-C slows down instead of being cut off with every binding behind it.
+PAUSE_READING_BYTES = 1024 * 1024
 MAX_STATUS_BINDINGS = 100
 RemoteKey = tuple[str, str, int]  # (transport, host, port)
 
@@ -91,6 +95,7 @@ class UcmSipService:
         self._timer: asyncio.TimerHandle | None = None
         # plain-int counters (shared/STYLE.md: what /metrics exports)
         self.connections_accepted = 0
+        self.backpressure_pauses = 0  # flows that stopped reading until the peer took our answers
         self.connections_opened = 0
         self.connect_failures = 0
         self.messages_in = 0
@@ -182,6 +187,7 @@ class UcmSipService:
             "connections": len(self._flows),
             "counters": {
                 "connections_accepted": self.connections_accepted,
+                "backpressure_pauses": self.backpressure_pauses,
                 "connections_opened": self.connections_opened,
                 "connect_failures": self.connect_failures,
                 "messages_in": self.messages_in,
@@ -331,14 +337,28 @@ class _SipFlow(asyncio.Protocol):
         self.peer: tuple[str, int] | None = None
         self.id = 0
         self.closing = False
+        self.reading_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
         self.transport = transport
+        transport.set_write_buffer_limits(high=PAUSE_READING_BYTES)
         peer = transport.get_extra_info("peername")
         self.peer = (str(peer[0]), int(peer[1])) if peer else None
         self.id = self.service._flow_up(self, self.outbound)
         log.debug("flow %d: %s %s up", self.id, self.kind, self.peer)
+
+    def pause_writing(self) -> None:
+        """The peer is not taking our answers as fast as it sends requests: read no more."""
+        if self.transport is not None and not self.closing and not self.reading_paused:
+            self.reading_paused = True
+            self.service.backpressure_pauses += 1
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closing and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -402,6 +422,7 @@ class _SipFlow(asyncio.Protocol):
             return
         if self.transport.get_write_buffer_size() > MAX_WRITE_BUFFER_BYTES:
             log.warning("flow %d: peer not reading, closing", self.id)
+            self.closing = True  # once: abort() reports connection_lost only later
             self.transport.abort()
             return
         self.service.messages_out += 1

@@ -21,6 +21,7 @@ from tests.ucm.sip_helpers import (
     cancel_for,
     in_dialog,
     invite,
+    mra_contact,
     register,
     reverse_in_dialog,
 )
@@ -203,3 +204,37 @@ async def test_tls_listener_and_tls_contact(config: LabConfig, tls: ThrowawayTls
         await svc.stop()
         device_server.close()
         await device_server.wait_closed()
+
+
+async def test_a_peer_that_reads_slowly_gets_backpressure_not_a_cut(service: UcmSipService) -> None:
+    """C under overload reads UCM's answers late: UCM stops reading that flow's requests until the
+    answers drain (TCP backpressure) instead of cutting C off with every binding behind it."""
+    import socket
+
+    [(_, _, host, port)] = service.listeners
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: answers back up
+    sock.connect((host, port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    count = 20000  # ~9 MB of 200 OKs: past the kernel buffers (tcp_wmem max 4 MiB) + the 1 MiB mark
+    batch = b"".join(
+        bytes(register("1001", mra_contact("1001", "127.0.0.1", 5070, "CSFALICE"), call_id=f"bp{i}"))
+        for i in range(count)
+    )
+    writer.write(batch)
+    for _ in range(200):  # until UCM has paused this flow (bounded: 10 s)
+        if service.backpressure_pauses:
+            break
+        await asyncio.sleep(0.05)
+    assert service.backpressure_pauses >= 1
+    framer = StreamFramer()
+    ok = 0
+    while ok < count:  # every REGISTER is answered once we read: nothing was dropped or cut
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        assert data, f"UCM closed the flow after {ok} answers"
+        for ev in framer.receive_data(data):
+            assert isinstance(ev, MessageReceived) and isinstance(ev.message, Response)
+            assert ev.message.status_code == 200
+            ok += 1
+    assert service.status()["registrations"]["current"] == 1
+    writer.close()
