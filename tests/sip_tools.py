@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edge.sip.message import Request, Response
+
 SIPP_DIR = Path(__file__).resolve().parent / "sipp"
 STOP_DEADLINE_S = 5.0
 _TCP_LISTEN = "0A"
@@ -424,3 +426,29 @@ class Baresip:
         self._buf = self._buf[end + 1 :]
         msg: dict[str, Any] = json.loads(payload)
         return msg
+
+
+class FakeFlow:
+    """What E's and C's SIP hops use of edge.sip_flow.SipFlow (ids, peer, context, send), recording
+    every message sent as bytes; for driving the hops without sockets (tests, benchmarks/sip/hops.py)."""
+
+    def __init__(self, flow_id: str, peer: tuple[str, int]) -> None:
+        self.flow_id = flow_id
+        self.peer = peer
+        self.context: dict[str, Any] = {"authenticated": True, "keepalive_at": 1e18, "ucm": "up"}
+        self.is_open = True
+        self.sent: list[bytes] = []
+
+    def send(self, message: Request | Response) -> bool:
+        self.sent.append(message.serialize())
+        return True
+
+    def send_bytes(self, data: bytes) -> bool:
+        self.sent.append(data)
+        return True
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def close(self, reason: str = "") -> None:
+        self.is_open = False

@@ -41,33 +41,9 @@ from edge_e.sip import EdgeSip  # noqa: E402
 from mock_ucm.sip.calls import LocalNode  # noqa: E402
 from mock_ucm.sip.core import UcmSipCore  # noqa: E402
 from mock_ucm.sip.events import OutgoingResponse  # noqa: E402
+from tests.sip_tools import FakeFlow  # noqa: E402
 
 CLIENT = ("198.51.100.7", 51000)
-
-
-class FakeFlow:
-    """What the hops use of edge.sip_flow.SipFlow: ids, peer, context, send()."""
-
-    def __init__(self, flow_id: str, peer: tuple[str, int]) -> None:
-        self.flow_id = flow_id
-        self.peer = peer
-        self.context: dict[str, Any] = {"authenticated": True, "keepalive_at": 1e18, "ucm": "up"}
-        self.is_open = True
-        self.sent: list[bytes] = []
-
-    def send(self, message: Request | Response) -> bool:
-        self.sent.append(message.serialize())
-        return True
-
-    def send_bytes(self, data: bytes) -> bool:
-        self.sent.append(data)
-        return True
-
-    def write(self, data: bytes) -> None:
-        self.sent.append(data)
-
-    def close(self, reason: str = "") -> None:
-        self.is_open = False
 
 
 def register(i: int, domain: str, route: str) -> bytes:
@@ -144,7 +120,7 @@ class Chain:
         # The hops' flows split heads for their fast paths (SipFlow does when given on_frame).
         self.f_e = StreamFramer(validation=Validation.PROXY, split_heads=fast)
         self.f_c_zone = StreamFramer(validation=Validation.NONE, split_heads=fast)
-        self.f_ucm = StreamFramer(validation=Validation.PROXY)
+        self.f_ucm = StreamFramer(validation=Validation.PROXY, split_heads=fast)
         self.f_c_ucm = StreamFramer(validation=Validation.NONE, split_heads=fast)
         self.f_e_zone = StreamFramer(validation=Validation.NONE, split_heads=fast)
         self.f_client = StreamFramer(validation=Validation.NONE)
@@ -174,8 +150,20 @@ class Chain:
         return self.c_ucm.sent.pop()
 
     def ucm_request(self, data: bytes) -> bytes:
+        """As mock_ucm/sip/service.py's flow: the REGISTER fast path first, else parse + core."""
         self.now += 0.0001
-        outs = self.core.receive_message(frame(self.f_ucm, data), 1, self.now)
+        if self.fast:
+            (event,) = self.f_ucm.receive_frames(data)
+            assert isinstance(event, MessageFramed), event
+            answer = self.core.answer_register(event.data, event.head_end, 1, self.now, event.head)
+            if answer is not None:
+                return answer
+            parsed = self.f_ucm.parse_frame(event)
+            assert isinstance(parsed, MessageReceived), parsed
+            message: Request | Response = parsed.message
+        else:
+            message = frame(self.f_ucm, data)
+        outs = self.core.receive_message(message, 1, self.now)
         (out,) = outs
         assert isinstance(out, OutgoingResponse)
         return bytes(out.response)

@@ -23,33 +23,9 @@ from edge.sip.framing import StreamFramer
 from edge.sip.message import Request, Response, Validation, parse_message
 from edge_c.sip import ExpcSip, ZoneSipConnection
 from edge_e.sip import EdgeSip
+from tests.sip_tools import FakeFlow
 
 CLIENT = ("198.51.100.7", 51000)
-
-
-class FakeFlow:
-    """What E and C use of edge.sip_flow.SipFlow."""
-
-    def __init__(self, flow_id: str, peer: tuple[str, int]) -> None:
-        self.flow_id = flow_id
-        self.peer = peer
-        self.context: dict[str, Any] = {"authenticated": True, "keepalive_at": 1e18, "ucm": "up"}
-        self.is_open = True
-        self.sent: list[bytes] = []
-
-    def send(self, message: Request | Response) -> bool:
-        self.sent.append(message.serialize())
-        return True
-
-    def send_bytes(self, data: bytes) -> bool:
-        self.sent.append(data)
-        return True
-
-    def write(self, data: bytes) -> None:
-        self.sent.append(data)
-
-    def close(self, reason: str = "") -> None:
-        self.is_open = False
 
 
 def lab_config(*overrides: str) -> LabConfig:
