@@ -57,7 +57,7 @@ static PyObject *split_head(PyObject *self, PyObject *arg) {
     /* the layout key: every header name as written, joined by ':' (no name holds one) */
     char small[512];
     char *key = small;
-    Py_ssize_t key_len = 0, key_cap = (Py_ssize_t)sizeof(small);
+    Py_ssize_t key_len = 0, key_cap = (Py_ssize_t)sizeof(small), nnames = 0;
     if (lines == NULL)
         return NULL;
     Py_ssize_t start = 0;
@@ -90,7 +90,8 @@ static PyObject *split_head(PyObject *self, PyObject *arg) {
                 Py_INCREF(out);
                 goto done;
             }
-            Py_ssize_t len = c - start + (key_len ? 1 : 0);
+            /* a ':' between every two names, even empty ones, as b":".join(names) */
+            Py_ssize_t len = c - start + (nnames ? 1 : 0);
             if (key_len + len > key_cap) {
                 Py_ssize_t cap = 2 * (key_len + len);
                 char *grown = PyMem_Malloc((size_t)cap);
@@ -104,7 +105,7 @@ static PyObject *split_head(PyObject *self, PyObject *arg) {
                 key = grown;
                 key_cap = cap;
             }
-            if (key_len)
+            if (nnames++)
                 key[key_len++] = ':';
             memcpy(key + key_len, p + start, (size_t)(c - start));
             key_len += c - start;
