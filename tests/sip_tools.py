@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edge.config import LabConfig
 from edge.sip.message import Request, Response
+from edge_c.sip import ExpcSip, ZoneSipConnection
+from edge_e.sip import EdgeSip
 
 SIPP_DIR = Path(__file__).resolve().parent / "sipp"
 STOP_DEADLINE_S = 5.0
@@ -452,3 +455,50 @@ class FakeFlow:
 
     def close(self, reason: str = "") -> None:
         self.is_open = False
+
+
+CLIENT = ("198.51.100.7", 51000)
+
+
+@dataclass
+class WiredEdge:
+    """Expressway-E and -C SIP handlers wired to fake flows, no sockets: a client on E, E's and
+    C's ends of the zone link, C's flow to the first UCM node (tests, benchmarks/sip/hops.py)."""
+
+    e: EdgeSip
+    c: ExpcSip
+    client: FakeFlow
+    e_zone: FakeFlow
+    c_zone: FakeFlow
+    c_ucm: FakeFlow
+    conn: ZoneSipConnection
+
+
+def wire_edge(config: LabConfig) -> WiredEdge:
+    e_cfg, node = config.expe[0], config.ucm[0]
+    e = EdgeSip(
+        name=e_cfg.name,
+        external_address=e_cfg.external_address,
+        internal_address=e_cfg.internal_address,
+        client_port=e_cfg.sip_tls_port,
+        zone_port=e_cfg.traversal_sip_port,
+        zone_name="CollaborationEdgeZone",
+        zone_id="1",
+        credentials={},
+        verify_subject_name="",
+        maintenance=lambda: False,
+        keepalive_timeout_s=1e9,
+    )
+    c = ExpcSip(config, ucm_health=lambda: True, maintenance=lambda: False)
+    client = FakeFlow("f1", CLIENT)
+    e_zone = FakeFlow("f2", (config.expc.address, 40000))  # E's end of the zone link
+    c_zone = FakeFlow("f3", (e_cfg.internal_address, e_cfg.traversal_sip_port))  # C's end
+    c_ucm = FakeFlow("f4", (node.address, node.sip_tcp_port))
+    e.zone_flows[e_zone.flow_id] = e_zone  # type: ignore[assignment]
+    e.clients[client.flow_id] = client  # type: ignore[assignment]
+    e.clients_by_addr[CLIENT] = client  # type: ignore[assignment]
+    conn = ZoneSipConnection(c_zone, "expe")  # type: ignore[arg-type]
+    c.zone_conns[c_zone.flow_id] = conn
+    c.ucm_out[node.name] = c_ucm  # type: ignore[assignment]
+    c.ucm_flows[c_ucm.flow_id] = c_ucm  # type: ignore[assignment]
+    return WiredEdge(e, c, client, e_zone, c_zone, c_ucm, conn)

@@ -36,14 +36,10 @@ from edge.config import LabConfig, load_config  # noqa: E402
 from edge.sip.events import MessageFramed, MessageReceived  # noqa: E402
 from edge.sip.framing import StreamFramer  # noqa: E402
 from edge.sip.message import Request, Response, Validation  # noqa: E402
-from edge_c.sip import ExpcSip, ZoneSipConnection  # noqa: E402
-from edge_e.sip import EdgeSip  # noqa: E402
 from mock_ucm.sip.calls import LocalNode  # noqa: E402
 from mock_ucm.sip.core import UcmSipCore  # noqa: E402
 from mock_ucm.sip.events import OutgoingResponse  # noqa: E402
-from tests.sip_tools import FakeFlow  # noqa: E402
-
-CLIENT = ("198.51.100.7", 51000)
+from tests.sip_tools import CLIENT, wire_edge  # noqa: E402
 
 
 def register(i: int, domain: str, route: str) -> bytes:
@@ -86,35 +82,12 @@ class Chain:
 
     def __init__(self, config: LabConfig, fast: bool = True) -> None:
         self.fast = fast
-        e = config.expe[0]
         node = config.ucm[0]
-        self.e = EdgeSip(
-            name=e.name,
-            external_address=e.external_address,
-            internal_address=e.internal_address,
-            client_port=e.sip_tls_port,
-            zone_port=e.traversal_sip_port,
-            zone_name="CollaborationEdgeZone",
-            zone_id="1",
-            credentials={},
-            verify_subject_name="",
-            maintenance=lambda: False,
-            keepalive_timeout_s=1e9,
-        )
-        self.c = ExpcSip(config, ucm_health=lambda: True, maintenance=lambda: False)
+        w = wire_edge(config)
+        self.e, self.c, self.conn = w.e, w.c, w.conn
+        self.client, self.e_zone, self.c_zone, self.c_ucm = w.client, w.e_zone, w.c_zone, w.c_ucm
         local = LocalNode(node.name, node.address, config.lab.domain, node.sip_tcp_port, node.sip_tls_port)
         self.core = UcmSipCore(config, node, local, echo_ports=_NoEcho(), digest_secret=b"x" * 32)
-        self.client = FakeFlow("f1", CLIENT)
-        self.e_zone = FakeFlow("f2", (config.expc.address, 40000))  # E's end of the zone link
-        self.c_zone = FakeFlow("f3", (e.internal_address, e.traversal_sip_port))  # C's end
-        self.c_ucm = FakeFlow("f4", (node.address, node.sip_tcp_port))
-        self.e.zone_flows[self.e_zone.flow_id] = self.e_zone  # type: ignore[assignment]
-        self.e.clients[self.client.flow_id] = self.client  # type: ignore[assignment]
-        self.e.clients_by_addr[CLIENT] = self.client  # type: ignore[assignment]
-        self.conn = ZoneSipConnection(self.c_zone, "expe")  # type: ignore[arg-type]
-        self.c.zone_conns[self.c_zone.flow_id] = self.conn
-        self.c.ucm_out[node.name] = self.c_ucm  # type: ignore[assignment]
-        self.c.ucm_flows[self.c_ucm.flow_id] = self.c_ucm  # type: ignore[assignment]
         # Validation as in the lab: E checks client input (PROXY), C trusts E and UCM (NONE),
         # UCM checks what a registrar needs (PROXY).
         # The hops' flows split heads for their fast paths (SipFlow does when given on_frame).

@@ -15,7 +15,6 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -30,7 +29,8 @@ from media_relay.srtp import (
     SrtpTranscoder,
     generate_crypto,
 )
-from media_relay.table import Addr, Endpoint, LegSpec, RelayTable
+from media_relay.table import Addr, LegSpec, RelayTable
+from tests.media.test_media_fastpath import endpoint_state
 
 HOST = "127.0.0.1"
 OUT, IN = 0, 1
@@ -218,16 +218,6 @@ class CRig:
         self.forwarder.close()
         for sock in self.socks:
             sock.close()
-
-
-def endpoint_state(ep: Endpoint) -> dict[str, Any]:
-    return {
-        "rx": (ep.rx_packets, ep.rx_bytes),
-        "tx": (ep.tx_packets, ep.tx_bytes),
-        "drops": ep.drops(),
-        "latched": (ep.latched, ep.remote, ep.route),
-        "stats": ep.stats.get_state(),
-    }
 
 
 @pytest.fixture
