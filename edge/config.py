@@ -189,6 +189,11 @@ class ExpeSettings(_Model):
     xmpp_port: Port = 5222
     media_port_min: Port = 36002
     media_port_max: Port = 59999
+    media_kernel_forwarding: bool = False
+    """Forward established media flows in the kernel (an eBPF program on ``lo``; root, Linux
+    6.6+, every media address on 127.0.0.0/8): E's relay process then sees only the first packets
+    of a leg, strangers and garbage. Falls back to the native path, with a warning, where it
+    cannot run. ``EDGE_MEDIA_KERNEL=1`` turns it on too (``media_relay/kernel.py``)."""
     traversal_sip_port: Port = 7001
     tunnel_port: Port = 2222
     traversal_xmpp_port: Port = 7400

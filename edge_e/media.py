@@ -110,6 +110,7 @@ class EdgeMedia(AnchorBase):
             s.external_address,
             allocator=PortAllocator(s.media_port_min, s.media_port_max),
             on_timeout=self._on_timeout,
+            kernel_forwarding=True if s.media_kernel_forwarding else None,
         )
         try:
             # Every C-facing stream shares these two sockets: large buffers, or a burst from C

@@ -40,6 +40,7 @@ from media_relay.table import Addr, Endpoint, RelayTable, Stream
 if TYPE_CHECKING:
     from media_relay._fastpath import FlushItem, Forwarder
     from media_relay._fastpath import Transcoder as NativeTranscoder
+    from media_relay.kernel import Egress, KernelCounters, KernelForwarder
 
 try:
     from media_relay import _fastpath
@@ -84,10 +85,14 @@ def new_forwarder() -> Forwarder:
 
 
 class _Flow:
-    __slots__ = ("ep", "key", "ports", "rtcp_out", "rtp_out", "spec")
+    __slots__ = ("ep", "folded", "kernel_key", "key", "ports", "rtcp_out", "rtp_out", "spec")
 
-    def __init__(self, key: int, ep: Endpoint, spec: FlowSpec, ports: tuple[int, ...]) -> None:
-        self.key = key
+    def __init__(
+        self, key: int, ep: Endpoint, spec: FlowSpec, ports: tuple[int, ...], kernel_key: bytes | None = None
+    ) -> None:
+        self.key = key  # the forwarder's; -1 for a kernel flow
+        self.kernel_key = kernel_key
+        self.folded: KernelCounters | None = None  # a kernel flow's counters at the last fold
         self.ep = ep
         self.spec = spec
         self.ports = ports
@@ -100,19 +105,35 @@ class FlowSync:
     """Keeps ``forwarder``'s flows equal to what the table would do for each endpoint.
 
     ``fd_of(port)`` is the fd of a local port the forwarder may read from and send through (an
-    IPv4 socket registered with it), or None.
+    IPv4 socket registered with it), or None. With ``kernel`` (``media_relay.kernel``; plain
+    relaying only, i.e. E) a flow whose addresses are all on loopback goes to the kernel instead
+    of the forwarder; ``local_of(port)`` is the local address of such a port.
     """
 
-    def __init__(self, forwarder: Forwarder, table: RelayTable, fd_of: Callable[[int], int | None]) -> None:
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        table: RelayTable,
+        fd_of: Callable[[int], int | None],
+        kernel: KernelForwarder | None = None,
+        local_of: Callable[[int], Addr | None] | None = None,
+    ) -> None:
         self.forwarder = forwarder
         self.table = table
+        self.kernel = kernel
         self._fd_of = fd_of
+        self._local_of = local_of
         self._flows: dict[Endpoint, _Flow] = {}
+        self._kernel_flows: set[_Flow] = set()
         self._by_key: dict[int, _Flow] = {}
         self._by_port: dict[int, set[Endpoint]] = {}
 
     def __len__(self) -> int:
         return len(self._flows)
+
+    @property
+    def kernel_flows(self) -> int:
+        return len(self._kernel_flows)
 
     # -- keeping flows in step ---------------------------------------------------------------------
 
@@ -154,6 +175,8 @@ class FlowSync:
         by_key = self._by_key
         for item in self.forwarder.flush():
             _apply(by_key[item[0]], item)
+        for flow in self._kernel_flows:
+            self._fold_kernel(flow, remove=False)
 
     def refresh_idle(self, streams: Iterable[Stream], now: float) -> None:
         """Before the table's inactivity check: ``last_seen`` of ``streams`` (those it would time
@@ -163,7 +186,9 @@ class FlowSync:
         for stream in streams:
             flows = [f for f in map(self._flows.get, stream.endpoints()) if f is not None]
             for flow in flows:
-                seen = forwarder.last_seen(flow.key)
+                seen = (
+                    self._kernel_seen(flow) if flow.kernel_key is not None else forwarder.last_seen(flow.key)
+                )
                 if seen > stream.last_seen:
                     stream.last_seen = seen
             timeout = stream.inactivity_timeout_s
@@ -214,31 +239,88 @@ class FlowSync:
         return _NO_ROUTE if fd is None else (fd, route[1])
 
     def _install(self, ep: Endpoint, spec: FlowSpec) -> None:
-        try:
-            key = self.forwarder.install(
-                *spec[:8], ep.stats.clock_rate, ep.stats.get_state(), transcoder=spec[8]
-            )
-        except (ValueError, OverflowError) as exc:  # e.g. an IPv6 or hostname destination
-            log.debug(
-                "stream %s port %d stays on the Python path: %s", ep.stream.stream_id, ep.local_port, exc
-            )
-            return
         ports = {ep.local_port}
         for fd, out in ((spec[4], ep.peer_rtp), (spec[6], ep.peer_rtcp)):
             if fd >= 0 and out.route is not None:
                 ports.add(out.route[0])
-        flow = _Flow(key, ep, spec, tuple(ports))
+        kernel_key = self._install_kernel(ep, spec) if self.kernel is not None and spec[8] is None else None
+        if kernel_key is not None:
+            flow = _Flow(-1, ep, spec, tuple(ports), kernel_key)
+            self._kernel_flows.add(flow)
+        else:
+            try:
+                key = self.forwarder.install(
+                    *spec[:8], ep.stats.clock_rate, ep.stats.get_state(), transcoder=spec[8]
+                )
+            except (ValueError, OverflowError) as exc:  # e.g. an IPv6 or hostname destination
+                log.debug(
+                    "stream %s port %d stays on the Python path: %s", ep.stream.stream_id, ep.local_port, exc
+                )
+                return
+            flow = _Flow(key, ep, spec, tuple(ports))
+            self._by_key[key] = flow
         self._flows[ep] = flow
-        self._by_key[key] = flow
         for port in ports:
             self._by_port.setdefault(port, set()).add(ep)
 
+    def _install_kernel(self, ep: Endpoint, spec: FlowSpec) -> bytes | None:
+        """Install ``ep``'s flow in the kernel; None when it cannot go there (the forwarder
+        takes it): an address off loopback, a port without a local address, a full map."""
+        assert self.kernel is not None and self._local_of is not None
+        local = self._local_of(ep.local_port)
+        legs: list[Egress | None] = []
+        for out, dst in ((ep.peer_rtp, spec[5]), (ep.peer_rtcp, spec[7])):
+            route = out.route
+            source = None if route is None or dst is None else self._local_of(route[0])
+            legs.append(None if source is None or dst is None else (source, dst))
+        if spec[3]:  # an RTCP port forwards RTCP only
+            legs[0] = None
+        if local is None:
+            return None
+        try:
+            return self.kernel.install(
+                local,
+                (spec[1], spec[2]),
+                spec[3],
+                legs[0],
+                legs[1],
+                ep.stats.clock_rate,
+                ep.stats.get_state(),
+            )
+        except (ValueError, OSError) as exc:
+            log.debug("stream %s port %d not in the kernel: %s", ep.stream.stream_id, ep.local_port, exc)
+            return None
+
+    def _kernel_seen(self, flow: _Flow) -> float:
+        assert self.kernel is not None and flow.kernel_key is not None
+        now = self.kernel.read(flow.kernel_key)
+        return -1.0 if now is None or now[6] is None else now[6]
+
+    def _fold_kernel(self, flow: _Flow, *, remove: bool) -> None:
+        """Fold a kernel flow's counters since the last fold into the table (and remove it)."""
+        assert self.kernel is not None and flow.kernel_key is not None
+        now = self.kernel.remove(flow.kernel_key) if remove else self.kernel.read(flow.kernel_key)
+        if now is None:
+            return
+        before = flow.folded
+        flow.folded = now
+        old = (0, 0, 0, 0, 0, 0) if before is None else before[:6]
+        d = [a - b for a, b in zip(now[:6], old, strict=True)]
+        if before is not None and not any(d):
+            return
+        last_seen = now[6] if now[6] is not None else -1.0
+        _apply(flow, (-1, d[0], d[1], d[2], d[3], d[4], d[5], last_seen, now[7], 0))
+
     def _remove(self, flow: _Flow) -> None:
-        item = self.forwarder.remove(flow.key)
-        if item is not None:
-            _apply(flow, item)
+        if flow.kernel_key is not None:
+            self._fold_kernel(flow, remove=True)
+            self._kernel_flows.discard(flow)
+        else:
+            item = self.forwarder.remove(flow.key)
+            if item is not None:
+                _apply(flow, item)
+            del self._by_key[flow.key]
         del self._flows[flow.ep]
-        del self._by_key[flow.key]
         for port in flow.ports:
             eps = self._by_port[port]
             eps.discard(flow.ep)

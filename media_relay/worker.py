@@ -29,7 +29,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from media_relay import fastpath
+from media_relay import fastpath, kernel
 from media_relay.errors import PortsExhaustedError
 from media_relay.events import StreamTimedOut
 from media_relay.table import Addr, LegSpec, PortAllocator, RelayTable, Stream
@@ -202,6 +202,7 @@ class RelayWorker:
         transcoding: bool = False,
         on_timeout: Callable[[StreamTimedOut], None] | None = None,
         native: bool | None = None,
+        kernel_forwarding: bool | None = None,
     ) -> None:
         self.host = host
         self.allocator = allocator
@@ -222,8 +223,20 @@ class RelayWorker:
         self._forwarder = fastpath.new_forwarder() if native else None
         self._flows: fastpath.FlowSync | None = None
         self._reader_fd: int | None = None
+        self._kernel: kernel.KernelForwarder | None = None
+        self.kernel_error: str | None = None
+        if kernel_forwarding is None:
+            kernel_forwarding = kernel.wanted()
+        if kernel_forwarding and self._forwarder is not None and not transcoding:
+            try:
+                self._kernel = kernel.KernelForwarder.open()
+            except kernel.KernelUnavailable as exc:
+                self.kernel_error = str(exc)
+                log.warning("media: no kernel forwarding, established flows stay native: %s", exc)
         if self._forwarder is not None:
-            self._flows = fastpath.FlowSync(self._forwarder, self.table, self._native_fd)
+            self._flows = fastpath.FlowSync(
+                self._forwarder, self.table, self._native_fd, self._kernel, self._native_local
+            )
             self.table.track_changes = True
             on_ready = self._on_readable_transcoding if transcoding else self._on_readable
             self._reader_fd = self._forwarder.fileno()
@@ -233,6 +246,11 @@ class RelayWorker:
     def path(self) -> str:
         """``native`` or ``python``: how this worker moves packets (status JSON)."""
         return "python" if self._forwarder is None else "native"
+
+    @property
+    def kernel_forwarding(self) -> bool:
+        """Established plain flows go through the kernel (``media_relay.kernel``)."""
+        return self._kernel is not None
 
     def time(self) -> float:
         """The relay table's clock (the loop's)."""
@@ -250,6 +268,13 @@ class RelayWorker:
     def _native_fd(self, port: int) -> int | None:
         transport = self._transports.get(port)
         return transport.fd if isinstance(transport, _NativePort) else None
+
+    def _native_local(self, port: int) -> Addr | None:
+        sock = self._native_socks.get(port)
+        if sock is None:
+            return None
+        name = sock.getsockname()
+        return (str(name[0]), int(name[1]))
 
     def _open(
         self, host: str, port: int, rcvbuf_bytes: int | None, sndbuf_bytes: int | None
@@ -515,6 +540,14 @@ class RelayWorker:
             native = self._forwarder.counters()
             errors += native["send_errors"] + native["recv_errors"]
             worker["native"] = native
+        if self._kernel is not None and self._flows is not None:
+            worker["kernel"] = {
+                "flows": self._flows.kernel_flows,
+                "installs": self._kernel.installs,
+                "install_errors": self._kernel.install_errors,
+            }
+        elif self.kernel_error is not None:
+            worker["kernel"] = {"error": self.kernel_error}
         worker["socket_errors"] = errors
         snap["worker"] = worker
         return snap
@@ -617,5 +650,8 @@ class RelayWorker:
             self._flows = None
         if self._forwarder is not None:
             self._forwarder.close()
+        if self._kernel is not None:
+            self._kernel.close()
+            self._kernel = None
         await self.wait_bound()  # pending ports close their transports as they attach
         await asyncio.sleep(0)  # let transports run their connection_lost callbacks

@@ -15,6 +15,7 @@ from mra_client.demo import lab_client_settings
 from mra_client.edge_http import StepError
 from mra_client.signin import Ladder, sign_in, sign_out
 from tests.conftest import RunningLab
+from tests.media.kernel_tools import require_kernel
 
 CM_SUITES = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
 GCM_SUITES = ("AEAD_AES_128_GCM", "AEAD_AES_256_GCM")
@@ -62,3 +63,18 @@ def test_gcm_suites_need_the_aes_gcm_option(lab: RunningLab, lab_factory: Any) -
     gcm_lab = lab_factory("expc.aes_gcm=true")
     for suite in GCM_SUITES:
         _check(gcm_lab, asyncio.run(_call(gcm_lab, suite)), suite)
+
+
+def test_echo_call_with_e_forwarding_in_the_kernel(lab_factory: Any) -> None:
+    """``media_kernel_forwarding`` on E (root only): the call's established media goes through the
+    kernel program; E still latches, counts both ways and reports the flows."""
+    require_kernel()
+    kernel_lab = lab_factory("expe.0.media_kernel_forwarding=true")
+    suite = CM_SUITES[0]
+    report = asyncio.run(_call(kernel_lab, suite))
+    _check(kernel_lab, report, suite)
+    relayed = kernel_lab.component("expe")["media"]
+    worker = relayed["worker"]
+    assert worker["kernel"]["installs"] >= 2, worker  # the client's RTP leg and C's
+    assert worker["native"]["forwarded"] < report.received, "most packets never reached E's process"
+    assert relayed["totals"]["rx_packets"] >= 2 * report.sent, "the kernel's counts are folded in"

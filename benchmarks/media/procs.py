@@ -130,7 +130,8 @@ def _totals(worker: Any) -> dict[str, Any]:
     return {
         **worker.totals(),
         "socket_errors": info["socket_errors"],
-        "path": info["fastpath"],
+        "path": info["fastpath"] + (" + kernel" if "flows" in info.get("kernel", {}) else ""),
+        "kernel_flows": info.get("kernel", {}).get("flows", 0),
         "srtp": str(srtp),
         **native,
     }

@@ -25,6 +25,7 @@ from media_relay.events import StreamTimedOut
 from media_relay.rtp import StreamStats
 from media_relay.table import Addr, Endpoint, LegSpec, PortAllocator, RelayTable
 from media_relay.worker import RelayWorker
+from tests.media.kernel_tools import require_kernel
 
 HOST = "127.0.0.1"
 
@@ -506,10 +507,14 @@ def _counters(snapshot: dict[str, Any]) -> dict[str, Any]:
     return {"legs": legs, "totals": snapshot["totals"]}
 
 
-async def _e_scenario(native: bool) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
-    """E's shapes through a real worker: latching, demux, strangers, garbage, RTCP, relatch."""
+async def _e_scenario(
+    native: bool, kernel: bool = False
+) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
+    """E's shapes through a real worker: latching, demux, strangers, garbage, RTCP, relatch.
+    ``kernel``: established flows forwarded by ``media_relay.kernel`` (root only)."""
     loop = asyncio.get_running_loop()
-    worker = RelayWorker(HOST, allocator=PortAllocator(45000, 45999), native=native)
+    worker = RelayWorker(HOST, allocator=PortAllocator(45000, 45999), native=native, kernel_forwarding=kernel)
+    assert worker.kernel_forwarding == kernel, worker.kernel_error
     peers = [(await loop.create_datagram_endpoint(Peer, local_addr=(HOST, 0)))[1] for _ in range(5)]
     client, c, c_rtcp, stranger, moved = peers
     try:
@@ -551,7 +556,9 @@ async def _e_scenario(native: bool) -> tuple[dict[str, Any], dict[str, int], dic
         await until(lambda: len(moved.received) == 20)
         info = worker.stats()["worker"]
         assert info["fastpath"] == ("native" if native else "python")
-        if native:  # C's packets came once both legs had latched: all native. (A burst that
+        if kernel:  # every established packet went through the kernel, none through C code
+            assert info["kernel"]["installs"] >= 3 and info["native"]["forwarded"] == 0
+        elif native:  # C's packets came once both legs had latched: all native. (A burst that
             # arrives before its leg latched goes to the table in one batch, by design.)
             assert info["native"]["forwarded"] >= 100 + 20
         snapshot = _counters(worker.stats())
@@ -571,6 +578,15 @@ async def test_worker_counts_the_same_on_both_paths() -> None:
     assert native == python
     assert native_retired == python_retired and native_retired["rx_packets"] == 1 + 100 + 100 + 5 + 20 + 20
     assert native_retired["streams"] == 0
+
+
+async def test_kernel_forwarding_counts_the_same_as_python() -> None:
+    """E's scenario with its established flows in the kernel (``media_relay/kernel.py``)."""
+    require_kernel()
+    kernel, kernel_retired, _ = await _e_scenario(True, kernel=True)
+    python, python_retired, _ = await _e_scenario(False)
+    assert kernel == python
+    assert kernel_retired == python_retired
 
 
 async def test_native_traffic_keeps_a_stream_alive_until_it_stops(relay_path: str) -> None:

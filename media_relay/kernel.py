@@ -1,0 +1,627 @@
+"""Kernel forwarding of established plain relay flows (E's legs): a TC program on ``lo``.
+
+What rtpengine's kernel module does for its userspace daemon, with eBPF: once the relay table
+has latched an endpoint and its peer has a route, ``FlowSync`` may install the flow here instead
+of in the native forwarder (``_fastpath.Forwarder``). The program, attached to the loopback
+device's ingress with a TCX link (Linux 6.6+), looks every IPv4/UDP packet up by (destination
+address and port, source address and port); for an installed flow it runs the same checks as
+the native forwarder (size, RTP version, RTCP by payload type or port, a route for the kind),
+counts, runs the RFC 3550 A.1/A.8 receiver estimators of ``StreamStats`` on RTP, rewrites the
+addresses and ports to those of the egress socket and destination (fixing the IP and UDP
+checksums), and lets the packet go on to that destination's socket. The relay's own process
+never sees it: no wake-up, no recvmmsg, no sendmmsg, one socket delivery instead of two.
+
+Everything the program does not forward (no flow, a stranger, garbage, fragments, IP options,
+RTCP without a route) goes on unchanged to the relay's socket, where the table counts it as
+before. Python owns the flows: ``install``/``remove`` and ``read`` (absolute counters and the
+receiver state, which ``FlowSync`` folds back as deltas). The link belongs to this process: it
+goes away with the file descriptor, so a crashed relay leaves nothing attached.
+
+Scope, by design: IPv4, and only flows whose addresses are all on loopback (127.0.0.0/8, the lab
+on one host): a rewritten packet keeps the loopback route it came in with. Needs CAP_BPF and
+CAP_NET_ADMIN (root) and TCX; ``KernelForwarder.open`` raises ``KernelUnavailable`` with the
+reason otherwise, and the relay stays on the native path. The jitter estimator's arrival time is
+the kernel's monotonic clock in microseconds times the clock rate (the userspace paths use the
+loop's float seconds), so jitter can differ from theirs by rounding; sequence accounting is
+identical. Counters are updated without locks: one flow's packets come from one sender, so
+concurrent updates of one flow need that sender on two CPUs at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+from media_relay.rtp import StatsState
+
+Addr = tuple[str, int]
+# A leg's rewrite: (egress socket's local address, destination).
+Egress = tuple[Addr, Addr]
+# Absolute counters of one kernel flow: rx packets, rx bytes, tx RTP packets, tx RTP bytes,
+# tx RTCP packets, tx RTCP bytes, last seen (monotonic s, or None), receiver state.
+KernelCounters = tuple[int, int, int, int, int, int, float | None, StatsState]
+
+ENV_VAR = "EDGE_MEDIA_KERNEL"  # "1": E's relay forwards established flows in the kernel
+
+_SYS_BPF = 321  # x86_64
+_BPF_MAP_CREATE, _BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
+_BPF_PROG_LOAD, _BPF_LINK_CREATE = 5, 28
+_BPF_MAP_TYPE_HASH = 1
+_BPF_PROG_TYPE_SCHED_CLS = 3
+_BPF_TCX_INGRESS = 46
+_BPF_ANY = 0
+_BPF_PSEUDO_MAP_FD = 1
+_TCX_NEXT, _TCX_PASS = -1, 0
+# helpers
+_MAP_LOOKUP, _KTIME_NS, _STORE_BYTES, _L3_CSUM, _L4_CSUM, _PULL_DATA = 1, 5, 9, 10, 11, 39
+_F_PSEUDO_HDR, _F_MARK_MANGLED_0 = 1 << 4, 1 << 5
+
+MAX_FLOWS = 1 << 16
+MIN_DATAGRAM, RTP_HEADER, MAX_DATAGRAM = 8, 12, 1500  # as _fastpath.c
+ETH, IP, UDP = 14, 20, 8
+PAYLOAD = ETH + IP + UDP  # offset of the datagram in the frame the program sees
+
+# key: daddr, saddr (network order), dport, sport (network order)
+_KEY = struct.Struct("!4s4sHH")
+# value: see _V_* offsets (addresses and ports in network order, the rest host order)
+_VALUE = struct.Struct("=4s4s2s2s4s4s2s2sIIQQQQQQQQQQIIqqqqqqq")
+_V_RTP, _V_RTCP, _V_FLAGS, _V_RATE = 0, 12, 24, 28
+_V_RX_P, _V_RX_B, _V_TX = 32, 40, 48  # tx: RTP packets, bytes, RTCP packets, bytes
+_V_SEEN = 80
+_V_ST_P, _V_ST_B, _V_ST_SEEN, _V_HAS_SSRC, _V_SSRC = 88, 96, 104, 112, 116
+_V_RECEIVED, _V_BASE, _V_MAX, _V_CYCLES, _V_BAD, _V_TRANSIT, _V_JITTER = 120, 128, 136, 144, 152, 160, 168
+_FLAG_RTCP_PORT, _FLAG_RTP_ROUTE, _FLAG_RTCP_ROUTE = 1, 2, 4
+assert _VALUE.size == 176
+
+_LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+
+
+class KernelUnavailable(OSError):
+    """Kernel forwarding cannot run here (no permission, no TCX, not Linux x86_64)."""
+
+
+# -- a small eBPF assembler ------------------------------------------------------------------------
+
+_ALU64, _ALU, _JMP, _LDX, _STX, _ST, _LD = 0x07, 0x04, 0x05, 0x01, 0x03, 0x02, 0x00
+_SIZE = {1: 0x10, 2: 0x08, 4: 0x00, 8: 0x18}
+_OPS = {"add": 0x00, "sub": 0x10, "mul": 0x20, "div": 0x30, "or": 0x40, "and": 0x50, "lsh": 0x60,
+        "rsh": 0x70, "neg": 0x80, "xor": 0xA0, "mov": 0xB0, "arsh": 0xC0}  # fmt: skip
+_JOPS = {"ja": 0x00, "jeq": 0x10, "jgt": 0x20, "jge": 0x30, "jne": 0x50, "jsgt": 0x60, "jsge": 0x70,
+         "jlt": 0xA0, "jle": 0xB0, "jslt": 0xC0, "jsle": 0xD0}  # fmt: skip
+_FP = 10
+
+
+class _Asm:
+    """Instructions with symbolic jump targets; ``code()`` resolves them."""
+
+    def __init__(self) -> None:
+        self._insns: list[tuple[int, int, int, int | str, int]] = []
+        self._labels: dict[str, int] = {}
+
+    def _emit(self, code: int, dst: int = 0, src: int = 0, off: int | str = 0, imm: int = 0) -> None:
+        self._insns.append((code, dst, src, off, imm))
+
+    def label(self, name: str) -> None:
+        assert name not in self._labels, name
+        self._labels[name] = len(self._insns)
+
+    def alu(self, op: str, dst: int, src: int | None = None, imm: int = 0) -> None:
+        if src is None:
+            self._emit(_ALU64 | _OPS[op], dst, 0, 0, imm)
+        else:
+            self._emit(_ALU64 | _OPS[op] | 0x08, dst, src)
+
+    def be(self, dst: int, bits: int) -> None:
+        """Network to host order (on this little-endian machine): BPF_END | BPF_TO_BE."""
+        self._emit(_ALU | 0xD0 | 0x08, dst, 0, 0, bits)
+
+    def ldx(self, size: int, dst: int, src: int, off: int) -> None:
+        self._emit(_LDX | 0x60 | _SIZE[size], dst, src, off)
+
+    def stx(self, size: int, dst: int, off: int, src: int) -> None:
+        self._emit(_STX | 0x60 | _SIZE[size], dst, src, off)
+
+    def st(self, size: int, dst: int, off: int, imm: int) -> None:
+        self._emit(_ST | 0x60 | _SIZE[size], dst, 0, off, imm)
+
+    def ld_map(self, dst: int, map_fd: int) -> None:
+        self._emit(_LD | 0x18, dst, _BPF_PSEUDO_MAP_FD, 0, map_fd)
+        self._emit(0, 0, 0, 0, 0)
+
+    def jmp(self, op: str, target: str, dst: int = 0, src: int | None = None, imm: int = 0) -> None:
+        if src is None:
+            self._emit(_JMP | _JOPS[op], dst, 0, target, imm)
+        else:
+            self._emit(_JMP | _JOPS[op] | 0x08, dst, src, target)
+
+    def call(self, helper: int) -> None:
+        self._emit(_JMP | 0x80, 0, 0, 0, helper)
+
+    def exit(self) -> None:
+        self._emit(_JMP | 0x90)
+
+    def code(self) -> bytes:
+        out = bytearray()
+        for i, (code, dst, src, off, imm) in enumerate(self._insns):
+            if isinstance(off, str):
+                off = self._labels[off] - i - 1
+            out += struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+        return bytes(out)
+
+
+def _program(map_fd: int) -> bytes:
+    """The TC ingress program (see the module docstring). r6 ctx, r7 payload length, r8 kind
+    (0 RTP, 1 RTCP), r9 the flow; stack: fp-16 key, fp-24 now (ns), fp-32 seq, fp-40 transit."""
+    a = _Asm()
+    r0, r1, r2, r3, r4, r5, r6, r7, r8, r9 = range(10)
+    a.alu("mov", r6, r1)
+
+    def packet(need: int, fail: str) -> None:  # r2 = data, r3 = data_end, checked for `need`
+        a.ldx(4, r2, r6, 76)
+        a.ldx(4, r3, r6, 80)
+        a.alu("mov", r4, r2)
+        a.alu("add", r4, imm=need)
+        a.jmp("jgt", fail, r4, r3)
+
+    packet(PAYLOAD + MIN_DATAGRAM, "pull")
+    a.label("parsed")
+    a.ldx(2, r4, r2, 12)  # ethertype
+    a.jmp("jne", "next", r4, imm=0x0008)  # htons(ETH_P_IP)
+    a.ldx(1, r4, r2, ETH)
+    a.jmp("jne", "next", r4, imm=0x45)  # IPv4, no options
+    a.ldx(1, r4, r2, ETH + 9)
+    a.jmp("jne", "next", r4, imm=17)  # UDP
+    a.ldx(2, r4, r2, ETH + 6)
+    a.alu("and", r4, imm=0xFF3F)  # MF or a fragment offset
+    a.jmp("jne", "next", r4, imm=0)
+    a.ldx(4, r4, r2, ETH + 16)
+    a.stx(4, _FP, -16, r4)  # daddr
+    a.ldx(4, r4, r2, ETH + 12)
+    a.stx(4, _FP, -12, r4)  # saddr
+    a.ldx(2, r4, r2, ETH + IP + 2)
+    a.stx(2, _FP, -8, r4)  # dport
+    a.ldx(2, r4, r2, ETH + IP)
+    a.stx(2, _FP, -6, r4)  # sport
+    a.ld_map(r1, map_fd)
+    a.alu("mov", r2, _FP)
+    a.alu("add", r2, imm=-16)
+    a.call(_MAP_LOOKUP)
+    a.jmp("jeq", "next", r0, imm=0)
+    a.alu("mov", r9, r0)
+    a.call(_KTIME_NS)
+    a.stx(8, _FP, -24, r0)
+    packet(PAYLOAD + MIN_DATAGRAM, "next")
+    # n = UDP length - 8; the IP total length and the frame must agree with it
+    a.ldx(2, r7, r2, ETH + IP + 4)
+    a.be(r7, 16)
+    a.ldx(2, r4, r2, ETH + 2)
+    a.be(r4, 16)
+    a.alu("sub", r4, imm=IP)
+    a.jmp("jne", "next", r4, r7)
+    a.ldx(4, r4, r6, 0)  # skb->len: the frame, from the Ethernet header
+    a.alu("sub", r4, imm=ETH + IP)
+    a.jmp("jne", "next", r4, r7)
+    a.alu("sub", r7, imm=UDP)
+    a.jmp("jlt", "next", r7, imm=MIN_DATAGRAM)
+    a.jmp("jgt", "next", r7, imm=MAX_DATAGRAM)
+    a.ldx(1, r4, r2, PAYLOAD)
+    a.alu("and", r4, imm=0xC0)
+    a.jmp("jne", "next", r4, imm=0x80)  # RTP/RTCP version 2
+    # kind: RTCP on an RTCP port, or by payload type (RFC 5761 §4)
+    a.alu("mov", r8, imm=1)
+    a.ldx(4, r4, r9, _V_FLAGS)
+    a.alu("and", r4, imm=_FLAG_RTCP_PORT)
+    a.jmp("jne", "kind", r4, imm=0)
+    a.ldx(1, r4, r2, PAYLOAD + 1)
+    a.jmp("jlt", "rtp", r4, imm=192)
+    a.jmp("jgt", "rtp", r4, imm=223)
+    a.jmp("ja", "kind")
+    a.label("rtp")
+    a.alu("mov", r8, imm=0)
+    a.jmp("jlt", "next", r7, imm=RTP_HEADER)
+    a.label("kind")
+    a.ldx(4, r4, r9, _V_FLAGS)
+    a.jmp("jeq", "route_rtcp", r8, imm=1)
+    a.alu("and", r4, imm=_FLAG_RTP_ROUTE)
+    a.jmp("jeq", "next", r4, imm=0)
+    a.jmp("ja", "stats")
+    a.label("route_rtcp")
+    a.alu("and", r4, imm=_FLAG_RTCP_ROUTE)
+    a.jmp("jeq", "next", r4, imm=0)
+    a.jmp("ja", "count")
+
+    # -- RFC 3550 A.1 / A.8 on RTP, as _fastpath.c stats_update ----------------------------------
+    a.label("stats")
+    packet(PAYLOAD + RTP_HEADER, "next")
+    a.ldx(8, r1, r9, _V_ST_P)
+    a.alu("add", r1, imm=1)
+    a.stx(8, r9, _V_ST_P, r1)
+    a.ldx(8, r1, r9, _V_ST_B)
+    a.alu("add", r1, r7)
+    a.stx(8, r9, _V_ST_B, r1)
+    a.ldx(8, r1, _FP, -24)
+    a.stx(8, r9, _V_ST_SEEN, r1)
+    a.ldx(2, r4, r2, PAYLOAD + 2)
+    a.be(r4, 16)
+    a.stx(8, _FP, -32, r4)  # seq
+    a.ldx(4, r5, r2, PAYLOAD + 4)
+    a.be(r5, 32)  # ts
+    a.alu("div", r1, imm=1000)  # arrival in clock units: now (us) * rate / 1e6
+    a.ldx(4, r0, r9, _V_RATE)
+    a.alu("mul", r1, r0)
+    a.alu("div", r1, imm=1_000_000)
+    a.alu("sub", r1, r5)
+    a.stx(8, _FP, -40, r1)  # transit
+    a.ldx(4, r3, r2, PAYLOAD + 8)
+    a.be(r3, 32)  # ssrc
+    a.ldx(4, r0, r9, _V_HAS_SSRC)
+    a.jmp("jeq", "restart", r0, imm=0)
+    a.ldx(4, r0, r9, _V_SSRC)
+    a.jmp("jne", "restart", r0, r3)
+    a.ldx(8, r1, r9, _V_MAX)
+    a.alu("mov", r2, r4)
+    a.alu("sub", r2, r1)
+    a.alu("and", r2, imm=0xFFFF)  # udelta
+    a.jmp("jge", "big", r2, imm=3000)  # MAX_DROPOUT
+    a.jmp("jge", "no_wrap", r4, r1)
+    a.ldx(8, r0, r9, _V_CYCLES)
+    a.alu("add", r0, imm=65536)
+    a.stx(8, r9, _V_CYCLES, r0)
+    a.label("no_wrap")
+    a.stx(8, r9, _V_MAX, r4)
+    a.jmp("ja", "received")
+    a.label("big")
+    a.jmp("jgt", "received", r2, imm=65536 - 100)  # MAX_MISORDER: late, counted
+    a.ldx(8, r0, r9, _V_BAD)
+    a.jmp("jeq", "resync", r0, r4)
+    a.alu("add", r4, imm=1)
+    a.alu("and", r4, imm=0xFFFF)
+    a.stx(8, r9, _V_BAD, r4)
+    a.jmp("ja", "count")
+    a.label("resync")
+
+    def init_seq() -> None:  # seq in r4
+        a.stx(8, r9, _V_BASE, r4)
+        a.stx(8, r9, _V_MAX, r4)
+        a.st(8, r9, _V_BAD, 65537)
+        a.st(8, r9, _V_CYCLES, 0)
+        a.st(8, r9, _V_RECEIVED, 1)
+
+    init_seq()
+    a.jmp("ja", "jitter")
+    a.label("received")
+    a.ldx(8, r0, r9, _V_RECEIVED)
+    a.alu("add", r0, imm=1)
+    a.stx(8, r9, _V_RECEIVED, r0)
+    a.label("jitter")
+    a.ldx(8, r1, _FP, -40)
+    a.ldx(8, r0, r9, _V_TRANSIT)
+    a.stx(8, r9, _V_TRANSIT, r1)
+    a.alu("sub", r1, r0)
+    a.alu("lsh", r1, imm=32)
+    a.alu("arsh", r1, imm=32)  # the difference as a signed 32-bit value
+    a.jmp("jsge", "positive", r1, imm=0)
+    a.alu("neg", r1)
+    a.label("positive")
+    a.ldx(8, r0, r9, _V_JITTER)
+    a.alu("mov", r2, r0)
+    a.alu("add", r2, imm=8)
+    a.alu("arsh", r2, imm=4)
+    a.alu("sub", r1, r2)
+    a.alu("add", r0, r1)
+    a.stx(8, r9, _V_JITTER, r0)
+    a.jmp("ja", "count")
+    a.label("restart")
+    a.st(4, r9, _V_HAS_SSRC, 1)
+    a.stx(4, r9, _V_SSRC, r3)
+    init_seq()
+    a.ldx(8, r1, _FP, -40)
+    a.stx(8, r9, _V_TRANSIT, r1)
+    a.st(8, r9, _V_JITTER, 0)
+
+    # -- counters, then the rewrite ---------------------------------------------------------------
+    a.label("count")
+    a.ldx(8, r1, r9, _V_RX_P)
+    a.alu("add", r1, imm=1)
+    a.stx(8, r9, _V_RX_P, r1)
+    a.ldx(8, r1, r9, _V_RX_B)
+    a.alu("add", r1, r7)
+    a.stx(8, r9, _V_RX_B, r1)
+    a.ldx(8, r1, _FP, -24)
+    a.stx(8, r9, _V_SEEN, r1)
+    # r9 += kind * 16 for the tx counters; r8 becomes the rewrite's offset in the value
+    a.alu("mov", r5, r8)
+    a.alu("lsh", r5, imm=4)
+    a.alu("mov", r4, r9)
+    a.alu("add", r4, r5)
+    a.ldx(8, r1, r4, _V_TX)
+    a.alu("add", r1, imm=1)
+    a.stx(8, r4, _V_TX, r1)
+    a.ldx(8, r1, r4, _V_TX + 8)
+    a.alu("add", r1, r7)
+    a.stx(8, r4, _V_TX + 8, r1)
+    a.alu("mul", r8, imm=_V_RTCP - _V_RTP)
+    a.alu("add", r8, r9)  # r8: the leg's rewrite (saddr, daddr, sport, dport)
+
+    csum_udp = ETH + IP + 6
+    for field, old_off, size, pseudo in (
+        (0, -12, 4, True),  # saddr
+        (4, -16, 4, True),  # daddr
+        (8, -6, 2, False),  # sport
+        (10, -8, 2, False),  # dport
+    ):
+        a.alu("mov", r1, r6)
+        a.alu("mov", r2, imm=csum_udp)
+        a.ldx(size, r3, _FP, old_off)
+        a.ldx(size, r4, r8, field)
+        a.alu("mov", r5, imm=size | _F_MARK_MANGLED_0 | (_F_PSEUDO_HDR if pseudo else 0))
+        a.call(_L4_CSUM)
+        if pseudo:
+            a.alu("mov", r1, r6)
+            a.alu("mov", r2, imm=ETH + 10)
+            a.ldx(4, r3, _FP, old_off)
+            a.ldx(4, r4, r8, field)
+            a.alu("mov", r5, imm=4)
+            a.call(_L3_CSUM)
+    for off, field, size in ((ETH + 12, 0, 8), (ETH + IP, 8, 4)):  # addresses, then ports
+        a.alu("mov", r1, r6)
+        a.alu("mov", r2, imm=off)
+        a.alu("mov", r3, r8)
+        a.alu("add", r3, imm=field)
+        a.alu("mov", r4, imm=size)
+        a.alu("mov", r5, imm=0)
+        a.call(_STORE_BYTES)
+    a.alu("mov", r0, imm=_TCX_PASS)
+    a.exit()
+
+    a.label("pull")  # a short linear part: pull the headers in, once
+    a.alu("mov", r1, r6)
+    a.alu("mov", r2, imm=PAYLOAD + RTP_HEADER)
+    a.call(_PULL_DATA)
+    a.jmp("jne", "next", r0, imm=0)
+    packet(PAYLOAD + MIN_DATAGRAM, "next")
+    a.jmp("ja", "parsed")
+    a.label("next")
+    a.alu("mov", r0, imm=_TCX_NEXT)
+    a.exit()
+    return a.code()
+
+
+# -- the bpf(2) system call ------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    r = int(_libc.syscall(_SYS_BPF, cmd, attr, len(attr)))
+    if r < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return r
+
+
+def _attr(data: bytes, size: int = 144) -> ctypes.Array[ctypes.c_char]:
+    return ctypes.create_string_buffer(data.ljust(size, b"\0"), size)
+
+
+def _ip4(host: str) -> bytes:
+    addr = ipaddress.ip_address(host)
+    if addr.version != 4 or addr not in _LOOPBACK:
+        raise ValueError(f"{host}: kernel forwarding is for IPv4 loopback addresses only")
+    return addr.packed
+
+
+class KernelForwarder:
+    """The program, its flow map and the TCX link on ``ifname``'s ingress."""
+
+    def __init__(self, map_fd: int, prog_fd: int, link_fd: int) -> None:
+        self._map_fd = map_fd
+        self._prog_fd = prog_fd
+        self._link_fd = link_fd
+        self._key = ctypes.create_string_buffer(_KEY.size)
+        self._value = ctypes.create_string_buffer(_VALUE.size)
+        self.installs = 0
+        self.install_errors = 0
+
+    @classmethod
+    def open(cls, ifname: str = "lo", max_flows: int = MAX_FLOWS) -> KernelForwarder:
+        if os.uname().machine != "x86_64":
+            raise KernelUnavailable(errno.ENOSYS, "kernel forwarding: x86_64 Linux only")
+        fds: list[int] = []
+        try:
+            map_fd = _bpf(
+                _BPF_MAP_CREATE,
+                _attr(struct.pack("<IIIII", _BPF_MAP_TYPE_HASH, _KEY.size, _VALUE.size, max_flows, 0)),
+            )
+            fds.append(map_fd)
+            code = _program(map_fd)
+            insns = ctypes.create_string_buffer(code, len(code))
+            lic = ctypes.create_string_buffer(b"GPL")
+            log = ctypes.create_string_buffer(1 << 16)
+            load = struct.pack(
+                "<IIQQIIQII16s",
+                _BPF_PROG_TYPE_SCHED_CLS,
+                len(code) // 8,
+                ctypes.addressof(insns),
+                ctypes.addressof(lic),
+                1,
+                len(log),
+                ctypes.addressof(log),
+                0,
+                0,
+                b"edge_media_fwd",
+            )
+            try:
+                prog_fd = _bpf(_BPF_PROG_LOAD, _attr(load))
+            except OSError as exc:
+                text = log.value.decode(errors="replace").strip().splitlines()
+                detail = "; ".join(text[-3:]) if text else ""
+                raise KernelUnavailable(
+                    exc.errno, f"loading the TC program: {exc.strerror} {detail}"
+                ) from exc
+            fds.append(prog_fd)
+            ifindex = socket.if_nametoindex(ifname)
+            link_fd = _bpf(
+                _BPF_LINK_CREATE, _attr(struct.pack("<IIII", prog_fd, ifindex, _BPF_TCX_INGRESS, 0))
+            )
+            fds.append(link_fd)
+        except KernelUnavailable:
+            for fd in fds:
+                os.close(fd)
+            raise
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise KernelUnavailable(exc.errno, f"kernel forwarding on {ifname}: {exc.strerror}") from exc
+        return cls(map_fd, prog_fd, link_fd)
+
+    def close(self) -> None:
+        for fd in (self._link_fd, self._prog_fd, self._map_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._link_fd = self._prog_fd = self._map_fd = -1
+
+    @property
+    def closed(self) -> bool:
+        return self._map_fd < 0
+
+    @staticmethod
+    def key(local: Addr, src: Addr) -> bytes:
+        """The flow's map key: packets to ``local`` from ``src``. Raises ValueError unless both
+        are IPv4 loopback addresses."""
+        return _KEY.pack(_ip4(local[0]), _ip4(src[0]), local[1], src[1])
+
+    def install(
+        self,
+        local: Addr,
+        src: Addr,
+        is_rtcp_port: bool,
+        rtp: Egress | None,
+        rtcp: Egress | None,
+        clock_rate: int,
+        state: StatsState,
+    ) -> bytes:
+        """Forward packets to ``local`` from ``src``: RTP via ``rtp``, RTCP via ``rtcp``
+        (``None``: that kind goes to the relay's socket). ``state``: the endpoint's
+        ``StreamStats`` state, which the program continues. Returns the key."""
+        key = self.key(local, src)
+        legs = []
+        flags = _FLAG_RTCP_PORT if is_rtcp_port else 0
+        for leg, bit in ((rtp, _FLAG_RTP_ROUTE), (rtcp, _FLAG_RTCP_ROUTE)):
+            if leg is None:
+                legs += [b"\0" * 4, b"\0" * 4, b"\0" * 2, b"\0" * 2]
+                continue
+            (shost, sport), (dhost, dport) = leg
+            legs += [_ip4(shost), _ip4(dhost), struct.pack("!H", sport), struct.pack("!H", dport)]
+            flags |= bit
+        packets, nbytes, last_seen, ssrc, received, base, max_seq, cycles, bad, transit, jitter = state
+        if not 0 < clock_rate <= 1_000_000:
+            raise ValueError(f"clock rate {clock_rate} out of range")
+        value = _VALUE.pack(
+            *legs,
+            flags,
+            clock_rate,
+            *(0,) * 7,  # the counters start at zero
+            packets,
+            nbytes,
+            _ns(last_seen),
+            0 if ssrc is None else 1,
+            0 if ssrc is None else ssrc,
+            received,
+            base,
+            max_seq,
+            cycles,
+            bad,
+            transit,
+            jitter,
+        )
+        try:
+            self._update(key, value)
+        except OSError:
+            self.install_errors += 1
+            raise
+        self.installs += 1
+        return key
+
+    def read(self, key: bytes) -> KernelCounters | None:
+        """The flow's absolute counters and receiver state, or None if it is not installed."""
+        self._key.raw = key
+        attr = _attr(
+            struct.pack("<I4xQQ", self._map_fd, ctypes.addressof(self._key), ctypes.addressof(self._value))
+        )
+        try:
+            _bpf(_BPF_MAP_LOOKUP_ELEM, attr)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        v = _VALUE.unpack(self._value.raw)
+        rx_p, rx_b, tx_rtp_p, tx_rtp_b, tx_rtcp_p, tx_rtcp_b, seen = v[10:17]
+        st_p, st_b, st_seen, has_ssrc, ssrc, received, base, max_seq, cycles, bad, transit, jitter = v[17:]
+        state: StatsState = (
+            st_p,
+            st_b,
+            _seconds(st_seen),
+            ssrc if has_ssrc else None,
+            received,
+            base,
+            max_seq,
+            cycles,
+            bad,
+            transit,
+            jitter,
+        )
+        return rx_p, rx_b, tx_rtp_p, tx_rtp_b, tx_rtcp_p, tx_rtcp_b, _seconds(seen), state
+
+    def remove(self, key: bytes) -> KernelCounters | None:
+        """Stop forwarding the flow; returns its last counters (None if it was not installed)."""
+        last = self.read(key)
+        self._key.raw = key
+        try:
+            _bpf(_BPF_MAP_DELETE_ELEM, _attr(struct.pack("<I4xQ", self._map_fd, ctypes.addressof(self._key))))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        if last is None:
+            return None
+        # Packets may have been counted between the read and the delete: read once more is not
+        # possible after it; the window is one packet at most per CPU and only on teardown.
+        return last
+
+    def _update(self, key: bytes, value: bytes) -> None:
+        self._key.raw = key
+        self._value.raw = value
+        attr = struct.pack(
+            "<I4xQQQ", self._map_fd, ctypes.addressof(self._key), ctypes.addressof(self._value), _BPF_ANY
+        )
+        _bpf(_BPF_MAP_UPDATE_ELEM, _attr(attr))
+
+
+def _ns(seconds: float | None) -> int:
+    return 0 if seconds is None else max(1, int(seconds * 1e9))
+
+
+def _seconds(ns: int) -> float | None:
+    return None if ns == 0 else ns / 1e9
+
+
+def wanted() -> bool:
+    """``EDGE_MEDIA_KERNEL=1`` asks E's relay for kernel forwarding."""
+    return os.environ.get(ENV_VAR, "") == "1"
+
+
+def try_open(log: Callable[[str], None] | None = None) -> KernelForwarder | None:
+    """``KernelForwarder.open()``, or None with the reason logged."""
+    try:
+        return KernelForwarder.open()
+    except KernelUnavailable as exc:
+        if log is not None:
+            log(str(exc))
+        return None
