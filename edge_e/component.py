@@ -16,6 +16,7 @@ from aiohttp import web
 
 from edge.config import LabConfig
 from edge.lab_pki import lab_pki
+from edge.media_metrics import media_samples
 from edge.metrics import Sample, StatusCollector, counter_samples, zone_samples
 from edge.pki import server_context
 from edge.runtime import BaseComponent
@@ -161,3 +162,4 @@ class ExpresswayE(BaseComponent):
             sip["registrations_peak"],
         )
         yield from counter_samples("edge_sip_events_total", "SIP events on E", sip["counters"], "event")
+        yield from media_samples(self.media.snapshot())

@@ -169,6 +169,18 @@ def _program(map_fd: int) -> bytes:
         a.alu("add", r4, imm=need)
         a.jmp("jgt", fail, r4, r3)
 
+    def count(base: int, packets: int, seen: int | None = None) -> None:
+        """u64 at base+packets += 1, the next u64 += n (r7); the now (fp-24) at base+seen."""
+        a.ldx(8, r1, base, packets)
+        a.alu("add", r1, imm=1)
+        a.stx(8, base, packets, r1)
+        a.ldx(8, r1, base, packets + 8)
+        a.alu("add", r1, r7)
+        a.stx(8, base, packets + 8, r1)
+        if seen is not None:
+            a.ldx(8, r1, _FP, -24)
+            a.stx(8, base, seen, r1)
+
     packet(PAYLOAD + MIN_DATAGRAM, "pull")
     a.label("parsed")
     a.ldx(2, r4, r2, 12)  # ethertype
@@ -239,14 +251,7 @@ def _program(map_fd: int) -> bytes:
     # -- RFC 3550 A.1 / A.8 on RTP, as _fastpath.c stats_update ----------------------------------
     a.label("stats")
     packet(PAYLOAD + RTP_HEADER, "next")
-    a.ldx(8, r1, r9, _V_ST_P)
-    a.alu("add", r1, imm=1)
-    a.stx(8, r9, _V_ST_P, r1)
-    a.ldx(8, r1, r9, _V_ST_B)
-    a.alu("add", r1, r7)
-    a.stx(8, r9, _V_ST_B, r1)
-    a.ldx(8, r1, _FP, -24)
-    a.stx(8, r9, _V_ST_SEEN, r1)
+    count(r9, _V_ST_P, _V_ST_SEEN)
     a.ldx(2, r4, r2, PAYLOAD + 2)
     a.be(r4, 16)
     a.stx(8, _FP, -32, r4)  # seq
@@ -327,25 +332,14 @@ def _program(map_fd: int) -> bytes:
 
     # -- counters, then the rewrite ---------------------------------------------------------------
     a.label("count")
-    a.ldx(8, r1, r9, _V_RX_P)
-    a.alu("add", r1, imm=1)
-    a.stx(8, r9, _V_RX_P, r1)
-    a.ldx(8, r1, r9, _V_RX_B)
-    a.alu("add", r1, r7)
-    a.stx(8, r9, _V_RX_B, r1)
-    a.ldx(8, r1, _FP, -24)
-    a.stx(8, r9, _V_SEEN, r1)
-    # r9 += kind * 16 for the tx counters; r8 becomes the rewrite's offset in the value
+    count(r9, _V_RX_P, _V_SEEN)
+    # the tx counters of the kind (RTP at _V_TX, RTCP 16 bytes on); r8 becomes the rewrite's
+    # offset in the value
     a.alu("mov", r5, r8)
     a.alu("lsh", r5, imm=4)
     a.alu("mov", r4, r9)
     a.alu("add", r4, r5)
-    a.ldx(8, r1, r4, _V_TX)
-    a.alu("add", r1, imm=1)
-    a.stx(8, r4, _V_TX, r1)
-    a.ldx(8, r1, r4, _V_TX + 8)
-    a.alu("add", r1, r7)
-    a.stx(8, r4, _V_TX + 8, r1)
+    count(r4, _V_TX)
     a.alu("mul", r8, imm=_V_RTCP - _V_RTP)
     a.alu("add", r8, r9)  # r8: the leg's rewrite (saddr, daddr, sport, dport)
 

@@ -236,7 +236,8 @@ class Path2:
     def step(
         self, n: int, profile: bool = False
     ) -> tuple[Window, float, dict[str, dict[str, Any]], list[str]]:
-        e = Child("e", self.prefix, self.cpu_e, self.log)
+        e_env = {"EDGE_MEDIA_KERNEL": "1" if self.args.e_kernel else "0"}
+        e = Child("e", self.prefix, self.cpu_e, self.log, env=e_env)
         try:
             c = Child("c", self.prefix, self.cpu_c, self.log)
         except BaseException:
@@ -328,7 +329,8 @@ def part2(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None
     print(
         f"\n## 2. Full path client -SRTP-> E -SRTP-> C -RTP-> echo and back, {args.window_s:.0f} s windows"
         f" (--path-cpus {args.path_cpus}: E on {where(cpu_e)}, C on {where(cpu_c)}, client+echo on"
-        f" {where(cpu_load)}, {loop}; calls set up by SDP, no SIP)",
+        f" {where(cpu_load)}, {loop}; calls set up by SDP, no SIP"
+        f"{'; E forwards established flows in the kernel (--e-kernel)' if args.e_kernel else ''})",
         flush=True,
     )
     print(f"relay code: {relay_build()}", flush=True)

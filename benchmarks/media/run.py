@@ -360,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         help="part 2 C loop: at most one send/receive turn per tick while traffic flows (0: per packet)",
     )
     parser.add_argument("--keep-going", action="store_true", help="part 2: run every N even after losses")
+    parser.add_argument(
+        "--e-kernel",
+        action="store_true",
+        help="part 2: E forwards established flows in the kernel (EDGE_MEDIA_KERNEL=1; root)",
+    )
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--rtpengine-threads", type=int, default=1)
     parser.add_argument("--no-rtpengine", action="store_true")

@@ -19,6 +19,7 @@ import pytest
 
 from edge.config import ExpcSettings, ExpeSettings
 from edge.media_hooks import MediaRejected
+from edge.media_metrics import media_samples
 from edge_c.media import GatewayMedia
 from edge_e.media import EdgeMedia
 from media_relay import fastpath
@@ -317,3 +318,27 @@ async def test_c_transcodes_in_the_native_forwarder_on_the_native_path(lab: Lab,
     else:
         assert worker["fastpath"] == relay_path and worker["srtp"] == "python"
         assert worker["srtp_primitives"] == "pylibsrtp"
+
+
+async def test_media_metrics_per_leg_while_the_call_lives(lab: Lab) -> None:
+    """``edge.media_metrics``: per-leg series of a live call on E and C, totals that agree."""
+    e_port, sender, receiver = await call_out(lab, "AES_CM_128_HMAC_SHA1_80")
+    await round_trip(lab, e_port, sender, range(1, 51))
+    check_echoes(lab, e_port, receiver, range(1, 51))
+    for media, legs in ((lab.edge, ("client", "c")), (lab.gateway, ("outside", "inside"))):
+        samples = list(media_samples(media.snapshot()))
+        per_leg = {
+            (s.labels["leg"], s.labels["direction"]): s.value
+            for s in samples
+            if s.name == "edge_media_leg_packets_total"
+        }
+        assert {leg for leg, _ in per_leg} == set(legs)
+        assert all(per_leg[(leg, "rx")] >= 50 for leg in legs), per_leg
+        rx_total = next(
+            s.value for s in samples if s.name == "edge_media_packets_total" and s.labels["direction"] == "rx"
+        )
+        assert rx_total >= sum(per_leg[(leg, "rx")] for leg in legs)
+        assert {s.labels["stream"] for s in samples if "stream" in s.labels}
+        names = {s.name for s in samples}
+        assert {"edge_media_leg_lost", "edge_media_leg_jitter_ms", "edge_media_streams"} <= names
+    assert "edge_media_leg_srtp_auth_failures" in {s.name for s in media_samples(lab.gateway.snapshot())}
