@@ -175,8 +175,14 @@ class FlowSync:
         by_key = self._by_key
         for item in self.forwarder.flush():
             _apply(by_key[item[0]], item)
-        for flow in self._kernel_flows:
-            self._fold_kernel(flow, remove=False)
+        if self._kernel_flows:
+            assert self.kernel is not None
+            current = self.kernel.read_all()  # one pass over the map, not a system call a flow
+            for flow in self._kernel_flows:
+                assert flow.kernel_key is not None
+                now = current.get(flow.kernel_key)
+                if now is not None:
+                    self._fold_counters(flow, now)
 
     def refresh_idle(self, streams: Iterable[Stream], now: float) -> None:
         """Before the table's inactivity check: ``last_seen`` of ``streams`` (those it would time
@@ -296,12 +302,9 @@ class FlowSync:
         now = self.kernel.read(flow.kernel_key)
         return -1.0 if now is None or now[6] is None else now[6]
 
-    def _fold_kernel(self, flow: _Flow, *, remove: bool) -> None:
-        """Fold a kernel flow's counters since the last fold into the table (and remove it)."""
-        assert self.kernel is not None and flow.kernel_key is not None
-        now = self.kernel.remove(flow.kernel_key) if remove else self.kernel.read(flow.kernel_key)
-        if now is None:
-            return
+    @staticmethod
+    def _fold_counters(flow: _Flow, now: KernelCounters) -> None:
+        """Fold a kernel flow's counters since the last fold into the table."""
         before = flow.folded
         flow.folded = now
         old = (0, 0, 0, 0, 0, 0) if before is None else before[:6]
@@ -313,7 +316,10 @@ class FlowSync:
 
     def _remove(self, flow: _Flow) -> None:
         if flow.kernel_key is not None:
-            self._fold_kernel(flow, remove=True)
+            assert self.kernel is not None
+            last = self.kernel.remove(flow.kernel_key)
+            if last is not None:
+                self._fold_counters(flow, last)
             self._kernel_flows.discard(flow)
         else:
             item = self.forwarder.remove(flow.key)

@@ -37,6 +37,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from media_relay.rtp import StatsState
 
@@ -51,7 +52,7 @@ ENV_VAR = "EDGE_MEDIA_KERNEL"  # "1": E's relay forwards established flows in th
 
 _SYS_BPF = 321  # x86_64
 _BPF_MAP_CREATE, _BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
-_BPF_PROG_LOAD, _BPF_LINK_CREATE = 5, 28
+_BPF_PROG_LOAD, _BPF_MAP_LOOKUP_BATCH, _BPF_LINK_CREATE = 5, 24, 28
 _BPF_MAP_TYPE_HASH = 1
 _BPF_PROG_TYPE_SCHED_CLS = 3
 _BPF_TCX_INGRESS = 46
@@ -556,23 +557,47 @@ class KernelForwarder:
             if exc.errno == errno.ENOENT:
                 return None
             raise
-        v = _VALUE.unpack(self._value.raw)
-        rx_p, rx_b, tx_rtp_p, tx_rtp_b, tx_rtcp_p, tx_rtcp_b, seen = v[10:17]
-        st_p, st_b, st_seen, has_ssrc, ssrc, received, base, max_seq, cycles, bad, transit, jitter = v[17:]
-        state: StatsState = (
-            st_p,
-            st_b,
-            _seconds(st_seen),
-            ssrc if has_ssrc else None,
-            received,
-            base,
-            max_seq,
-            cycles,
-            bad,
-            transit,
-            jitter,
-        )
-        return rx_p, rx_b, tx_rtp_p, tx_rtp_b, tx_rtcp_p, tx_rtcp_b, _seconds(seen), state
+        return _counters(_VALUE.unpack(self._value.raw))
+
+    def read_all(self) -> dict[bytes, KernelCounters]:
+        """Every installed flow's counters, a few system calls for the whole map (a status read
+        of thousands of flows would otherwise cost one each)."""
+        out: dict[bytes, KernelCounters] = {}
+        chunk = 4096
+        keys = ctypes.create_string_buffer(chunk * _KEY.size)
+        values = ctypes.create_string_buffer(chunk * _VALUE.size)
+        cursor_in, cursor_out = ctypes.c_uint32(0), ctypes.c_uint32(0)
+        first = True
+        while True:
+            attr = _attr(
+                struct.pack(
+                    "<QQQQIIQQ",
+                    0 if first else ctypes.addressof(cursor_in),
+                    ctypes.addressof(cursor_out),
+                    ctypes.addressof(keys),
+                    ctypes.addressof(values),
+                    chunk,
+                    self._map_fd,
+                    0,
+                    0,
+                )
+            )
+            done = False
+            try:
+                _bpf(_BPF_MAP_LOOKUP_BATCH, attr)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                done = True
+            count = struct.unpack_from("<I", attr, 32)[0]
+            raw_keys, raw_values = keys.raw, values.raw
+            for i in range(count):
+                k = raw_keys[i * _KEY.size : (i + 1) * _KEY.size]
+                out[k] = _counters(_VALUE.unpack_from(raw_values, i * _VALUE.size))
+            if done or count == 0:
+                return out
+            cursor_in.value = cursor_out.value
+            first = False
 
     def remove(self, key: bytes) -> KernelCounters | None:
         """Stop forwarding the flow; returns its last counters (None if it was not installed)."""
@@ -596,6 +621,26 @@ class KernelForwarder:
             "<I4xQQQ", self._map_fd, ctypes.addressof(self._key), ctypes.addressof(self._value), _BPF_ANY
         )
         _bpf(_BPF_MAP_UPDATE_ELEM, _attr(attr))
+
+
+def _counters(v: tuple[Any, ...]) -> KernelCounters:
+    """A map value, unpacked with ``_VALUE``, as ``KernelCounters``."""
+    rx_p, rx_b, tx_rtp_p, tx_rtp_b, tx_rtcp_p, tx_rtcp_b, seen = v[10:17]
+    st_p, st_b, st_seen, has_ssrc, ssrc, received, base, max_seq, cycles, bad, transit, jitter = v[17:]
+    state: StatsState = (
+        st_p,
+        st_b,
+        _seconds(st_seen),
+        ssrc if has_ssrc else None,
+        received,
+        base,
+        max_seq,
+        cycles,
+        bad,
+        transit,
+        jitter,
+    )
+    return rx_p, rx_b, tx_rtp_p, tx_rtp_b, tx_rtcp_p, tx_rtcp_b, _seconds(seen), state
 
 
 def _ns(seconds: float | None) -> int:

@@ -194,3 +194,27 @@ def test_sequence_accounting_equals_stream_stats(packets: list[tuple[int, int]])
         assert mine[10] >= 0
     finally:
         rig.close()
+
+
+def test_read_all_equals_reading_each_flow(rig: Rig) -> None:
+    """``read_all`` (BPF_MAP_LOOKUP_BATCH, what a status read uses) returns what ``read`` does."""
+    key = rig.install()
+    others = [
+        rig.kernel.install(
+            ("127.0.0.9", 20000 + i),
+            ("127.0.0.1", 30000 + i),
+            False,
+            None,
+            None,
+            8000,
+            StreamStats(8000).get_state(),
+        )
+        for i in range(300)
+    ]
+    for i in range(5):
+        rig.send(rtp(i))
+        rig.dest.recvfrom(4096)
+    every = rig.kernel.read_all()
+    assert set(every) == {key, *others}
+    assert all(every[k] == rig.kernel.read(k) for k in every)
+    assert every[key][0] == 5
