@@ -16,6 +16,7 @@ from typing import Any
 from edge.config import AccessControl, LabConfig
 from edge.dns.resolver import LabResolver
 from edge.lab_pki import lab_pki
+from edge.media_metrics import media_samples
 from edge.metrics import Sample, StatusCollector, counter_samples, zone_samples
 from edge.pki import client_context, server_context
 from edge.runtime import BaseComponent
@@ -26,6 +27,7 @@ from edge_c.internal import NodeHealth, make_session
 from edge_c.media import GatewayMedia
 from edge_c.provisioning import Provisioning
 from edge_c.sip import ExpcSip
+from edge_c.sip_zone import ZoneConnector
 from edge_c.xmpp import GatewayXmpp
 from traversal.channel import LinkConfig
 from traversal.client import PeerTarget, ZoneClient
@@ -133,7 +135,8 @@ class ExpresswayC(BaseComponent):
             self.zone.add_channel(
                 "sip",
                 peer,
-                self.sip.zone_connector(
+                ZoneConnector(
+                    self.sip,
                     peer.name,
                     self._peer_resolver(peer),
                     zone_ctx,
@@ -290,3 +293,4 @@ class ExpresswayC(BaseComponent):
             self.https.counters,
             "outcome",
         )
+        yield from media_samples(self.media.snapshot())

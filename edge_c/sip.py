@@ -1,12 +1,11 @@
 """Expressway-C's SIP: the zone connection to each E (TLS 7001) and the way to Unified CM.
 
-C dials each E's traversal SIP port, authenticates with a digest REGISTER (E's local
-authentication database) and keeps the connection alive with OPTIONS that also tell E whether C
-reaches Unified CM (E answers clients' STUN keepalives only then, spec §5). Requests from the
-zone go to the user's UCM node (TCP 5060 or TLS 5061), with the Contact rewritten to C and the
-client's address kept in `orig-hostport` (or a `Path` header, RFC 3327, when that setting is on);
-requests from UCM go back over the zone to the client. Max-Forwards is capped at the zone's hop
-limit (15; 483 beyond).
+C dials each E's traversal SIP port (`edge_c.sip_zone`: digest REGISTER, OPTIONS keepalives that
+tell E whether C reaches Unified CM, spec §5). Requests from the zone go to the user's UCM node
+(TCP 5060 or TLS 5061), with the Contact rewritten to C and the client's address kept in
+`orig-hostport` (or a `Path` header, RFC 3327, when that setting is on); requests from UCM go
+back over the zone to the client. Max-Forwards is capped at the zone's hop limit (15; 483
+beyond). Plain REGISTERs and their answers take a byte-level fast path (`edge_c.sip_fast`).
 """
 
 from __future__ import annotations
@@ -16,17 +15,13 @@ import contextlib
 import logging
 import secrets
 import ssl
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from edge.config import LabConfig, UcmNode
 from edge.media_hooks import MediaSession, PassthroughMedia, Side
-from edge.sip import fastpath
 from edge.sip.address import NameAddr, Via, split_name_addr
-from edge.sip.auth import compute_authorization
 from edge.sip.errors import SipParseError
-from edge.sip.events import MessageFramed
 from edge.sip.headers import Params
 from edge.sip.message import Request, Response, make_response, new_branch, new_call_id, new_tag
 from edge.sip.uri import Uri
@@ -44,48 +39,12 @@ from edge.sip_proxy import (
 )
 from edge_c.b2bua import B2bua
 from edge_c.b2bua_events import B2buaOutput, CallAnswered, CallEnded, CallStarted, SendToUcm, SendToZone
-from traversal.channel import LinkRejectedError
+from edge_c.sip_fast import ExpcRegisterFastPath
+from edge_c.sip_zone import ZoneSipConnection
 
 log = logging.getLogger(__name__)
 
 FLOW_PARAM = "x-c-flow"
-_FLOW = FLOW_PARAM.encode()
-PATH_STATE_HEADER = "X-Edge-Path-State"
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
-
-
-class ZoneSipConnection:
-    """One authenticated SIP connection from C to one E peer (a traversal zone channel)."""
-
-    def __init__(self, flow: SipFlow, peer_name: str) -> None:
-        self.flow = flow
-        self.peer_name = peer_name
-        self._pending: dict[str, asyncio.Future[Response]] = {}
-        self.keepalive_task: asyncio.Task[None] | None = None
-        self.last_rtt_ms: float | None = None
-
-    async def wait_closed(self) -> str:
-        return await self.flow.wait_closed()
-
-    def close(self, reason: str) -> None:
-        if self.keepalive_task is not None:
-            self.keepalive_task.cancel()
-        self.flow.close(reason)
-
-    def expect(self, call_id: str) -> asyncio.Future[Response]:
-        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = fut
-        return fut
-
-    def settle(self, resp: Response) -> bool:
-        fut = self._pending.pop(resp.call_id or "", None)
-        if fut is None or fut.done():
-            return False
-        fut.set_result(resp)
-        return True
 
 
 class ExpcSip:
@@ -131,9 +90,7 @@ class ExpcSip:
         self._b2bua_timer: asyncio.TimerHandle | None = None
         self.calls_active = 0
         self.calls_peak = 0
-        self._route_own: dict[bytes, bool | None] = {}  # fast path: Route value → names C?
-        # fast path: (client Contact, its address) → the rewritten Contact; refreshes repeat it
-        self._contact_memo: dict[tuple[bytes, bytes], bytes] = {}
+        self.fast = ExpcRegisterFastPath(self, FLOW_PARAM)  # plain REGISTERs, on bytes
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -171,7 +128,7 @@ class ExpcSip:
             on_message=self._ucm_message,
             on_closed=self._ucm_closed,
             on_connected=self._ucm_connected,
-            on_frame=self._ucm_frame,
+            on_frame=self.fast.ucm_frame,
             name="sip-ucm",
             strict=False,
         )
@@ -192,129 +149,6 @@ class ExpcSip:
             conn.close("Expressway-C shutting down")
         for flow in list(self.ucm_flows.values()):
             flow.close("Expressway-C shutting down")
-
-    # -- the zone connection (a ChannelSupervisor connector) -------------------------------
-
-    def zone_connector(
-        self,
-        peer_name: str,
-        resolve: Callable[[], Awaitable[tuple[str, int, str]]],
-        ssl_context: ssl.SSLContext,
-        *,
-        username: str,
-        password: str,
-        timeout_s: float,
-        keepalive_interval_s: float,
-        keepalive_timeout_s: float,
-    ) -> Callable[[], Awaitable[ZoneSipConnection]]:
-        async def connect() -> ZoneSipConnection:
-            host, port, server_name = await resolve()
-            loop = asyncio.get_running_loop()
-            conn_box: list[ZoneSipConnection] = []
-
-            def on_message(flow: SipFlow, msg: Request | Response) -> None:
-                conn = conn_box[0] if conn_box else None
-                if conn is None:
-                    return
-                if isinstance(msg, Response) and conn.settle(msg):
-                    return
-                self._zone_message(conn, msg)
-
-            def on_closed(flow: SipFlow, reason: str) -> None:
-                if conn_box:
-                    self.zone_conns.pop(flow.flow_id, None)
-
-            flow_factory = lambda: SipFlow(  # noqa: E731
-                on_message=on_message,
-                on_closed=on_closed,
-                on_frame=self._zone_frame,
-                name="sip-zone",
-                strict=False,
-            )
-            _, flow = await asyncio.wait_for(
-                loop.create_connection(
-                    flow_factory,
-                    host,
-                    port,
-                    ssl=ssl_context,
-                    server_hostname=server_name,
-                    local_addr=(self.address, 0),
-                ),
-                timeout_s,
-            )
-            conn = ZoneSipConnection(flow, peer_name)
-            conn_box.append(conn)
-            try:
-                await asyncio.wait_for(self._authenticate(conn, server_name, username, password), timeout_s)
-            except BaseException:
-                flow.close("zone authentication did not complete")
-                raise
-            self.zone_conns[flow.flow_id] = conn
-            conn.keepalive_task = asyncio.ensure_future(
-                self._keepalive(conn, server_name, keepalive_interval_s, keepalive_timeout_s)
-            )
-            return conn
-
-        return connect
-
-    def _zone_request(self, method: str, server_name: str, username: str) -> Request:
-        uri = f"sip:{server_name}"
-        req = Request(method, uri, [], b"")
-        via = Via(self.address, None, "TLS", Params([("branch", new_branch())]))
-        req.headers.add("Via", str(via))
-        req.headers.add("Max-Forwards", "70")
-        req.headers.add("From", f"<sip:{username}@{server_name}>;tag={new_tag()}")
-        req.headers.add("To", f"<sip:{username}@{server_name}>")
-        req.headers.add("Call-ID", new_call_id(self.address))
-        req.headers.add("CSeq", f"1 {method}")
-        req.headers.add("Contact", f"<sip:{username}@{self.address};transport=tls>")
-        req.headers.add(PATH_STATE_HEADER, "up" if self.ucm_health() else "down")
-        req.headers.add("Content-Length", "0")
-        return req
-
-    async def _authenticate(
-        self, conn: ZoneSipConnection, server_name: str, username: str, password: str
-    ) -> None:
-        req = self._zone_request("REGISTER", server_name, username)
-        fut = conn.expect(req.call_id or "")
-        conn.flow.send(req)
-        resp = await fut
-        if resp.status_code == 401:
-            challenge = resp.headers.get("WWW-Authenticate") or ""
-            retry = req.copy()
-            retry.headers.replace("CSeq", "2 REGISTER")
-            via = Via(self.address, None, "TLS", Params([("branch", new_branch())]))
-            retry.headers.replace("Via", str(via))
-            retry.headers.replace(
-                "Authorization", compute_authorization(challenge, "REGISTER", req.uri, username, password)
-            )
-            fut = conn.expect(retry.call_id or "")
-            conn.flow.send(retry)
-            resp = await fut
-        if resp.status_code != 200:
-            warning = resp.headers.get("Warning") or ""
-            reason = warning.split('"')[1] if warning.count('"') >= 2 else f"{resp.status_code} {resp.reason}"
-            raise LinkRejectedError(reason)
-
-    async def _keepalive(
-        self, conn: ZoneSipConnection, server_name: str, interval_s: float, timeout_s: float
-    ) -> None:
-        username = self.settings.zone.username
-        try:
-            while conn.flow.is_open:
-                await asyncio.sleep(interval_s)
-                req = self._zone_request("OPTIONS", server_name, username)
-                fut = conn.expect(req.call_id or "")
-                sent = time.monotonic()
-                conn.flow.send(req)
-                try:
-                    await asyncio.wait_for(fut, timeout_s)
-                except TimeoutError:
-                    conn.flow.close("keepalive timeout")
-                    return
-                conn.last_rtt_ms = round((time.monotonic() - sent) * 1000, 2)
-        except asyncio.CancelledError:
-            pass
 
     # -- routing --------------------------------------------------------------------------
 
@@ -508,133 +342,6 @@ class ExpcSip:
             self._forward_to_ucm(req, flow, node, ucm)  # the usual case: no task per request
         else:
             self._spawn(self._to_ucm(req, flow))
-
-    # -- fast path: a plain REGISTER from the zone, UCM's answer, on bytes (edge.sip.fastpath) --
-
-    def _zone_frame(self, flow: SipFlow, frame: MessageFramed) -> bool:
-        """`_zone_message` + `_forward_to_ucm` for a plain REGISTER on an open UCM flow: the same
-        bytes, without building a Message. False, having changed nothing, for the rest."""
-        conn = self.zone_conns.get(flow.flow_id)
-        if conn is None or conn.flow is not flow or self.maintenance():
-            return False
-        head = fastpath.register_head(frame.data, frame.head_end, frame.head)
-        if head is None:
-            return False
-        plan = head.plan
-        vias = plan.vias
-        mi = plan.first.get("max-forwards", 0)
-        mf = fastpath.max_forwards(head.value(mi)) if mi else None
-        if len(vias) < 2 or not mf:  # no client Via below E's; Max-Forwards absent or 0
-            return False
-        top = fastpath.parse_via(head.value(vias[0]))
-        client = fastpath.parse_via(head.value(vias[1]))
-        if top is None or client is None:
-            return False
-        ri = plan.first.get("route", 0)
-        own_route = ri > 0 and self._route_names_c(head.value(ri))
-        if ri and (own_route is None or plan.count["route"] > 1):
-            return False
-        received = client.param(b"received")
-        rport_text = client.param(b"rport")
-        rport = int(rport_text) if rport_text is not None and rport_text.isdigit() else None
-        client_addr = (received.decode() if received else client.host, rport or client.port or 5061)
-        orig = f"{client_addr[0]}:{client_addr[1]}".encode()
-        transport = self.settings.ucm_transport.encode()
-        ci = plan.first.get("contact", 0)
-        contact = None
-        if ci and not self.settings.sip_path_headers:
-            value = head.value(ci)
-            if plan.count["contact"] > 1 or b"," in value:
-                return False
-            contact = self._contact_memo.get((value, orig))
-            if contact is None:
-                params = [(b"transport", transport), (b"orig-hostport", orig)]
-                contact = fastpath.rewrite_contact(value, self.address, self.ucm_port, params)
-                if contact is None:
-                    return False
-                if len(self._contact_memo) >= 8192:
-                    self._contact_memo.clear()
-                self._contact_memo[(value, orig)] = contact
-        live = self._live_ucm()
-        ucm = self.ucm_out.get(live[0].name) if len(live) == 1 else None
-        if ucm is None or not ucm.is_open:
-            return False
-        node = live[0]
-        self.client_edge[client_addr] = flow.flow_id
-        self._count("register")
-        branch = fastpath.stateless_branch(
-            self.salt, _text(top.branch), top.sent_by, head.value(plan.first["call-id"]).decode()
-        )
-        top.stamp(flow.peer, self.settings.zone.name)
-        lines = head.lines
-        lines[vias[0]] = head.replaced(vias[0], top.encode())
-        mf = min(mf, self.settings.zone.max_hops)
-        lines[mi] = head.replaced(mi, str(mf - 1).encode())
-        for i in sorted((ci if contact is not None else 0, ri if own_route else 0), reverse=True):
-            if i:
-                del lines[i]
-        if contact is not None:  # Headers.remove + add: the rewritten Contact goes last
-            lines.append(b"Contact: " + contact)
-        fresh = [
-            lines[0],
-            b"Via: SIP/2.0/%s %s:%d;branch=%s;egress-zone=CE%s-%s;%s=%s;rport"
-            % (
-                transport.upper(),
-                self.address.encode(),
-                self.ucm_port,
-                branch.encode(),
-                transport,
-                node.name.encode(),
-                _FLOW,
-                flow.flow_id.encode(),
-            ),
-        ]
-        if self.settings.sip_path_headers:
-            fresh.append(
-                b"Path: <sip:%s:%d;transport=%s;lr;orig-hostport=%s>"
-                % (self.address.encode(), self.ucm_port, transport, orig)
-            )
-        lines[0:1] = fresh
-        ucm.send_bytes(b"\r\n".join(lines) + head.body_tail())
-        return True
-
-    def _route_names_c(self, value: bytes) -> bool | None:
-        """Whether a single Route value names C (then popped); None: not plain, parse fully."""
-        memo = self._route_own
-        if value in memo:
-            return memo[value]
-        own: bool | None = None
-        if b"," not in value:
-            try:
-                own = self._is_own(NameAddr.parse(value.decode()).uri)
-            except SipParseError:
-                own = None
-        if len(memo) >= 1024:
-            memo.clear()
-        memo[value] = own
-        return own
-
-    def _ucm_frame(self, flow: SipFlow, frame: MessageFramed) -> bool:
-        """`_ucm_message` for UCM's answer to a REGISTER: our Via popped, the rest as received."""
-        if not frame.data.startswith(b"SIP/2.0 "):
-            return False
-        head = frame.head or fastpath.scan(frame.data, frame.head_end)
-        if head is None or fastpath.status_code(head.lines[0]) is None:
-            return False
-        plan = head.plan
-        ci = plan.first.get("cseq", 0)
-        vi = plan.first.get("via", 0)
-        if not ci or not vi or fastpath.cseq_method(head.value(ci)) != b"REGISTER":
-            return False
-        via = fastpath.parse_via(head.value(vi))
-        if via is None or via.host != self.address or plan.count.get("content-length", 0) > 1:
-            return False
-        token = via.param(_FLOW)
-        conn = self.zone_conns.get(token.decode()) if token is not None else None
-        if conn is None or not conn.flow.is_open:
-            return False
-        conn.flow.send_bytes(head.without(vi))
-        return True
 
     def _rewrite_contacts(self, req: Request, client_addr: tuple[str, int]) -> None:
         """Spec §5: Contact host:port → C with orig-hostport, or a Path header in Path mode."""

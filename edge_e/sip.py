@@ -6,7 +6,8 @@ own flow. Responses follow the Via stack. E record-routes dialog-forming request
 entry per interface, RFC 5658) and keeps the client's flow in its outside entry, so in-dialog
 requests find the client's TLS connection again. It stamps `received`, `rport` and
 `ingress-zone` on the client's Via (spec §5), answers the client's STUN keepalives only while
-E→C→UCM is alive, and counts MRA registrations.
+E→C→UCM is alive, and counts MRA registrations (`edge_e.registrations`). Plain REGISTERs and
+C's answers to them take a byte-level fast path (`edge_e.sip_fast`).
 
 C authenticates the zone's SIP connection with a digest REGISTER against E's local
 authentication database, after E checked C's certificate SAN.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 import ssl
 import time
@@ -25,13 +25,11 @@ from typing import Any
 
 from edge.media_hooks import MediaRejected, MediaSession, PassthroughMedia, Side
 from edge.pki import peer_has_san
-from edge.sip import fastpath
-from edge.sip.address import NameAddr, Via
+from edge.sip.address import Via
 from edge.sip.auth import DigestCredentials, DigestVerdict, DigestVerifier
 from edge.sip.errors import SipParseError
-from edge.sip.events import MessageFramed
 from edge.sip.headers import Params
-from edge.sip.message import Request, Response, Validation, _small_int, make_response
+from edge.sip.message import Request, Response, Validation, make_response
 from edge.sip.uri import Uri
 from edge.sip_flow import SipFlow
 from edge.sip_proxy import (
@@ -47,6 +45,8 @@ from edge.sip_proxy import (
 )
 from edge.stun import Class, Method, StunError, binding_success
 from edge.stun import parse_message as parse_stun
+from edge_e.registrations import RegistrationTable
+from edge_e.sip_fast import EdgeRegisterFastPath
 from traversal.zone import ChannelStatus
 
 log = logging.getLogger(__name__)
@@ -56,42 +56,8 @@ ZONE_PARAM = "x-edge-zc"
 CLIENT_PARAM = "x-edge-cf"
 """On E's own Via towards C: the client flow the request came in on, so the response finds it
 without parsing the client's Via (RFC 3261 §16.11: a stateless proxy keeps such state in Via)."""
-_CF = CLIENT_PARAM.encode()
 PATH_STATE_HEADER = "X-Edge-Path-State"
 """C reports on its keepalive OPTIONS whether it reaches Unified CM (for STUN answers)."""
-
-
-class RegistrationTable:
-    """MRA registrations seen through E (current and peak since start): AOR → contact → expiry."""
-
-    def __init__(self) -> None:
-        self._by_aor: dict[str, dict[str, float]] = {}
-        self._count = 0
-        self.peak = 0
-
-    def replace(self, aor: str, bindings: dict[str, int], now: float) -> None:
-        """A registrar's 2xx lists every current binding of the AOR (RFC 3261 §10.3 step 8)."""
-        old = self._by_aor.pop(aor, {})
-        fresh = {contact: now + expires for contact, expires in bindings.items() if expires > 0}
-        if fresh:
-            self._by_aor[aor] = fresh
-        self._count += len(fresh) - len(old)
-        self.peak = max(self.peak, self._count)
-
-    def purge(self, now: float) -> None:
-        for aor in list(self._by_aor):
-            entries = self._by_aor[aor]
-            live = {c: t for c, t in entries.items() if t > now}
-            if len(live) != len(entries):
-                self._count -= len(entries) - len(live)
-                if live:
-                    self._by_aor[aor] = live
-                else:
-                    del self._by_aor[aor]
-
-    def current(self, now: float) -> int:
-        self.purge(now)
-        return self._count
 
 
 class SdpTracker:
@@ -167,49 +133,6 @@ class SdpTracker:
         self.established.discard(call)
 
 
-_INSTANCE_RE = re.compile(r';\s*\+sip\.instance\s*=\s*("[^"]*"|[^;\s]+)', re.IGNORECASE)
-_EXPIRES_RE = re.compile(r";\s*expires\s*=\s*([0-9]{1,10})\s*(?:;|\Z)", re.IGNORECASE)
-
-
-def _uri_text(value: str) -> str:
-    """The URI of a name-addr / addr-spec value as written (between <> or before the first ';')."""
-    lt = value.find("<")
-    if lt >= 0:
-        gt = value.find(">", lt)
-        return value[lt + 1 : gt if gt > lt else len(value)].strip()
-    return value.split(";", 1)[0].strip()
-
-
-_BINDINGS: dict[str, tuple[str, int | None]] = {}
-_BINDINGS_MAX = 8192  # a registrar's 200 repeats each client's Contact on every refresh
-
-
-def _binding_of(contact: str) -> tuple[str, int | None]:
-    """(+sip.instance or the contact URI, the expires parameter) of one Contact value; the
-    header parameters are those after the '>' of a name-addr (RFC 3261 §20.10). Memoised."""
-    found = _BINDINGS.get(contact)
-    if found is None:
-        if len(_BINDINGS) >= _BINDINGS_MAX:
-            _BINDINGS.clear()
-        found = _BINDINGS[contact] = _read_binding(contact)
-    return found
-
-
-def _read_binding(contact: str) -> tuple[str, int | None]:
-    gt = contact.rfind(">")
-    params = contact[gt + 1 :] if gt >= 0 else contact[contact.find(";") :] if ";" in contact else ""
-    instance = _INSTANCE_RE.search(params)
-    expires = _EXPIRES_RE.search(params)
-    return (
-        instance.group(1) if instance else _uri_text(contact),
-        int(expires.group(1)) if expires else None,
-    )
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
-
-
 def _sdp_body(msg: Request | Response) -> bytes | None:
     ctype = (msg.content_type or "").split(";", 1)[0].strip().lower()
     return msg.body if ctype == "application/sdp" and msg.body else None
@@ -260,10 +183,7 @@ class EdgeSip:
         self.sdp = SdpTracker(media or PassthroughMedia())
         self.counters: dict[str, int] = {}
         self._servers: list[asyncio.Server] = []
-        # Fast path (edge.sip.fastpath): E's Via towards C up to its branch value, and what a
-        # client's Route value means (True: forward as is); Route values repeat across clients.
-        self._zone_via = f"Via: SIP/2.0/TLS {internal_address}:{zone_port};branch=".encode()
-        self._route_ok: dict[bytes, bool] = {}
+        self.fast = EdgeRegisterFastPath(self, CLIENT_PARAM)  # plain REGISTERs, on bytes
 
     # -- bookkeeping ----------------------------------------------------------------------
 
@@ -307,7 +227,7 @@ class EdgeSip:
                 on_closed=self._client_closed,
                 on_stun=self._client_stun,
                 on_connected=self._client_connected,
-                on_frame=self._client_frame,
+                on_frame=self.fast.client_frame,
                 name="sip-client",
                 validation=Validation.PROXY,  # RFC 3261 §16.3: check what E uses, pass the rest
             ),
@@ -321,7 +241,7 @@ class EdgeSip:
                 on_message=self._zone_message,
                 on_closed=self._zone_closed,
                 on_connected=self._zone_connected,
-                on_frame=self._zone_frame,
+                on_frame=self.fast.zone_frame,
                 name="sip-zone",
                 strict=False,
             ),
@@ -439,83 +359,6 @@ class EdgeSip:
             return
         self.sdp.on_response(resp, "outside")
         zone.send(resp)
-
-    # -- fast path: a client's plain REGISTER and C's answers, on bytes (edge.sip.fastpath) ----
-
-    def _client_frame(self, flow: SipFlow, frame: MessageFramed) -> bool:
-        """`_client_message` for a plain REGISTER: the same bytes to C, without building a
-        Message. False, having changed nothing, for anything else (the full path decides)."""
-        if self.maintenance():
-            return False
-        head = fastpath.register_head(frame.data, frame.head_end, frame.head)
-        if head is None:
-            return False
-        plan = head.plan
-        vi = plan.first["via"]
-        via = fastpath.parse_via(head.value(vi))
-        mi = plan.first.get("max-forwards", 0)
-        mf = fastpath.max_forwards(head.value(mi)) if mi else None
-        if via is None or not mf:  # odd Via; Max-Forwards absent, malformed or 0 (483)
-            return False
-        ri = plan.first.get("route", 0)
-        if ri and (plan.count["route"] > 1 or not self._route_forwardable(head.value(ri))):
-            return False
-        zone = self.live_zone_flow()
-        if zone is None:
-            return False
-        self._count("in_register")
-        branch = fastpath.stateless_branch(
-            self.salt, _text(via.branch), via.sent_by, head.value(plan.first["call-id"]).decode()
-        )
-        via.stamp(flow.peer, self.zone_name)
-        lines = head.lines
-        lines[vi] = head.replaced(vi, via.encode())
-        lines[mi] = head.replaced(mi, str(mf - 1).encode())
-        lines.insert(1, b"%s%s;%s=%s;rport" % (self._zone_via, branch.encode(), _CF, flow.flow_id.encode()))
-        zone.send_bytes(b"\r\n".join(lines) + head.body_tail())
-        return True
-
-    def _route_forwardable(self, value: bytes) -> bool:
-        """A client's single Route value that `_client_message` forwards as is: not ours (not
-        popped) and naming our zone-id, if any. Memoised: every client preloads the same one."""
-        ok = self._route_ok.get(value)
-        if ok is None:
-            try:
-                uri = NameAddr.parse(value.decode()).uri
-                zone_id = uri.params.get("zone-id")
-                ok = b"," not in value and not self._is_own(uri) and zone_id in (None, self.zone_id)
-            except SipParseError:
-                ok = False
-            if len(self._route_ok) >= 1024:
-                self._route_ok.clear()
-            self._route_ok[value] = ok
-        return ok
-
-    def _zone_frame(self, flow: SipFlow, frame: MessageFramed) -> bool:
-        """`_zone_response` for C's answer (no SDP) to a client request, on bytes."""
-        if not frame.data.startswith(b"SIP/2.0 ") or not flow.context.get("authenticated"):
-            return False
-        head = frame.head or fastpath.scan(frame.data, frame.head_end)
-        if head is None:
-            return False
-        code = fastpath.status_code(head.lines[0])
-        plan = head.plan
-        vi = plan.first.get("via", 0)
-        if code is None or not vi or plan.count.get("content-length", 0) > 1:
-            return False
-        via = fastpath.parse_via(head.value(vi))
-        if via is None or not self._is_own_hostport(via.host, via.port):
-            return False
-        token = via.param(_CF)
-        client = self.clients.get(token.decode()) if token is not None else None
-        ci = plan.first.get("cseq", 0)
-        method = fastpath.cseq_method(head.value(ci)) if ci else None
-        if client is None or not client.is_open or method is None or method in (b"INVITE", b"UPDATE"):
-            return False
-        if method == b"REGISTER" and 200 <= code < 300:
-            self._track_bindings(*fastpath.binding_headers(head))
-        client.send_bytes(head.without(vi))
-        return True
 
     def _reply(
         self, flow: SipFlow, req: Request, status: int, reason: str, warning: str | None = None
@@ -696,23 +539,7 @@ class EdgeSip:
 
     def _track_registration(self, resp: Response) -> None:
         h = resp.headers
-        self._track_bindings(h.get("to"), h.get_all("contact"), h.get("expires"))
-
-    def _track_bindings(self, to: str | None, contacts: list[str], expires_header: str | None) -> None:
-        """Count the bindings a registrar's 2xx lists. Only the parts counting needs are read
-        (To's URI; each Contact's +sip.instance, expires and URI text), not whole addresses."""
-        now = time.monotonic()
-        if to is None:
-            return
-        try:
-            default = _small_int(expires_header, None) or 0
-        except SipParseError:
-            default = 0
-        bindings: dict[str, int] = {}
-        for contact in contacts:
-            key, expires = _binding_of(contact)
-            bindings[key] = default if expires is None else expires
-        self.registrations.replace(_uri_text(to), bindings, now)
+        self.registrations.track(h.get("to"), h.get_all("contact"), h.get("expires"), time.monotonic())
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -24,6 +24,7 @@ from typing import Any, cast
 
 from edge.xmpp.events import StanzaReceived, StreamErrorDetected, StreamHeaderReceived
 from edge.xmpp.framer import XmlStreamFramer
+from edge.xmpp.linger import linger_close
 from edge.xmpp.relay import StreamRelay
 from edge.xmpp.stanza import NS_TLS, element, features, qn, serialize, stream_error, stream_header
 from edge.xmpp.tls import TlsLayer
@@ -168,7 +169,9 @@ class _ClientConnection(asyncio.Protocol):
         owner = self._owner
         for event in self._framer.receive_data(data):
             if isinstance(event, StreamErrorDetected):
-                self._refuse(event.condition, owner._header() + stream_error(event.condition, event.text))
+                # RFC 6120 §4.9.1.1: our header first, unless the client already has it.
+                header = b"" if self._header_sent else owner._header()
+                self._refuse(event.condition, header + stream_error(event.condition, event.text))
                 return
             if isinstance(event, StreamHeaderReceived):
                 if (event.attrs.get("to") or "").lower() != owner.domain:
@@ -192,9 +195,13 @@ class _ClientConnection(asyncio.Protocol):
     def _refuse(self, condition: str, payload: bytes) -> None:
         assert self._transport is not None
         self._owner._count(f"refused_{condition}")
-        self._phase = _Phase.CLOSED
+        self._phase = _Phase.CLOSED  # from now on data_received drops the client's input
         self._transport.write(payload)
-        self._transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        # The client may still be sending (a stanza over the limit): a plain close could reset
+        # the connection before it reads the error (edge.xmpp.linger).
+        self._timer = linger_close(self._transport)
 
     def _handshake_timed_out(self) -> None:
         self._timer = None

@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 
 from edge.config import LabConfig
 from edge.sip.message import Request, Response
-from edge_c.sip import ExpcSip, ZoneSipConnection
+from edge_c.sip import ExpcSip
+from edge_c.sip_zone import ZoneSipConnection
 from edge_e.sip import EdgeSip
 
 SIPP_DIR = Path(__file__).resolve().parent / "sipp"

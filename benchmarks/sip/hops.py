@@ -109,7 +109,7 @@ class Chain:
         slow(flow, parsed.message)
 
     def e_request(self, data: bytes) -> bytes:
-        self._deliver(self.f_e, self.client, data, self.e._client_frame, self.e._client_message)
+        self._deliver(self.f_e, self.client, data, self.e.fast.client_frame, self.e._client_message)
         return self.e_zone.sent.pop()
 
     def c_request(self, data: bytes) -> bytes:
@@ -117,7 +117,7 @@ class Chain:
             self.f_c_zone,
             self.c_zone,
             data,
-            self.c._zone_frame,
+            self.c.fast.zone_frame,
             lambda _f, m: self.c._zone_message(self.conn, m),
         )
         return self.c_ucm.sent.pop()
@@ -142,11 +142,11 @@ class Chain:
         return bytes(out.response)
 
     def c_response(self, data: bytes) -> bytes:
-        self._deliver(self.f_c_ucm, self.c_ucm, data, self.c._ucm_frame, self.c._ucm_message)
+        self._deliver(self.f_c_ucm, self.c_ucm, data, self.c.fast.ucm_frame, self.c._ucm_message)
         return self.c_zone.sent.pop()
 
     def e_response(self, data: bytes) -> bytes:
-        self._deliver(self.f_e_zone, self.e_zone, data, self.e._zone_frame, self.e._zone_message)
+        self._deliver(self.f_e_zone, self.e_zone, data, self.e.fast.zone_frame, self.e._zone_message)
         return self.client.sent.pop()
 
 

@@ -25,6 +25,8 @@ import logging
 import ssl
 from typing import Any, Protocol
 
+from edge.xmpp.linger import linger_close
+
 log = logging.getLogger(__name__)
 
 # A TLS record carries at most 16 KiB of plaintext (RFC 8446 §5.1). Feeding and writing in
@@ -96,7 +98,7 @@ class TlsLayer(asyncio.Protocol):
         self._sslobj: ssl.SSLObject | None = None
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the handshake's deadline, then the linger's
         self._pending: list[bytes] | None = None  # written before the handshake completed
         self._error: Exception | None = None
 
@@ -134,7 +136,12 @@ class TlsLayer(asyncio.Protocol):
             self._pending.append(bytes(data))
 
     def close(self) -> None:
-        """Graceful: send close_notify after what is buffered, then close the connection."""
+        """Graceful: close_notify after what is buffered, then a lingering TCP close.
+
+        The peer's input is read and discarded until its EOF (or `LINGER_TIMEOUT_S`): closing
+        with input unread would reset the connection and could lose our last bytes, typically
+        a stream error (`edge.xmpp.linger`). `connection_lost` follows the peer's EOF.
+        """
         if self._state in (_State.CLOSING, _State.CLOSED):
             return
         was_open = self._state is _State.OPEN
@@ -147,7 +154,7 @@ class TlsLayer(asyncio.Protocol):
                 pass
             self._flush()
         if self._transport is not None:
-            self._transport.close()
+            self._timer = linger_close(self._transport)
 
     def abort(self) -> None:
         if self._state is _State.CLOSED:
@@ -161,6 +168,9 @@ class TlsLayer(asyncio.Protocol):
         return self._state in (_State.CLOSING, _State.CLOSED)
 
     def pause_reading(self) -> None:
+        # Not while closing: the lingering close must keep draining the peer's input.
+        if self._state is _State.CLOSING:
+            return
         if self._transport is not None and not self._transport.is_closing():
             self._transport.pause_reading()
 
@@ -204,6 +214,7 @@ class TlsLayer(asyncio.Protocol):
         self._handshake()
 
     def data_received(self, data: bytes) -> None:
+        # Input after close() (or a failure) is dropped here, unparsed: see close().
         size = len(data)
         for offset in range(0, size, _FEED_BYTES):
             if self._state not in (_State.HANDSHAKE, _State.OPEN):
@@ -219,7 +230,9 @@ class TlsLayer(asyncio.Protocol):
             self._error = ConnectionResetError("connection closed during the TLS handshake")
         elif self._state is _State.OPEN:
             self._app.eof_received()
-        return None  # no half-close under TLS: the transport closes, connection_lost follows
+        # No half-close under TLS: the transport closes, connection_lost follows. When we are
+        # closing, this is the end of the linger (the peer read everything and is done).
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._state is _State.CLOSED:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from edge.xmpp.linger import linger_close
 from edge.xmpp.tls import TlsLayer
 from mock_ucm.imp.core import AuthCheck, ImpCore
 from mock_ucm.imp.events import CloseRequested, DataQueued, ImpOutput, TlsUpgradeRequested
@@ -130,7 +131,7 @@ class _ImpProtocol(asyncio.Protocol):
     """One client connection: plain TCP, then (STARTTLS, or at once on a "tls" listener) the app
     of an `edge.xmpp.tls.TlsLayer`. The core sees a "tls" connection only once TLS is up."""
 
-    __slots__ = ("_conn_id", "_lost", "_out", "_secure", "_server", "_transport")
+    __slots__ = ("_conn_id", "_linger", "_lost", "_out", "_secure", "_server", "_transport")
 
     def __init__(self, server: ImpServer, secure: bool) -> None:
         self._server = server
@@ -139,6 +140,7 @@ class _ImpProtocol(asyncio.Protocol):
         self._out: asyncio.Transport | TlsLayer | None = None  # where the core's bytes go
         self._conn_id = 0
         self._lost = False
+        self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance check here.
@@ -169,6 +171,9 @@ class _ImpProtocol(asyncio.Protocol):
         return None  # close; connection_lost ends the session
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if not self._lost:
             self._lost = True
             if exc is not None and self._out is None:  # lost during the TLS handshake
@@ -177,7 +182,7 @@ class _ImpProtocol(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         out = self._out
-        if out is None or out.is_closing():
+        if out is None or out.is_closing() or self._linger is not None:  # closed, or half-closed
             return
         out.write(data)
         if out.get_write_buffer_size() > MAX_WRITE_BUFFER_BYTES:
@@ -185,9 +190,20 @@ class _ImpProtocol(asyncio.Protocol):
             out.abort()
 
     def close(self) -> None:
-        out = self._out if self._out is not None else self._transport
-        if out is not None:
-            out.close()
+        """After the core's last bytes (a stream error or our ``</stream:stream>``).
+
+        Lingering on both kinds of connection (edge.xmpp.linger): the peer may still be sending,
+        e.g. the rest of a stanza over the limit, and a reset could destroy the error in flight.
+        Its input is dropped meanwhile: the core ignores a closed session's data.
+        """
+        out, transport = self._out, self._transport
+        if out is not None and out is not transport:
+            out.close()  # TlsLayer: close_notify, then its own lingering close
+        elif out is not None:
+            if self._linger is None:
+                self._linger = linger_close(out)
+        elif transport is not None:  # the TLS handshake is under way: nothing was said yet
+            transport.close()
 
     def abort(self) -> None:
         out = self._out if self._out is not None else self._transport

@@ -1,4 +1,4 @@
-"""The hops' byte-level fast path (edge.sip.fastpath, EdgeSip/ExpcSip `_*_frame`) against the
+"""The hops' byte-level fast path (edge.sip.fastpath; edge_e.sip_fast, edge_c.sip_fast) against the
 full parser: for generated REGISTERs and answers, a hop with its fast path sends exactly the bytes,
 and keeps exactly the state (counters, registrations, client → zone map), that the same hop sends
 and keeps with the full parser alone. Whatever the fast path declines goes the full way, so the
@@ -66,18 +66,18 @@ class Hops:
 
     def e_request(self, data: bytes) -> bool:
         return self._deliver(
-            Validation.PROXY, self.client, data, self.e._client_frame, self.e._client_message
+            Validation.PROXY, self.client, data, self.e.fast.client_frame, self.e._client_message
         )
 
     def c_request(self, data: bytes) -> bool:
         slow: Callable[[Any, Request | Response], None] = lambda _f, m: self.c._zone_message(self.conn, m)  # noqa: E731
-        return self._deliver(Validation.NONE, self.c_zone, data, self.c._zone_frame, slow)
+        return self._deliver(Validation.NONE, self.c_zone, data, self.c.fast.zone_frame, slow)
 
     def c_response(self, data: bytes) -> bool:
-        return self._deliver(Validation.NONE, self.c_ucm, data, self.c._ucm_frame, self.c._ucm_message)
+        return self._deliver(Validation.NONE, self.c_ucm, data, self.c.fast.ucm_frame, self.c._ucm_message)
 
     def e_response(self, data: bytes) -> bool:
-        return self._deliver(Validation.NONE, self.e_zone, data, self.e._zone_frame, self.e._zone_message)
+        return self._deliver(Validation.NONE, self.e_zone, data, self.e.fast.zone_frame, self.e._zone_message)
 
     def state(self) -> Any:
         regs = self.e.registrations
