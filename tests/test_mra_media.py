@@ -5,9 +5,11 @@ re-encrypted with C's key) ↔ the inside echo (plain RTP), and every packet com
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from media_relay import fastpath
 from mra_client.call import CallReport, place_call
@@ -54,6 +56,38 @@ def test_echo_call_srtp_both_ways(lab: RunningLab, suite: str) -> None:
     if worker["fastpath"] == "native":
         assert worker["native"]["forwarded"] >= report.received, "established flows relayed natively"
     assert relayed["totals"]["rx_packets"] >= 2 * report.sent, "E counts what it relayed (both ways)"
+
+
+def media_metrics(lab: RunningLab, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, labels without component/role): value} of ``edge_media_*`` on ``name``."""
+    admin = next(c["admin"] for c in lab.status()["components"] if c["name"] == name)
+    with urllib.request.urlopen(f"http://{admin['host']}:{admin['port']}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("edge_media_"):
+                labels = tuple(
+                    sorted((k, v) for k, v in sample.labels.items() if k not in ("component", "role"))
+                )
+                out[(sample.name, labels)] = sample.value
+    return out
+
+
+def test_media_counters_in_metrics(lab: RunningLab) -> None:
+    """E's and C's ``/metrics`` carry the media totals that ``/status`` shows (spec §7)."""
+    before = {name: media_metrics(lab, name) for name in ("expe", "expc")}
+    report = asyncio.run(_call(lab, CM_SUITES[0]))
+    _check(lab, report, CM_SUITES[0])
+    for name in ("expe", "expc"):
+        after = media_metrics(lab, name)
+        for direction in ("rx", "tx"):
+            key = ("edge_media_packets_total", (("direction", direction),))
+            # both ways: the client's 100 packets and the echo's 100 (plus C's pinholes, RTCP)
+            assert after[key] - before[name].get(key, 0.0) >= 2 * report.sent, (name, direction)
+        assert ("edge_media_streams", ()) in after
+        assert ("edge_media_drops_total", (("reason", "garbage"),)) in after
+    assert ("edge_media_srtp_auth_failures", ()) in media_metrics(lab, "expc")
 
 
 def test_gcm_suites_need_the_aes_gcm_option(lab: RunningLab, lab_factory: Any) -> None:
