@@ -155,6 +155,10 @@ class ExpcSettings(_Model):
     ucm_keepalive_interval_s: float = 30.0
     aes_gcm: bool = False
     """The per-UCM "AES GCM" option: offer the AEAD suites on the outside leg."""
+    media_threads: int = Field(default=1, ge=1, le=16)
+    """Forwarder threads of C's media relay: 1 reads every port from the event loop; more spread
+    the ports over that many forwarders, the others served by threads of their own without the
+    GIL, so SRTP transcoding uses more than one core (``EDGE_MEDIA_THREADS`` when 1)."""
     zone: ZoneClientSettings = ZoneClientSettings()
     access: AccessControl = AccessControl()
     allow_rules: list[AllowRule] = []

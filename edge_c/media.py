@@ -171,6 +171,7 @@ class GatewayMedia(AnchorBase):
             allocator=PortAllocator(s.media_port_min, s.media_port_max),
             transcoding=True,
             on_timeout=self._on_timeout,
+            threads=s.media_threads if s.media_threads > 1 else None,
         )
         log.info(
             "media anchor up on %s:%d-%d (%s path), suites %s",

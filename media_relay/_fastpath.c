@@ -35,7 +35,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -52,6 +54,7 @@
 #define MAX_EVENTS 256           /* ready sockets handled per poll() */
 #define BATCHES_PER_FD 4         /* per socket per poll(): fairness between sockets */
 #define MAX_CAPACITY ((size_t)1 << 24)
+#define HB_MAX 256               /* hand-backs one run() turn keeps for Python (more: dropped) */
 
 /* RFC 3550 A.1 */
 #define SEQ_MOD 65536
@@ -90,8 +93,26 @@ typedef struct {
     uint16_t len;
 } Pending;
 
+/* A datagram for the table, copied by a run() turn (no Python objects without the GIL). */
+typedef struct {
+    unsigned port;
+    unsigned len;
+    socklen_t sslen;
+    struct sockaddr_storage ss;
+    unsigned char data[BUF_BYTES];
+} Handback;
+
 typedef struct {
     PyObject_HEAD
+    /* Every method and every run() turn holds mu (recursive: a method may re-enter through
+     * Python code, which `busy` then refuses), so a thread serving the forwarder with run()
+     * and the event loop's thread installing flows never meet mid-table. */
+    pthread_mutex_t mu;
+    int wakefd;   /* eventfd in the epoll set: interrupt() ends run() */
+    int deferred; /* in a run() turn: hand-backs are copied to hb, not built as Python objects */
+    int serving;  /* run() is active */
+    Handback *hb;
+    int nhb;
     Flow *slots;
     size_t cap, count;
     int epfd;
@@ -108,7 +129,7 @@ typedef struct {
     struct iovec siov[POOL];
     struct epoll_event events[MAX_EVENTS];
     unsigned long long forwarded, to_python, send_errors, recv_errors, recv_calls, send_calls;
-    unsigned long long transcoded, transcode_drops;
+    unsigned long long transcoded, transcode_drops, handback_drops;
 } Forwarder;
 
 /* -- flow table: open addressing, linear probing, backward-shift deletion ------------------- */
@@ -592,6 +613,19 @@ static int drain_fd(Forwarder *self, int fd, unsigned port, int max_batches, int
                 continue;
             }
             self->to_python++;
+            if (self->deferred) {
+                if (self->nhb == HB_MAX) {
+                    self->handback_drops++; /* Python is far behind: the table never sees it */
+                    continue;
+                }
+                Handback *h = &self->hb[self->nhb++];
+                h->port = port;
+                h->len = (unsigned)n;
+                h->sslen = sslen;
+                memcpy(&h->ss, ss, sizeof(*ss));
+                memcpy(h->data, d, n);
+                continue;
+            }
             if (hand_back(out, with_port, port, d, n, ss, sslen) < 0)
                 return -1;
         }
@@ -616,7 +650,7 @@ static int parse_now(PyObject *now_obj, int *have_now, double *now)
 
 /* -- methods -------------------------------------------------------------------------------- */
 
-static PyObject *Forwarder_drain(Forwarder *self, PyObject *args, PyObject *kwds)
+static PyObject *drain_locked(Forwarder *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd", "local_port", "now", "max_batches", NULL};
     int fd, port, max_batches = BATCHES_PER_FD;
@@ -660,7 +694,36 @@ static int watch(Forwarder *self, int op, int fd, unsigned port)
     return epoll_ctl(self->epfd, op, fd, &ev);
 }
 
-static PyObject *Forwarder_poll(Forwarder *self, PyObject *args, PyObject *kwds)
+/* Drain the sockets of n ready events and send what was forwarded. The wake eventfd (port 0)
+ * is read and reported: returns 1 if it was among them, 0 otherwise, -1 after a Python error
+ * (no memory for the hand-back list: the remaining sockets are only re-armed, their datagrams
+ * wait for the next turn). */
+static int process_ready(Forwarder *self, const struct epoll_event *events, int n, int have_now, double now,
+                         PyObject *out)
+{
+    int failed = 0, woken = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t data = events[i].data.u64;
+        int fd = (int)(uint32_t)data;
+        unsigned port = (unsigned)(data >> 32);
+        if (port == 0) {
+            uint64_t count;
+            if (read(fd, &count, sizeof(count)) < 0 && errno != EAGAIN)
+                self->recv_errors++;
+            woken = 1;
+            continue;
+        }
+        int r = failed ? 1 : drain_fd(self, fd, port, BATCHES_PER_FD, have_now, now, out, 1);
+        if (r != 0 && watch(self, EPOLL_CTL_MOD, fd, port) != 0)
+            self->recv_errors++;
+        if (r < 0)
+            failed = 1;
+    }
+    flush_sends(self);
+    return failed ? -1 : woken;
+}
+
+static PyObject *poll_locked(Forwarder *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"now", NULL};
     PyObject *now_obj = Py_None;
@@ -668,6 +731,10 @@ static PyObject *Forwarder_poll(Forwarder *self, PyObject *args, PyObject *kwds)
         return NULL;
     if (check_idle(self) < 0)
         return NULL;
+    if (self->serving) {
+        PyErr_SetString(PyExc_RuntimeError, "Forwarder is served by run()");
+        return NULL;
+    }
     int have_now;
     double now;
     if (parse_now(now_obj, &have_now, &now) < 0)
@@ -682,29 +749,123 @@ static PyObject *Forwarder_poll(Forwarder *self, PyObject *args, PyObject *kwds)
     if (out == NULL)
         return NULL;
     self->busy = 1;
-    int failed = 0;
-    for (int i = 0; i < n; i++) {
-        uint64_t data = self->events[i].data.u64;
-        int fd = (int)(uint32_t)data;
-        unsigned port = (unsigned)(data >> 32);
-        /* After a Python error (no memory for the hand-back list) the remaining sockets are
-         * only re-armed: their datagrams wait for the next poll(). */
-        int r = failed ? 1 : drain_fd(self, fd, port, BATCHES_PER_FD, have_now, now, out, 1);
-        if (r != 0 && watch(self, EPOLL_CTL_MOD, fd, port) != 0)
-            self->recv_errors++;
-        if (r < 0)
-            failed = 1;
-    }
-    flush_sends(self);
+    int r = process_ready(self, self->events, n, have_now, now, out);
     self->busy = 0;
-    if (failed) {
+    if (r < 0) {
         Py_DECREF(out);
         return NULL;
     }
     return out;
 }
 
-static PyObject *Forwarder_add_socket(Forwarder *self, PyObject *args)
+/* The copied hand-backs of a run() turn as poll() returns them; empties hb. */
+static PyObject *take_handbacks(Forwarder *self)
+{
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (int i = 0; i < self->nhb; i++) {
+        Handback *h = &self->hb[i];
+        if (hand_back(out, 1, h->port, h->data, h->len, &h->ss, h->sslen) < 0) {
+            Py_DECREF(out);
+            out = NULL;
+            break;
+        }
+    }
+    self->nhb = 0;
+    return out;
+}
+
+static void fwd_lock(Forwarder *self);
+
+/* run(callback, tick_ms=50): serve this forwarder from the calling thread until interrupt():
+ * wait on its epoll set and forward without the GIL (other threads, the event loop's among
+ * them, run meanwhile); take the GIL only to call callback(list) with what the table must see,
+ * as poll() returns it, after a turn that has some, and at least every tick_ms (an empty list),
+ * so that the caller can keep the flows in step. */
+static PyObject *Forwarder_run(Forwarder *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"callback", "tick_ms", NULL};
+    PyObject *callback;
+    int tick_ms = 50;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|i", kwlist, &callback, &tick_ms))
+        return NULL;
+    if (!PyCallable_Check(callback) || tick_ms < 1 || tick_ms > 60000) {
+        PyErr_SetString(PyExc_ValueError, "run(callback, tick_ms): a callable and 1..60000 ms");
+        return NULL;
+    }
+    fwd_lock(self);
+    int ok = check_idle(self) == 0;
+    if (ok && self->serving) {
+        PyErr_SetString(PyExc_RuntimeError, "Forwarder is already served by run()");
+        ok = 0;
+    }
+    if (ok && self->hb == NULL) {
+        self->hb = PyMem_Malloc((size_t)HB_MAX * sizeof(Handback));
+        if (self->hb == NULL) {
+            PyErr_NoMemory();
+            ok = 0;
+        }
+    }
+    if (ok)
+        self->serving = 1;
+    pthread_mutex_unlock(&self->mu);
+    if (!ok)
+        return NULL;
+    struct epoll_event events[MAX_EVENTS];
+    double tick_s = tick_ms / 1000.0, last_call = monotonic_now();
+    int stop = 0, err = 0;
+    while (!stop) {
+        int n;
+        Py_BEGIN_ALLOW_THREADS
+        do {
+            n = epoll_wait(self->epfd, events, MAX_EVENTS, tick_ms);
+        } while (n < 0 && errno == EINTR);
+        err = n < 0 ? errno : 0;
+        if (n > 0) {
+            pthread_mutex_lock(&self->mu);
+            self->busy = self->deferred = 1;
+            stop = process_ready(self, events, n, 0, 0.0, NULL) == 1;
+            self->busy = self->deferred = 0;
+            pthread_mutex_unlock(&self->mu);
+        }
+        Py_END_ALLOW_THREADS
+        if (err != 0) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            break;
+        }
+        double t = monotonic_now();
+        if (self->nhb > 0 || t - last_call >= tick_s) {
+            last_call = t;
+            PyObject *items = take_handbacks(self);
+            if (items == NULL)
+                break;
+            PyObject *r = PyObject_CallOneArg(callback, items);
+            Py_DECREF(items);
+            if (r == NULL)
+                break;
+            Py_DECREF(r);
+        }
+    }
+    fwd_lock(self);
+    self->serving = 0;
+    pthread_mutex_unlock(&self->mu);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* interrupt(): end run() (from any thread; the next run() starts afresh). */
+static PyObject *Forwarder_interrupt(Forwarder *self, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t one = 1;
+    if (self->wakefd >= 0 && write(self->wakefd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *add_socket_locked(Forwarder *self, PyObject *args)
 {
     int fd, port;
     if (!PyArg_ParseTuple(args, "ii", &fd, &port))
@@ -723,7 +884,7 @@ static PyObject *Forwarder_add_socket(Forwarder *self, PyObject *args)
 
 /* Unregister a socket before it is closed; purge every flow that reads from its port or sends
  * through it (Python removes them first; this only guards against a reused fd number). */
-static PyObject *Forwarder_remove_socket(Forwarder *self, PyObject *args)
+static PyObject *remove_socket_locked(Forwarder *self, PyObject *args)
 {
     int fd, port;
     if (!PyArg_ParseTuple(args, "ii", &fd, &port))
@@ -749,7 +910,7 @@ static PyObject *Forwarder_remove_socket(Forwarder *self, PyObject *args)
     return PyLong_FromSize_t(purged);
 }
 
-static PyObject *Forwarder_install(Forwarder *self, PyObject *args, PyObject *kwds)
+static PyObject *install_locked(Forwarder *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"local_port", "src_host", "src_port", "is_rtcp_port", "rtp_fd", "rtp_dst",
                              "rtcp_fd", "rtcp_dst", "clock_rate", "state", "transcoder", NULL};
@@ -809,7 +970,7 @@ static int parse_key(PyObject *arg, uint64_t *key)
 }
 
 /* Remove a flow; return its last flush item (counters since the last flush, final state). */
-static PyObject *Forwarder_remove(Forwarder *self, PyObject *arg)
+static PyObject *remove_locked(Forwarder *self, PyObject *arg)
 {
     uint64_t key;
     if (parse_key(arg, &key) < 0 || check_idle(self) < 0)
@@ -826,7 +987,7 @@ static PyObject *Forwarder_remove(Forwarder *self, PyObject *arg)
 
 /* When a flow last forwarded (0.0: never): the inactivity check asks only for streams it
  * would otherwise time out, instead of folding every flow back (media_relay/worker.py). */
-static PyObject *Forwarder_last_seen(Forwarder *self, PyObject *arg)
+static PyObject *last_seen_locked(Forwarder *self, PyObject *arg)
 {
     uint64_t key;
     if (parse_key(arg, &key) < 0 || check_idle(self) < 0)
@@ -840,7 +1001,7 @@ static PyObject *Forwarder_last_seen(Forwarder *self, PyObject *arg)
 }
 
 /* Every flow that forwarded since the last flush: counters (then zeroed) and receiver state. */
-static PyObject *Forwarder_flush(Forwarder *self, PyObject *Py_UNUSED(ignored))
+static PyObject *flush_locked(Forwarder *self, PyObject *Py_UNUSED(ignored))
 {
     if (check_idle(self) < 0)
         return NULL;
@@ -862,13 +1023,13 @@ static PyObject *Forwarder_flush(Forwarder *self, PyObject *Py_UNUSED(ignored))
     return out;
 }
 
-static PyObject *Forwarder_counters(Forwarder *self, PyObject *Py_UNUSED(ignored))
+static PyObject *counters_locked(Forwarder *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsnsi}", "forwarded", self->forwarded, "to_python", self->to_python,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsnsisK}", "forwarded", self->forwarded, "to_python", self->to_python,
                          "send_errors", self->send_errors, "recv_errors", self->recv_errors, "recv_calls",
                          self->recv_calls, "send_calls", self->send_calls, "transcoded", self->transcoded,
                          "transcode_drops", self->transcode_drops, "flows", (Py_ssize_t)self->count,
-                         "sockets", self->sockets);
+                         "sockets", self->sockets, "handback_drops", self->handback_drops);
 }
 
 static PyObject *Forwarder_fileno(Forwarder *self, PyObject *Py_UNUSED(ignored))
@@ -886,6 +1047,13 @@ static void forwarder_release(Forwarder *self)
         close(self->epfd);
         self->epfd = -1;
     }
+    if (self->wakefd >= 0) {
+        close(self->wakefd);
+        self->wakefd = -1;
+    }
+    PyMem_Free(self->hb);
+    self->hb = NULL;
+    self->nhb = 0;
     Flow *slots = self->slots;
     size_t cap = self->cap;
     self->slots = NULL;
@@ -899,8 +1067,12 @@ static void forwarder_release(Forwarder *self)
     self->rbuf = NULL;
 }
 
-static PyObject *Forwarder_close(Forwarder *self, PyObject *Py_UNUSED(ignored))
+static PyObject *close_locked(Forwarder *self, PyObject *Py_UNUSED(ignored))
 {
+    if (self->serving) {
+        PyErr_SetString(PyExc_RuntimeError, "Forwarder is served by run(): interrupt() and wait first");
+        return NULL;
+    }
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError, "Forwarder is draining");
         return NULL;
@@ -944,7 +1116,8 @@ static int Forwarder_init(Forwarder *self, PyObject *args, PyObject *kwds)
         self->rmsg[i].msg_hdr.msg_iovlen = 1;
     }
     self->epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (self->epfd < 0) {
+    self->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (self->epfd < 0 || self->wakefd < 0 || watch(self, EPOLL_CTL_ADD, self->wakefd, 0) != 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         forwarder_release(self);
         return -1;
@@ -955,16 +1128,62 @@ static int Forwarder_init(Forwarder *self, PyObject *args, PyObject *kwds)
 static PyObject *Forwarder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     Forwarder *self = (Forwarder *)type->tp_alloc(type, 0);
-    if (self != NULL)
-        self->epfd = -1;
+    if (self != NULL) {
+        self->epfd = self->wakefd = -1;
+        pthread_mutexattr_t attr;
+        pthread_mutexattr_init(&attr);
+        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+        pthread_mutex_init(&self->mu, &attr);
+        pthread_mutexattr_destroy(&attr);
+    }
     return (PyObject *)self;
 }
 
 static void Forwarder_dealloc(Forwarder *self)
 {
     forwarder_release(self);
+    pthread_mutex_destroy(&self->mu);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
+
+/* -- the lock around every method -------------------------------------------------------------- */
+
+static void fwd_lock(Forwarder *self)
+{
+    if (pthread_mutex_trylock(&self->mu) != 0) { /* run() holds it for a turn: wait without the GIL */
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&self->mu);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+#define LOCKED3(name)                                                                                  \
+    static PyObject *Forwarder_##name(Forwarder *self, PyObject *args, PyObject *kwds)                 \
+    {                                                                                                  \
+        fwd_lock(self);                                                                                \
+        PyObject *r = name##_locked(self, args, kwds);                                                 \
+        pthread_mutex_unlock(&self->mu);                                                               \
+        return r;                                                                                      \
+    }
+#define LOCKED2(name)                                                                                  \
+    static PyObject *Forwarder_##name(Forwarder *self, PyObject *arg)                                  \
+    {                                                                                                  \
+        fwd_lock(self);                                                                                \
+        PyObject *r = name##_locked(self, arg);                                                        \
+        pthread_mutex_unlock(&self->mu);                                                               \
+        return r;                                                                                      \
+    }
+
+LOCKED3(drain)
+LOCKED3(poll)
+LOCKED3(install)
+LOCKED2(add_socket)
+LOCKED2(remove_socket)
+LOCKED2(remove)
+LOCKED2(last_seen)
+LOCKED2(flush)
+LOCKED2(counters)
+LOCKED2(close)
 
 static PyMethodDef Forwarder_methods[] = {
     {"drain", (PyCFunction)(void (*)(void))Forwarder_drain, METH_VARARGS | METH_KEYWORDS,
@@ -988,6 +1207,10 @@ static PyMethodDef Forwarder_methods[] = {
     {"counters", (PyCFunction)Forwarder_counters, METH_NOARGS, "counters() -> dict"},
     {"fileno", (PyCFunction)Forwarder_fileno, METH_NOARGS, "the epoll fd (readable: poll() has work)"},
     {"close", (PyCFunction)Forwarder_close, METH_NOARGS, "close the epoll fd, free every flow"},
+    {"run", (PyCFunction)(void (*)(void))Forwarder_run, METH_VARARGS | METH_KEYWORDS,
+     "run(callback, tick_ms=50): serve the forwarder from this thread until interrupt();\n"
+     "callback(list of poll() items) gets what the table must see, with the GIL."},
+    {"interrupt", (PyCFunction)Forwarder_interrupt, METH_NOARGS, "end run() (from any thread)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -21,6 +21,7 @@
 
 #ifdef HAVE_SRTP
 
+#include <pthread.h>
 #include <srtp2/srtp.h>
 #include <string.h>
 
@@ -78,6 +79,9 @@ typedef struct {
     srtp_t ctx;
     int profile;
     int outbound;
+    /* One session may be used by Python (a leg's first packets, with the GIL) and by a
+     * forwarder thread serving its flows (without it) at the same time. */
+    pthread_mutex_t mu;
 } SrtpSession;
 
 static PyTypeObject SrtpSessionType;
@@ -86,16 +90,24 @@ static inline int session_apply(SrtpSession *s, int op, unsigned char *buf, int 
 {
     if (*len > op_max_len[op])
         return FP_SRTP_TOO_LONG;
+    int st;
+    pthread_mutex_lock(&s->mu);
     switch (op) {
     case OP_PROTECT:
-        return (int)srtp_protect(s->ctx, buf, len);
+        st = (int)srtp_protect(s->ctx, buf, len);
+        break;
     case OP_PROTECT_RTCP:
-        return (int)srtp_protect_rtcp(s->ctx, buf, len);
+        st = (int)srtp_protect_rtcp(s->ctx, buf, len);
+        break;
     case OP_UNPROTECT:
-        return (int)srtp_unprotect(s->ctx, buf, len);
+        st = (int)srtp_unprotect(s->ctx, buf, len);
+        break;
     default:
-        return (int)srtp_unprotect_rtcp(s->ctx, buf, len);
+        st = (int)srtp_unprotect_rtcp(s->ctx, buf, len);
+        break;
     }
+    pthread_mutex_unlock(&s->mu);
+    return st;
 }
 
 static int SrtpSession_init(SrtpSession *self, PyObject *args, PyObject *kwds)
@@ -143,10 +155,19 @@ done:
     return rc;
 }
 
+static PyObject *SrtpSession_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    SrtpSession *self = (SrtpSession *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        pthread_mutex_init(&self->mu, NULL);
+    return (PyObject *)self;
+}
+
 static void SrtpSession_dealloc(SrtpSession *self)
 {
     if (self->ctx != NULL)
         srtp_dealloc(self->ctx);
+    pthread_mutex_destroy(&self->mu);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -211,7 +232,7 @@ static PyTypeObject SrtpSessionType = {
     .tp_doc = PyDoc_STR("SrtpSession(profile, key_salt, outbound): one libsrtp session, any SSRC."),
     .tp_basicsize = sizeof(SrtpSession),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = PyType_GenericNew,
+    .tp_new = SrtpSession_new,
     .tp_init = (initproc)SrtpSession_init,
     .tp_dealloc = (destructor)SrtpSession_dealloc,
     .tp_methods = SrtpSession_methods,
@@ -244,7 +265,7 @@ int fp_transcode(PyObject *xcoder, int rtcp, unsigned char *buf, int *len, int *
     if (st == 0 && t->outbound != NULL)
         st = session_apply((SrtpSession *)t->outbound, rtcp ? OP_PROTECT_RTCP : OP_PROTECT, buf, len);
     if (st != 0 && is_auth_status(st)) {
-        t->auth_failures++;
+        __atomic_fetch_add(&t->auth_failures, 1, __ATOMIC_RELAXED); /* a forwarder thread and Python */
         *auth = 1;
     }
     return st;

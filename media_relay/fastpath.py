@@ -78,6 +78,12 @@ def srtp_primitives() -> str | None:
     return str(getattr(_fastpath, "SRTP_PRIMITIVES", "libsrtp"))
 
 
+def shard_of(shards: list[Forwarder], port: int) -> Forwarder:
+    """The forwarder of a worker's ``shards`` that reads ``port`` (an RTP/RTCP pair stays
+    together)."""
+    return shards[(port // 2) % len(shards)]
+
+
 def new_forwarder() -> Forwarder:
     if _fastpath is None:
         raise RuntimeError("media_relay._fastpath is not built (pip install -e . with gcc and python3-dev)")
@@ -85,12 +91,19 @@ def new_forwarder() -> Forwarder:
 
 
 class _Flow:
-    __slots__ = ("ep", "folded", "kernel_key", "key", "ports", "rtcp_out", "rtp_out", "spec")
+    __slots__ = ("ep", "folded", "forwarder", "kernel_key", "key", "ports", "rtcp_out", "rtp_out", "spec")
 
     def __init__(
-        self, key: int, ep: Endpoint, spec: FlowSpec, ports: tuple[int, ...], kernel_key: bytes | None = None
+        self,
+        key: int,
+        ep: Endpoint,
+        spec: FlowSpec,
+        ports: tuple[int, ...],
+        kernel_key: bytes | None = None,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self.key = key  # the forwarder's; -1 for a kernel flow
+        self.forwarder = forwarder  # the shard that holds it (None: the kernel)
         self.kernel_key = kernel_key
         self.folded: KernelCounters | None = None  # a kernel flow's counters at the last fold
         self.ep = ep
@@ -117,8 +130,12 @@ class FlowSync:
         fd_of: Callable[[int], int | None],
         kernel: KernelForwarder | None = None,
         local_of: Callable[[int], Addr | None] | None = None,
+        shards: list[Forwarder] | None = None,
     ) -> None:
         self.forwarder = forwarder
+        # A flow goes to the shard that reads its ingress port (``shard_of``); ``forwarder``
+        # alone is the one shard.
+        self._shards = shards if shards else [forwarder]
         self.table = table
         self.kernel = kernel
         self._fd_of = fd_of
@@ -173,8 +190,9 @@ class FlowSync:
     def flush(self) -> None:
         """Copy counters and receiver state of every flow that changed since the last flush."""
         by_key = self._by_key
-        for item in self.forwarder.flush():
-            _apply(by_key[item[0]], item)
+        for shard in self._shards:
+            for item in shard.flush():
+                _apply(by_key[item[0]], item)
         if self._kernel_flows:
             assert self.kernel is not None
             current = self.kernel.read_all()  # one pass over the map, not a system call a flow
@@ -188,13 +206,13 @@ class FlowSync:
         """Before the table's inactivity check: ``last_seen`` of ``streams`` (those it would time
         out by its own numbers) from their flows; the flows of a stream still idle then are
         removed with their counters folded in, since the table is about to retire it."""
-        forwarder = self.forwarder
         for stream in streams:
             flows = [f for f in map(self._flows.get, stream.endpoints()) if f is not None]
             for flow in flows:
-                seen = (
-                    self._kernel_seen(flow) if flow.kernel_key is not None else forwarder.last_seen(flow.key)
-                )
+                if flow.forwarder is None:
+                    seen = self._kernel_seen(flow)
+                else:
+                    seen = flow.forwarder.last_seen(flow.key)
                 if seen > stream.last_seen:
                     stream.last_seen = seen
             timeout = stream.inactivity_timeout_s
@@ -254,16 +272,15 @@ class FlowSync:
             flow = _Flow(-1, ep, spec, tuple(ports), kernel_key)
             self._kernel_flows.add(flow)
         else:
+            shard = shard_of(self._shards, ep.local_port)
             try:
-                key = self.forwarder.install(
-                    *spec[:8], ep.stats.clock_rate, ep.stats.get_state(), transcoder=spec[8]
-                )
+                key = shard.install(*spec[:8], ep.stats.clock_rate, ep.stats.get_state(), transcoder=spec[8])
             except (ValueError, OverflowError) as exc:  # e.g. an IPv6 or hostname destination
                 log.debug(
                     "stream %s port %d stays on the Python path: %s", ep.stream.stream_id, ep.local_port, exc
                 )
                 return
-            flow = _Flow(key, ep, spec, tuple(ports))
+            flow = _Flow(key, ep, spec, tuple(ports), forwarder=shard)
             self._by_key[key] = flow
         self._flows[ep] = flow
         for port in ports:
@@ -322,7 +339,8 @@ class FlowSync:
                 self._fold_counters(flow, last)
             self._kernel_flows.discard(flow)
         else:
-            item = self.forwarder.remove(flow.key)
+            assert flow.forwarder is not None
+            item = flow.forwarder.remove(flow.key)
             if item is not None:
                 _apply(flow, item)
             del self._by_key[flow.key]

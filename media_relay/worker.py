@@ -25,14 +25,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from media_relay import fastpath, kernel
 from media_relay.errors import PortsExhaustedError
 from media_relay.events import StreamTimedOut
 from media_relay.table import Addr, LegSpec, PortAllocator, RelayTable, Stream
+
+if TYPE_CHECKING:
+    from media_relay._fastpath import Forwarder
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,19 @@ def open_udp_socket(host: str, port: int, rcvbuf_bytes: int, sndbuf_bytes: int) 
         sock.close()
         raise
     return sock
+
+
+THREADS_ENV_VAR = "EDGE_MEDIA_THREADS"
+SERVED_WAIT_S = 1.0  # a shard thread waits this long at most for the loop to take its hand-backs
+
+
+def relay_threads() -> int:
+    """``EDGE_MEDIA_THREADS`` (1..16; default 1): forwarder threads of a native relay worker."""
+    try:
+        n = int(os.environ.get(THREADS_ENV_VAR, "1"))
+    except ValueError:
+        return 1
+    return min(16, max(1, n))
 
 
 class _PortProtocol(asyncio.DatagramProtocol):
@@ -203,6 +221,7 @@ class RelayWorker:
         on_timeout: Callable[[StreamTimedOut], None] | None = None,
         native: bool | None = None,
         kernel_forwarding: bool | None = None,
+        threads: int | None = None,
     ) -> None:
         self.host = host
         self.allocator = allocator
@@ -221,6 +240,21 @@ class RelayWorker:
         if native is None:
             native = fastpath.available()
         self._forwarder = fastpath.new_forwarder() if native else None
+        # threads > 1: ports are spread over that many forwarders (shards, by RTP pair); the
+        # first is read from the event loop, each other one by a thread of its own in C,
+        # without the GIL (Forwarder.run), so the relay uses more than one core.
+        if threads is None:
+            threads = relay_threads()
+        self._served: list[tuple[Forwarder, threading.Thread]] = []
+        self._shards: list[Forwarder] = [] if self._forwarder is None else [self._forwarder]
+        if self._forwarder is not None:
+            for i in range(1, max(1, threads)):
+                fwd = fastpath.new_forwarder()
+                thread = threading.Thread(
+                    target=fwd.run, args=(self._from_thread,), name=f"media-relay-{i}", daemon=True
+                )
+                self._served.append((fwd, thread))
+                self._shards.append(fwd)
         self._flows: fastpath.FlowSync | None = None
         self._reader_fd: int | None = None
         self._kernel: kernel.KernelForwarder | None = None
@@ -235,12 +269,19 @@ class RelayWorker:
                 log.warning("media: no kernel forwarding, established flows stay native: %s", exc)
         if self._forwarder is not None:
             self._flows = fastpath.FlowSync(
-                self._forwarder, self.table, self._native_fd, self._kernel, self._native_local
+                self._forwarder,
+                self.table,
+                self._native_fd,
+                self._kernel,
+                self._native_local,
+                shards=self._shards,
             )
             self.table.track_changes = True
             on_ready = self._on_readable_transcoding if transcoding else self._on_readable
             self._reader_fd = self._forwarder.fileno()
             self._loop.add_reader(self._reader_fd, on_ready)
+            for _, thread in self._served:
+                thread.start()
 
     @property
     def path(self) -> str:
@@ -284,14 +325,14 @@ class RelayWorker:
         return open_udp_socket(host, port, rcv, snd)
 
     def _bind_native(self, sock: socket.socket) -> int:
-        """Register a bound socket with the forwarder: it is read from the next loop turn."""
+        """Register a bound socket with its forwarder: it is read from the next loop turn."""
         assert self._forwarder is not None
         try:
             bound = int(sock.getsockname()[1])
             if bound in self._transports:
                 raise ValueError(f"port {bound} already bound by this worker")
             port = _NativePort(sock, self)
-            self._forwarder.add_socket(port.fd, bound)
+            fastpath.shard_of(self._shards, bound).add_socket(port.fd, bound)
         except BaseException:
             sock.close()
             raise
@@ -453,7 +494,7 @@ class RelayWorker:
             if self._flows is not None:
                 self._flows.drop_port(port)  # folds their counters back first
             try:
-                stale = self._forwarder.remove_socket(transport.fd, port)
+                stale = fastpath.shard_of(self._shards, port).remove_socket(transport.fd, port)
             except OSError as exc:
                 log.warning("port %d: leaving the forwarder failed: %s", port, exc)
                 self.socket_errors += 1
@@ -537,7 +578,11 @@ class RelayWorker:
             worker["srtp"] = "python" if self._forwarder is None or primitives is None else "native"
             worker["srtp_primitives"] = primitives if worker["srtp"] == "native" else "pylibsrtp"
         if self._forwarder is not None:
-            native = self._forwarder.counters()
+            native: dict[str, int] = {}
+            for fwd in self._shards:
+                for key, value in fwd.counters().items():
+                    native[key] = native.get(key, 0) + value
+            native["threads"] = len(self._shards)
             errors += native["send_errors"] + native["recv_errors"]
             worker["native"] = native
         if self._kernel is not None and self._flows is not None:
@@ -560,9 +605,12 @@ class RelayWorker:
         table = self.table
         if table.changed:  # e.g. a re-INVITE re-pointed a leg: before any packet moves
             self._flows.sync(table.take_changed())
-        slow = self._forwarder.poll()
+        self._relay_plain(self._forwarder.poll())
+
+    def _relay_plain(self, slow: list[tuple[int, bytes, Addr]]) -> None:
         if not slow:
             return
+        table = self.table
         now = self._loop.time()
         receive = table.receive_datagram
         transports = self._transports
@@ -574,7 +622,7 @@ class RelayWorker:
                     self.socket_errors += 1
                 else:
                     out.sendto(data, route[1])
-        if table.changed:  # latched legs: their flows go native from the next packet on
+        if table.changed and self._flows is not None:  # latched legs: native from the next packet
             self._flows.sync(table.take_changed())
 
     def _on_readable_transcoding(self) -> None:
@@ -583,11 +631,14 @@ class RelayWorker:
         table = self.table
         if table.changed:  # e.g. a re-INVITE gave a leg new keys: before any packet moves
             self._flows.sync(table.take_changed())
-        slow = self._forwarder.poll()
+        self._relay_transcoding(self._forwarder.poll())
+
+    def _relay_transcoding(self, slow: list[tuple[int, bytes, Addr]]) -> None:
         if not slow:
             return
+        table = self.table
         now = self._loop.time()
-        relay = self.table.receive_and_transcode
+        relay = table.receive_and_transcode
         socks = self._native_socks
         for port, data, addr in slow:
             out = relay(port, data, addr, now)
@@ -602,8 +653,35 @@ class RelayWorker:
                         egress.sendto(out[2], out[1])
                 except OSError:  # send buffer full: dropped
                     self.socket_errors += 1
-        if table.changed:  # latched legs: their flows go native from the next packet on
+        if table.changed and self._flows is not None:  # latched legs: native from the next packet
             self._flows.sync(table.take_changed())
+
+    def _from_thread(self, slow: list[tuple[int, bytes, Addr]]) -> None:
+        """In a shard's thread (Forwarder.run), with the GIL: hand what the table must see, and
+        any change of the table's routes, to the event loop, and wait until it is done. The
+        shard reads nothing meanwhile, so a leg's first packets (relayed by the table, which
+        then installs the flow) cannot be overtaken by the next ones (relayed natively)."""
+        if slow or self.table.changed:
+            done = threading.Event()
+            try:
+                self._loop.call_soon_threadsafe(self._on_served, slow, done)
+            except RuntimeError:  # the loop is closed: the worker is going away
+                return
+            done.wait(SERVED_WAIT_S)
+
+    def _on_served(self, slow: list[tuple[int, bytes, Addr]], done: threading.Event) -> None:
+        try:
+            if self._flows is None:  # closed meanwhile
+                return
+            table = self.table
+            if table.changed:
+                self._flows.sync(table.take_changed())
+            if self.transcoding:
+                self._relay_transcoding(slow)
+            else:
+                self._relay_plain(slow)
+        finally:
+            done.set()
 
     # -- timer --------------------------------------------------------------------------------
 
@@ -642,14 +720,20 @@ class RelayWorker:
         if self._reader_fd is not None:
             self._loop.remove_reader(self._reader_fd)
             self._reader_fd = None
+        for fwd, _ in self._served:
+            fwd.interrupt()
+        for _, thread in self._served:
+            if thread.is_alive():
+                await asyncio.to_thread(thread.join)
         self.flush()
         for port in list(self._transports):
             self.close_port(port)
         if self._flows is not None:
             self._flows.close()
             self._flows = None
-        if self._forwarder is not None:
-            self._forwarder.close()
+        for fwd in self._shards:
+            fwd.close()
+        self._served = []
         if self._kernel is not None:
             self._kernel.close()
             self._kernel = None

@@ -239,7 +239,9 @@ class Path2:
         e_env = {"EDGE_MEDIA_KERNEL": "1" if self.args.e_kernel else "0"}
         e = Child("e", self.prefix, self.cpu_e, self.log, env=e_env)
         try:
-            c = Child("c", self.prefix, self.cpu_c, self.log)
+            c = Child(
+                "c", self.prefix, self.cpu_c, self.log, env={"EDGE_MEDIA_THREADS": str(self.args.c_threads)}
+            )
         except BaseException:
             e.close()
             raise
@@ -330,7 +332,8 @@ def part2(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None
         f"\n## 2. Full path client -SRTP-> E -SRTP-> C -RTP-> echo and back, {args.window_s:.0f} s windows"
         f" (--path-cpus {args.path_cpus}: E on {where(cpu_e)}, C on {where(cpu_c)}, client+echo on"
         f" {where(cpu_load)}, {loop}; calls set up by SDP, no SIP"
-        f"{'; E forwards established flows in the kernel (--e-kernel)' if args.e_kernel else ''})",
+        f"{'; E forwards established flows in the kernel (--e-kernel)' if args.e_kernel else ''}"
+        f"{f'; C relays with {args.c_threads} forwarder threads' if args.c_threads > 1 else ''})",
         flush=True,
     )
     print(f"relay code: {relay_build()}", flush=True)

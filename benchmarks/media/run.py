@@ -361,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep-going", action="store_true", help="part 2: run every N even after losses")
     parser.add_argument(
+        "--c-threads",
+        type=int,
+        default=1,
+        help="part 2: C's relay forwarder threads (EDGE_MEDIA_THREADS; 1 = the event loop only)",
+    )
+    parser.add_argument(
         "--e-kernel",
         action="store_true",
         help="part 2: E forwards established flows in the kernel (EDGE_MEDIA_KERNEL=1; root)",
