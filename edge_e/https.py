@@ -161,6 +161,12 @@ class EdgeHttps:
             if type(exc).__name__ in ("StreamResetError", "StreamRejectedError"):
                 self._count("next_hop_failed")
                 return plain(502, "Next Hop Connection Failed")
+            stream.abort("edge failed")
+            raise
+        except asyncio.CancelledError:
+            # The client went away (handler_cancellation): reset the stream, else C's answer
+            # beyond one window would wait for credit forever, held on both sides of the link.
+            stream.abort("client went away")
             raise
 
     async def _relay_response(self, request: web.Request, stream: Any) -> web.StreamResponse:

@@ -12,6 +12,12 @@ the handler runs. Streams that arrive before any handler is set wait (unanswered
 When a handler returns, the stream's write side is closed (END); if it raises, the stream is
 reset. Backpressure: `LinkStream.drain()` waits while the peer's window or the transport's write
 buffer is full; reading is paused while the streams' unread data exceeds `_PAUSE_READING_BYTES`.
+
+Unread data counts against the link only while more can arrive and someone can read it: a served
+stream's buffer is dropped (and credited back) when its handler returns, and what arrives for it
+later is dropped as it comes; a stream ended by both sides leaves the count, its buffer staying
+with whoever holds the stream (END after data: the owner still reads it all). Otherwise every
+session that ends with data unread would leave it counted, until the link stops reading for good.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 from traversal import events as ev
-from traversal.link import Hello, LinkConfig, LinkConnection, LinkState, LinkUsageError, Role
+from traversal.link import Hello, LinkConfig, LinkConnection, LinkState, LinkUsageError, Role, StreamState
 
 __all__ = [
     "LinkClosedError",
@@ -92,6 +98,9 @@ class LinkStream:
         self.stream_id = stream_id
         self.metadata = metadata
         self._buffer = bytearray()
+        # `_buffer` counts in the endpoint's `unread_bytes` until the stream leaves the link.
+        self._counted = True
+        self._abandoned = False  # its handler returned: nobody reads it, data is dropped on arrival
         self._eof = False
         self._write_closed = False
         self._reset: str | None = None
@@ -173,7 +182,8 @@ class LinkStream:
     def _consume(self, n: int) -> bytes:
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
-        self._endpoint._consumed(self.stream_id, n)
+        if self._counted:  # else the link has forgotten the stream: no count, no credit to return
+            self._endpoint._consumed(self.stream_id, n)
         return data
 
     # --- writing --------------------------------------------------------------------------
@@ -225,7 +235,7 @@ class LinkStream:
     def _set_reset(self, reason: str) -> None:
         if self._reset is None:
             self._reset = reason
-            self._endpoint._discard_unread(len(self._buffer))
+            self._endpoint._uncount(self)
             self._buffer.clear()
         self._wake_reader()
         self._wake_drain()
@@ -286,6 +296,9 @@ class LinkEndpoint:
         self._reading_paused = False
         self._flush_pending = False
         self._unread_bytes = 0
+        # Ended by both sides, our END queued behind data: the core retires them silently once
+        # the peer's credit lets it out, so `_after_input` checks them.
+        self._ending: set[int] = set()
         self._since = time.time()
         self._peer_address = ""
         self._peer_names: list[str] = []
@@ -304,6 +317,12 @@ class LinkEndpoint:
     def core(self) -> LinkConnection:
         """The sans-IO core (read-only use: counters, state)."""
         return self._core
+
+    @property
+    def unread_bytes(self) -> int:
+        """Stream data received and held for a reader that has not read it yet (all streams);
+        reading from the socket pauses above `_PAUSE_READING_BYTES`."""
+        return self._unread_bytes
 
     def set_stream_handler(self, handler: StreamHandler, *, gate: StreamGate | None = None) -> None:
         """Serve streams the peer opens; `gate(metadata)` may return a reason to reject one."""
@@ -445,12 +464,17 @@ class LinkEndpoint:
                 self._transport.resume_reading()
 
     def _write_blocked(self, stream_id: int) -> bool:
+        if stream_id not in self._streams:  # reaped: all it sent is framed, nothing wakes it later
+            return False
         return self._write_paused or self._core.buffered_bytes(stream_id) > _DRAIN_LOW_WATER_BYTES
 
     # --- events ---------------------------------------------------------------------------
 
     def _after_input(self, events: list[ev.Event]) -> None:
         self._dispatch(events)
+        if self._ending:
+            for sid in list(self._ending):
+                self._reap(sid)
         for stream in list(self._streams.values()):
             if stream._drain_waiter is not None and not self._write_blocked(stream.stream_id):
                 stream._wake_drain()
@@ -553,12 +577,15 @@ class LinkEndpoint:
         try:
             await handler(stream)
         except StreamResetError:
-            pass
+            if stream.reset_reason is None:  # another stream's reset escaped: this one is not done
+                stream.abort("handler failed")
         except Exception:
             logger.exception("link %s: stream handler failed on %r", self._peer_address, stream)
             stream.abort("handler failed")
         else:
             stream.close()
+        finally:
+            self._abandon(stream)
 
     def _settle_open(self, stream_id: int, error: Exception | None) -> None:
         waiter = self._open_waiters.get(stream_id)
@@ -571,15 +598,41 @@ class LinkEndpoint:
 
     def _on_data(self, stream_id: int, data: bytes) -> None:
         stream = self._streams.get(stream_id)
-        if stream is None:  # we already dropped it; keep the peer's window honest anyway
+        if stream is None or stream._abandoned:  # nobody will read it; keep the peer's window open
             self._core.acknowledge_received(stream_id, len(data))
             return
         self._unread_bytes += len(data)
         stream._feed(data)
 
+    def _abandon(self, stream: LinkStream) -> None:
+        """Its handler is done: drop what it left unread and return that credit, so neither the
+        link's unread count nor the peer's window keeps it (the peer may still be sending)."""
+        stream._abandoned = True
+        unread = len(stream._buffer)
+        stream._buffer.clear()
+        if stream._counted and unread:
+            self._discard_unread(unread)
+            self._core.acknowledge_received(stream.stream_id, unread)
+            self._flush()
+
+    def _uncount(self, stream: LinkStream) -> None:
+        """`stream` leaves the link: its buffer no longer counts (the caller drops or keeps it)."""
+        if stream._counted:
+            stream._counted = False
+            self._discard_unread(len(stream._buffer))
+
     def _reap(self, stream_id: int) -> None:
-        if self._core.stream_state(stream_id) is None:
-            self._streams.pop(stream_id, None)
+        """Forget a stream both sides ended. Its data stays readable through the LinkStream but no
+        longer counts against the link: nothing more can arrive on it, so pausing the socket
+        would not help its reader, and an owner that dropped it would leave the bytes counted."""
+        state = self._core.stream_state(stream_id)
+        if state is None:
+            self._ending.discard(stream_id)
+            if (stream := self._streams.pop(stream_id, None)) is not None:
+                self._uncount(stream)
+                stream._wake_drain()
+        elif state is StreamState.CLOSED:  # our END still waits behind data for the peer's credit
+            self._ending.add(stream_id)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = self.loop.create_task(coro)
@@ -597,6 +650,7 @@ class LinkEndpoint:
             stream._set_reset(f"link lost: {reason}")
             self._settle_open(sid, StreamResetError(f"link lost: {reason}"))
         self._streams.clear()
+        self._ending.clear()
         for early in self._unanswered.values():
             self._discard_unread(len(early.data))
         self._unanswered.clear()
