@@ -22,10 +22,6 @@ if TYPE_CHECKING:
     from edge_c.sip import ExpcSip
 
 
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
-
-
 class ExpcRegisterFastPath:
     """The byte-level hops of one `ExpcSip` (the zone's and UCM flows' `on_frame` callbacks)."""
 
@@ -91,7 +87,7 @@ class ExpcRegisterFastPath:
         sip.client_edge[client_addr] = flow.flow_id
         sip._count("register")
         branch = fastpath.stateless_branch(
-            sip.salt, _text(top.branch), top.sent_by, head.value(plan.first["call-id"]).decode()
+            sip.salt, fastpath.text(top.branch), top.sent_by, head.value(plan.first["call-id"]).decode()
         )
         top.stamp(flow.peer, sip.settings.zone.name)
         lines = head.lines

@@ -23,10 +23,6 @@ if TYPE_CHECKING:
     from edge_e.sip import EdgeSip
 
 
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
-
-
 class EdgeRegisterFastPath:
     """The byte-level hops of one `EdgeSip` (its `on_frame` callbacks)."""
 
@@ -64,7 +60,7 @@ class EdgeRegisterFastPath:
             return False
         sip._count("in_register")
         branch = fastpath.stateless_branch(
-            sip.salt, _text(via.branch), via.sent_by, head.value(plan.first["call-id"]).decode()
+            sip.salt, fastpath.text(via.branch), via.sent_by, head.value(plan.first["call-id"]).decode()
         )
         via.stamp(flow.peer, sip.zone_name)
         lines = head.lines

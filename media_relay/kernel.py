@@ -516,7 +516,7 @@ class KernelForwarder:
             (shost, sport), (dhost, dport) = leg
             legs += [_ip4(shost), _ip4(dhost), struct.pack("!H", sport), struct.pack("!H", dport)]
             flags |= bit
-        packets, nbytes, last_seen, ssrc, received, base, max_seq, cycles, bad, transit, jitter = state
+        packets, nbytes, last_seen, ssrc = state[:4]
         if not 0 < clock_rate <= 1_000_000:
             raise ValueError(f"clock rate {clock_rate} out of range")
         value = _VALUE.pack(
@@ -529,13 +529,7 @@ class KernelForwarder:
             _ns(last_seen),
             0 if ssrc is None else 1,
             0 if ssrc is None else ssrc,
-            received,
-            base,
-            max_seq,
-            cycles,
-            bad,
-            transit,
-            jitter,
+            *state[4:],  # received .. jitter, in StatsState order
         )
         try:
             self._update(key, value)
@@ -626,20 +620,8 @@ class KernelForwarder:
 def _counters(v: tuple[Any, ...]) -> KernelCounters:
     """A map value, unpacked with ``_VALUE``, as ``KernelCounters``."""
     rx_p, rx_b, tx_rtp_p, tx_rtp_b, tx_rtcp_p, tx_rtcp_b, seen = v[10:17]
-    st_p, st_b, st_seen, has_ssrc, ssrc, received, base, max_seq, cycles, bad, transit, jitter = v[17:]
-    state: StatsState = (
-        st_p,
-        st_b,
-        _seconds(st_seen),
-        ssrc if has_ssrc else None,
-        received,
-        base,
-        max_seq,
-        cycles,
-        bad,
-        transit,
-        jitter,
-    )
+    st_p, st_b, st_seen, has_ssrc, ssrc = v[17:22]
+    state: StatsState = (st_p, st_b, _seconds(st_seen), ssrc if has_ssrc else None, *v[22:])
     return rx_p, rx_b, tx_rtp_p, tx_rtp_b, tx_rtcp_p, tx_rtcp_b, _seconds(seen), state
 
 

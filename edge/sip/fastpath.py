@@ -155,6 +155,11 @@ class RawHead:
         return self.plan.names[i] + b": " + value
 
 
+def text(value: bytes | None) -> str | None:
+    """A raw value (e.g. a Via branch) as the full path's str, None kept."""
+    return None if value is None else value.decode()
+
+
 def scan(data: bytes, head_end: int) -> RawHead | None:
     """Split the head of one framed message (data[:head_end]); None for anything unusual."""
     raw = scan_head(data[:head_end])
