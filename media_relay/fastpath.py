@@ -132,7 +132,6 @@ class FlowSync:
         local_of: Callable[[int], Addr | None] | None = None,
         shards: list[Forwarder] | None = None,
     ) -> None:
-        self.forwarder = forwarder
         # A flow goes to the shard that reads its ingress port (``shard_of``); ``forwarder``
         # alone is the one shard.
         self._shards = shards if shards else [forwarder]

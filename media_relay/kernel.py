@@ -36,7 +36,6 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Callable
 from typing import Any
 
 from media_relay.rtp import StatsState
@@ -636,13 +635,3 @@ def _seconds(ns: int) -> float | None:
 def wanted() -> bool:
     """``EDGE_MEDIA_KERNEL=1`` asks E's relay for kernel forwarding."""
     return os.environ.get(ENV_VAR, "") == "1"
-
-
-def try_open(log: Callable[[str], None] | None = None) -> KernelForwarder | None:
-    """``KernelForwarder.open()``, or None with the reason logged."""
-    try:
-        return KernelForwarder.open()
-    except KernelUnavailable as exc:
-        if log is not None:
-            log(str(exc))
-        return None

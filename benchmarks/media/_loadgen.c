@@ -191,9 +191,7 @@ static PyObject *run_plain(PyObject *module, PyObject *args, PyObject *kwds)
         double now = mono();
         if (now >= hard_end)
             break;
-        long long due = (long long)((now - t0) * rate) + 1;
-        if (due > count)
-            due = count;
+        long long due = paced_due(now, t0, rate, count);
         long long stop = due < sent + burst ? due : sent + burst;
         if (stop > sent) {
             send_burst(g, sent, (int)(stop - sent));

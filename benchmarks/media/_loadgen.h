@@ -47,6 +47,14 @@ static inline double mono(void)
 }
 
 /* CLOCK_REALTIME, the clock of SO_TIMESTAMPNS. */
+/* The paced senders: how many packets are due at `now` (pace `rate` from `t0`, the first at
+ * once), at most `count`. */
+static inline long long paced_due(double now, double t0, double rate, long long count)
+{
+    long long due = (long long)((now - t0) * rate) + 1;
+    return due > count ? count : due;
+}
+
 static inline int64_t real_ns(void)
 {
     struct timespec ts;

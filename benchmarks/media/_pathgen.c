@@ -225,9 +225,7 @@ static int run_loop(Path *g, double rate, int burst, double tick_s, double *send
         double turn = mono();
         if (turn >= hard_end)
             break;
-        long long due = (long long)((turn - t0) * rate) + 1;
-        if (due > count)
-            due = count;
+        long long due = paced_due(turn, t0, rate, count);
         long long stop = due < sent + burst ? due : sent + burst;
         if (stop > sent) {
             send_burst(g, (Py_ssize_t)sent, (int)(stop - sent));

@@ -56,18 +56,18 @@ def name(sock: socket.socket) -> Addr:
     return str(host), int(port)
 
 
-class Rig:
-    """E's shape: a latching client leg on its own pair, C's leg demuxed on a shared pair."""
+Relayed = tuple[int, Addr, bytes]  # (egress port, destination, datagram), as the worker sends it
 
-    def __init__(self) -> None:
+
+class TwoTables:
+    """Loopback relay ports and two tables: ``python`` fed directly, ``native`` whose established
+    flows live in a ``Forwarder`` fed by the real sockets (``drain`` with an explicit clock, then
+    the table for whatever the forwarder hands back, as ``worker.py`` does)."""
+
+    def __init__(self, relay_ports: int) -> None:
         self.socks: list[socket.socket] = []
         self.relay: dict[int, socket.socket] = {}
-        self.client_rtp, self.client_rtcp = self._relay_port(), self._relay_port()
-        self.demux_rtp, self.demux_rtcp = self._relay_port(), self._relay_port()
-        self.spare = self._relay_port()  # bound, but no stream uses it
-        self.client = self._new()  # the MRA client (RTP and RTCP from one socket)
-        self.c = self._new()  # Expressway-C's outside RTP
-        self.c_rtcp = self._new()
+        self.ports = [self._relay_port() for _ in range(relay_ports)]
         self.forwarder = _forwarder()
         for port, sock in self.relay.items():
             self.forwarder.add_socket(sock.fileno(), port)
@@ -75,17 +75,6 @@ class Rig:
         self.native = RelayTable()
         self.native.track_changes = True
         self.flows = fastpath.FlowSync(self.forwarder, self.native, self._fd_of)
-        for table in (self.python, self.native):
-            self.add(table, "s1", name(self.c), name(self.c_rtcp))
-
-    def add(self, table: RelayTable, stream_id: str, c_rtp: Addr, c_rtcp: Addr) -> None:
-        table.add_stream(
-            stream_id,
-            LegSpec.dedicated(self.client_rtp, self.client_rtcp, latch=True),
-            LegSpec.demuxed(self.demux_rtp, self.demux_rtcp, c_rtp, c_rtcp),
-            now=0.0,
-            clock_rate=8000,
-        )
 
     def _relay_port(self) -> int:
         sock = self._new()
@@ -102,16 +91,18 @@ class Rig:
         sock = self.relay.get(port)
         return None if sock is None else sock.fileno()
 
-    def send(self, src: socket.socket, port: int, data: bytes, now: float) -> None:
-        """One datagram through both tables at the same clock."""
-        self.python.receive_datagram(port, data, name(src), now)
+    def send_native(
+        self, src: socket.socket, port: int, data: bytes, now: float, relay: Callable[..., Relayed | None]
+    ) -> None:
+        """The native half of one datagram: the real socket, the forwarder, then ``relay`` (the
+        native table's receive method) for what it hands back."""
         if self.native.changed:  # as the worker does before each poll
             self.flows.sync(self.native.take_changed())
         src.sendto(data, (HOST, port))  # loopback: queued at the relay socket on return
         for back, addr in self.forwarder.drain(self.relay[port].fileno(), port, now=now):
-            route = self.native.receive_datagram(port, back, addr, now)
-            if route is not None:
-                self.relay[route[0]].sendto(back, route[1])
+            out = relay(port, back, addr, now)
+            if out is not None:
+                self.relay[out[0]].sendto(out[2], out[1])
         if self.native.changed:
             self.flows.sync(self.native.take_changed())
 
@@ -123,24 +114,60 @@ class Rig:
             except BlockingIOError:
                 return out
 
-    def check(self) -> None:
-        """Every counter and all receiver state equal; the sinks got what was counted as sent."""
-        self.flows.flush()
-        assert self.native.totals() == self.python.totals()
-        for sid in ("s1",):
-            if sid not in self.python:
-                continue
-            ps, ns = self.python.get_stream(sid), self.native.get_stream(sid)
-            assert ns.last_seen == ps.last_seen
-            for pe, ne in zip(ps.endpoints(), ns.endpoints(), strict=True):
-                assert endpoint_state(ne) == endpoint_state(pe), (ne.local_port, ne.is_rtcp_port)
-            assert ns.snapshot() == ps.snapshot()
+    def check_stream(self, sid: str) -> None:
+        """Both tables' stream ``sid`` equal: last_seen, every endpoint's state, the snapshot."""
+        if sid not in self.python:
+            return
+        ps, ns = self.python.get_stream(sid), self.native.get_stream(sid)
+        assert ns.last_seen == ps.last_seen
+        for pe, ne in zip(ps.endpoints(), ns.endpoints(), strict=True):
+            assert endpoint_state(ne) == endpoint_state(pe), (ne.local_port, ne.is_rtcp_port)
+        assert ns.snapshot() == ps.snapshot()
 
     def close(self) -> None:
         self.flows.close()
         self.forwarder.close()
         for sock in self.socks:
             sock.close()
+
+
+class Rig(TwoTables):
+    """E's shape: a latching client leg on its own pair, C's leg demuxed on a shared pair."""
+
+    def __init__(self) -> None:
+        super().__init__(5)
+        self.client_rtp, self.client_rtcp, self.demux_rtp, self.demux_rtcp, self.spare = self.ports
+        # (spare: bound, but no stream uses it)
+        self.client = self._new()  # the MRA client (RTP and RTCP from one socket)
+        self.c = self._new()  # Expressway-C's outside RTP
+        self.c_rtcp = self._new()
+        for table in (self.python, self.native):
+            self.add(table, "s1", name(self.c), name(self.c_rtcp))
+
+    def add(self, table: RelayTable, stream_id: str, c_rtp: Addr, c_rtcp: Addr) -> None:
+        table.add_stream(
+            stream_id,
+            LegSpec.dedicated(self.client_rtp, self.client_rtcp, latch=True),
+            LegSpec.demuxed(self.demux_rtp, self.demux_rtcp, c_rtp, c_rtcp),
+            now=0.0,
+            clock_rate=8000,
+        )
+
+    def send(self, src: socket.socket, port: int, data: bytes, now: float) -> None:
+        """One datagram through both tables at the same clock."""
+        self.python.receive_datagram(port, data, name(src), now)
+
+        def relay(port: int, data: bytes, addr: Addr, now: float) -> Relayed | None:
+            route = self.native.receive_datagram(port, data, addr, now)
+            return None if route is None else (route[0], route[1], data)
+
+        self.send_native(src, port, data, now, relay)
+
+    def check(self) -> None:
+        """Every counter and all receiver state equal; the sinks got what was counted as sent."""
+        self.flows.flush()
+        assert self.native.totals() == self.python.totals()
+        self.check_stream("s1")
 
 
 def endpoint_state(ep: Endpoint) -> dict[str, Any]:

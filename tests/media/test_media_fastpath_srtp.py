@@ -29,8 +29,8 @@ from media_relay.srtp import (
     SrtpTranscoder,
     generate_crypto,
 )
-from media_relay.table import Addr, LegSpec, RelayTable
-from tests.media.test_media_fastpath import endpoint_state
+from media_relay.table import Addr, LegSpec
+from tests.media.test_media_fastpath import TwoTables
 
 HOST = "127.0.0.1"
 OUT, IN = 0, 1
@@ -76,24 +76,15 @@ class Keys:
         )
 
 
-class CRig:
+class CRig(TwoTables):
     def __init__(self, suite: str = "AES_CM_128_HMAC_SHA1_80", inside: str | None = None) -> None:
         assert fastpath.native_srtp(), "media_relay._fastpath is not built with libsrtp2"
-        self.socks: list[socket.socket] = []
-        self.relay: dict[int, socket.socket] = {}
-        self.out_rtp, self.out_rtcp = self._relay_port(), self._relay_port()
-        self.in_rtp, self.in_rtcp = self._relay_port(), self._relay_port()
+        super().__init__(4)
+        self.out_rtp, self.out_rtcp, self.in_rtp, self.in_rtcp = self.ports
         self.e, self.e_rtcp = self._new(), self._new()  # E's internal demux ports
         self.far, self.far_rtcp = self._new(), self._new()  # the inside endpoint
         self.stranger = self._new()
         self.keys = Keys(suite, inside)
-        self.forwarder = fastpath.new_forwarder()
-        for port, sock in self.relay.items():
-            self.forwarder.add_socket(sock.fileno(), port)
-        self.python = RelayTable()
-        self.native = RelayTable()
-        self.native.track_changes = True
-        self.flows = fastpath.FlowSync(self.forwarder, self.native, self._fd_of)
         # What each sink must receive: the Python table's outputs, in order.
         self.expected: dict[Addr, list[bytes]] = {
             name(s): [] for s in (self.e, self.e_rtcp, self.far, self.far_rtcp)
@@ -148,42 +139,11 @@ class CRig:
         assert live is not None
         return [self.retired[i][leg] + live[leg].auth_failures for leg in (OUT, IN)]
 
-    def _relay_port(self) -> int:
-        sock = self._new()
-        port = name(sock)[1]
-        self.relay[port] = sock
-        return port
-
-    def _new(self) -> socket.socket:
-        sock = udp()
-        self.socks.append(sock)
-        return sock
-
-    def _fd_of(self, port: int) -> int | None:
-        sock = self.relay.get(port)
-        return None if sock is None else sock.fileno()
-
     def send(self, src: socket.socket, port: int, data: bytes, now: float) -> None:
         out = self.python.receive_and_transcode(port, data, name(src), now)
         if out is not None:
             self.expected[out[1]].append(out[2])
-        if self.native.changed:  # as the worker does before each poll
-            self.flows.sync(self.native.take_changed())
-        src.sendto(data, (HOST, port))  # loopback: queued at the relay socket on return
-        for back, addr in self.forwarder.drain(self.relay[port].fileno(), port, now=now):
-            got = self.native.receive_and_transcode(port, back, addr, now)
-            if got is not None:
-                self.relay[got[0]].sendto(got[2], got[1])
-        if self.native.changed:
-            self.flows.sync(self.native.take_changed())
-
-    def received(self, sock: socket.socket) -> list[bytes]:
-        out = []
-        while True:
-            try:
-                out.append(sock.recv(4096))
-            except BlockingIOError:
-                return out
+        self.send_native(src, port, data, now, self.native.receive_and_transcode)
 
     def check(self) -> None:
         """Sinks got exactly the Python outputs; every counter and all receiver state equal."""
@@ -194,12 +154,7 @@ class CRig:
         self.flows.flush()
         assert self.native.totals() == self.python.totals()
         assert self.auth_failures(1) == self.auth_failures(0)
-        if "c1" in self.python:
-            ps, ns = self.python.get_stream("c1"), self.native.get_stream("c1")
-            assert ns.last_seen == ps.last_seen
-            for pe, ne in zip(ps.endpoints(), ns.endpoints(), strict=True):
-                assert endpoint_state(ne) == endpoint_state(pe), (ne.local_port, ne.is_rtcp_port)
-            assert ns.snapshot() == ps.snapshot()
+        self.check_stream("c1")
 
     # -- the peers -------------------------------------------------------------------------------
 
@@ -212,12 +167,6 @@ class CRig:
         packet = rtp(seq, ssrc) if self.far_tx is None else self.far_tx.protect(rtp(seq, ssrc))
         self.send(self.far, self.in_rtp, packet, now)
         return packet
-
-    def close(self) -> None:
-        self.flows.close()
-        self.forwarder.close()
-        for sock in self.socks:
-            sock.close()
 
 
 @pytest.fixture
