@@ -31,6 +31,7 @@ from edge.sip.framing import StreamFramer
 from edge.sip.message import Response
 from mra_client.sip_ua import MraSipUa
 from tests.conftest import RunningLab
+from tests.media.kernel_tools import require_kernel
 from tests.sip_tools import Baresip, Sipp, SippResult, Stunnel, wait_for
 
 pytestmark = pytest.mark.interop
@@ -272,6 +273,22 @@ def test_sipp_calls_through_e_and_c(lab: RunningLab, tmp_path: Path) -> None:
 
 
 def test_baresip_registers_and_calls_echo(lab: RunningLab, tmp_path: Path) -> None:
+    _baresip_echo_call(lab, tmp_path)
+
+
+def test_baresip_call_with_e_in_the_kernel_and_c_threads(lab_factory: Any, tmp_path: Path) -> None:
+    """The same call with E's established media forwarded in the kernel and C's relay on two
+    forwarder threads (both opt-in, root only): baresip's SRTP still goes both ways, E's
+    counters still see it, and both modes were really on."""
+    require_kernel()
+    fast = lab_factory("expe.0.media_kernel_forwarding=true", "expc.media_threads=2")
+    _baresip_echo_call(fast, tmp_path)
+    e_worker = fast.component("expe")["media"]["worker"]
+    assert e_worker["kernel"]["installs"] >= 2, e_worker  # the client's RTP leg and C's
+    assert fast.component("expc")["sip"]["media"]["worker"]["native"]["threads"] == 2
+
+
+def _baresip_echo_call(lab: RunningLab, tmp_path: Path) -> None:
     """A real UA (baresip 1.0) registers sip:1001@example.com over TLS with E as outbound proxy
     (no `sipRequest` route; UCM asks no digest by default) and dials the echo number 9999.
 
