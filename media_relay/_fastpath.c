@@ -8,7 +8,9 @@
  *
  * drain(fd, port) reads one socket with recvmmsg; poll() does the same for every registered
  * socket that an inner epoll set reports ready (its fd is what the asyncio loop watches, so the
- * relay stays loop-driven). Packets of installed flows that pass the checks of
+ * relay stays loop-driven). Forwarder(uring=True) reads every socket through io_uring instead
+ * (_uring.h: multishot RECVMSG into provided buffers, a turn's sends as one submission; the fd
+ * the loop watches is then the ring's eventfd); its poll() returns the same items. Packets of installed flows that pass the checks of
  * RelayTable.receive_datagram are forwarded with sendmmsg, grouped per egress socket; every other
  * datagram (strangers, garbage, unknown ports, packets that would latch) is handed back to
  * Python, which counts it exactly as before. Python owns the flows: it installs and removes them
@@ -28,6 +30,7 @@
 #include <Python.h>
 
 #include "_srtp.h"
+#include "_uring.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -55,6 +58,14 @@
 #define BATCHES_PER_FD 4         /* per socket per poll(): fairness between sockets */
 #define MAX_CAPACITY ((size_t)1 << 24)
 #define HB_MAX 256               /* hand-backs one run() turn keeps for Python (more: dropped) */
+/* io_uring backend (Forwarder(uring=True)): see _uring.h */
+#define UR_SQ 1024               /* >= POOL: a turn's sends fit in one submission */
+#define UR_BUFS 1024             /* provided receive buffers (default; Forwarder(buffers=)) */
+#define UR_BUF_BYTES (sizeof(struct io_uring_recvmsg_out) + sizeof(struct sockaddr_storage) + BUF_BYTES)
+#define UR_ROUNDS 8              /* reap/submit rounds per poll(): then back to the event loop */
+#define UD_RECV 0ULL             /* user_data: kind in bits 62-63, then gen 48-55, port 32-47, fd 0-31 */
+#define UD_SEND 1ULL
+#define UD_CANCEL 2ULL
 
 /* RFC 3550 A.1 */
 #define SEQ_MOD 65536
@@ -130,6 +141,16 @@ typedef struct {
     struct epoll_event events[MAX_EVENTS];
     unsigned long long forwarded, to_python, send_errors, recv_errors, recv_calls, send_calls;
     unsigned long long transcoded, transcode_drops, handback_drops;
+    /* io_uring backend: every socket has a multishot RECVMSG armed; user_data carries its fd's
+     * generation, so a completion of a removed socket (or of an old socket with a reused fd
+     * number) is recognised and dropped */
+    int uring;
+    int evfd; /* the ring's eventfd: what the event loop watches instead of epfd */
+    URing ur;
+    unsigned char *gen;
+    size_t ngen;
+    struct msghdr rtmpl; /* the multishot RECVMSG template: room for any source address */
+    unsigned long long uring_enters, uring_rearms;
 } Forwarder;
 
 /* -- flow table: open addressing, linear probing, backward-shift deletion ------------------- */
@@ -450,12 +471,91 @@ static int cmp_pending(const void *a, const void *b)
     return x->seq < y->seq ? -1 : (x->seq > y->seq);
 }
 
+/* -- io_uring backend ----------------------------------------------------------------------- */
+
+/* Completion ring entries: more than the receive buffers plus a full submission ring can
+ * complete in one enter (it does not overflow), and small enough to stay in cache (each CQE
+ * written lands on the next line of the ring). */
+static unsigned ur_cq_size(unsigned buffers)
+{
+    unsigned want = 4 * (buffers > UR_SQ ? buffers : UR_SQ);
+    return want < 4096 ? 4096 : want > 65536 ? 65536 : want;
+}
+
+/* Submit the handed-out SQEs and run the ring's deferred work (receives that completed since). */
+static void uring_enter(Forwarder *self)
+{
+    self->uring_enters++;
+    if (ur_enter(&self->ur) < 0)
+        self->recv_errors++; /* EBUSY/ENOMEM: the SQEs stay queued for the next enter */
+}
+
+static struct io_uring_sqe *uring_sqe(Forwarder *self)
+{
+    struct io_uring_sqe *sqe = ur_sqe(&self->ur);
+    if (sqe == NULL) { /* full: submit what is there (never with UR_SQ >= POOL + a few arms) */
+        uring_enter(self);
+        sqe = ur_sqe(&self->ur);
+    }
+    return sqe;
+}
+
+/* Arm a multishot RECVMSG on fd (provided buffers of group 0); 0, or -1 if the ring is full. */
+static int uring_arm(Forwarder *self, int fd, unsigned port)
+{
+    struct io_uring_sqe *sqe = uring_sqe(self);
+    if (sqe == NULL)
+        return -1;
+    sqe->opcode = IORING_OP_RECVMSG;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)&self->rtmpl;
+    sqe->len = 1;
+    sqe->ioprio = IORING_RECV_MULTISHOT;
+    sqe->flags = IOSQE_BUFFER_SELECT;
+    sqe->buf_group = 0;
+    sqe->user_data = (UD_RECV << 62) | ((uint64_t)self->gen[fd] << 48) | ((uint64_t)port << 32) | (uint32_t)fd;
+    return 0;
+}
+
+/* Every waiting datagram as one SEND SQE with its destination (sendto; Linux 6.0+), all
+ * submitted by one io_uring_enter. MSG_DONTWAIT makes a full socket fail the send at once
+ * (counted from its CQE) instead of parking it, so every send has run, and its pool slot and
+ * destination are free again, when the enter returns. */
+static void uring_flush(Forwarder *self)
+{
+    int n = self->npend;
+    for (int i = 0; i < n; i++) {
+        Pending *p = &self->pend[i];
+        struct io_uring_sqe *sqe = uring_sqe(self);
+        if (sqe == NULL) {
+            self->send_errors += (unsigned long long)(n - i);
+            break;
+        }
+        sqe->opcode = IORING_OP_SEND;
+        sqe->fd = p->fd;
+        sqe->addr = (uint64_t)(uintptr_t)(self->pool + (size_t)p->slot * SLOT_BYTES);
+        sqe->len = p->len;
+        sqe->addr2 = (uint64_t)(uintptr_t)p->dst;
+        sqe->addr_len = (uint16_t)sizeof(struct sockaddr_in);
+        sqe->msg_flags = MSG_DONTWAIT;
+        sqe->flags = IOSQE_CQE_SKIP_SUCCESS;
+        sqe->user_data = UD_SEND << 62;
+    }
+    self->send_calls++;
+    uring_enter(self);
+    self->npend = 0;
+}
+
 /* sendmmsg every waiting datagram, one call per run of the same egress socket. */
 static void flush_sends(Forwarder *self)
 {
     int n = self->npend;
     if (n == 0)
         return;
+    if (self->uring) {
+        uring_flush(self);
+        return;
+    }
     int sorted = 1;
     for (int i = 1; i < n && sorted; i++)
         sorted = self->pend[i - 1].fd <= self->pend[i].fd;
@@ -573,6 +673,42 @@ static int hand_back(PyObject *out, int with_port, unsigned port, const unsigned
     return r;
 }
 
+/* One received datagram (d, n from sockaddr ss): forward it natively, or keep it for Python (a
+ * hand-back item in ``out``, or a copy in hb during a run() turn). -1 with a Python error set. */
+static int take_datagram(Forwarder *self, unsigned port, const unsigned char *d, size_t n,
+                         const struct sockaddr_storage *ss, socklen_t sslen, double now, PyObject *out, int with_port)
+{
+    if (ss->ss_family == AF_INET && sslen >= (socklen_t)sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+        Flow *f = flow_find(self, make_key(port, ntohl(sin->sin_addr.s_addr), ntohs(sin->sin_port)));
+        int done = f == NULL ? 0 : forward(self, f, d, n, now);
+        if (done == 1)
+            self->forwarded++;
+        if (done != 0)
+            return 0;
+    }
+    if (!(ss->ss_family == AF_INET && sslen >= (socklen_t)sizeof(struct sockaddr_in)) &&
+        !(ss->ss_family == AF_INET6 && sslen >= (socklen_t)sizeof(struct sockaddr_in6))) {
+        self->recv_errors++; /* no source address: nothing the table could account it to */
+        return 0;
+    }
+    self->to_python++;
+    if (self->deferred) {
+        if (self->nhb == HB_MAX) {
+            self->handback_drops++; /* Python is far behind: the table never sees it */
+            return 0;
+        }
+        Handback *h = &self->hb[self->nhb++];
+        h->port = port;
+        h->len = (unsigned)n;
+        h->sslen = sslen;
+        memcpy(&h->ss, ss, sslen < (socklen_t)sizeof(*ss) ? sslen : sizeof(*ss));
+        memcpy(h->data, d, n);
+        return 0;
+    }
+    return hand_back(out, with_port, port, d, n, ss, sslen);
+}
+
 /* Read up to max_batches recvmmsg batches from one socket: 1 when the budget ran out before the
  * socket was empty, 0 when it was emptied (or failed), -1 with a Python error set. */
 static int drain_fd(Forwarder *self, int fd, unsigned port, int max_batches, int have_now,
@@ -595,44 +731,104 @@ static int drain_fd(Forwarder *self, int fd, unsigned port, int max_batches, int
             size_t n = self->rmsg[i].msg_len;
             if (n > BUF_BYTES)
                 n = BUF_BYTES;
-            const struct sockaddr_storage *ss = &self->src[i];
             socklen_t sslen = self->rmsg[i].msg_hdr.msg_namelen;
             self->rmsg[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_storage); /* for the next call */
-            if (ss->ss_family == AF_INET && sslen >= (socklen_t)sizeof(struct sockaddr_in)) {
-                const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
-                Flow *f = flow_find(self, make_key(port, ntohl(sin->sin_addr.s_addr), ntohs(sin->sin_port)));
-                int done = f == NULL ? 0 : forward(self, f, d, n, now);
-                if (done == 1)
-                    self->forwarded++;
-                if (done != 0)
-                    continue;
-            }
-            if (!(ss->ss_family == AF_INET && sslen >= (socklen_t)sizeof(struct sockaddr_in)) &&
-                !(ss->ss_family == AF_INET6 && sslen >= (socklen_t)sizeof(struct sockaddr_in6))) {
-                self->recv_errors++; /* no source address: nothing the table could account it to */
-                continue;
-            }
-            self->to_python++;
-            if (self->deferred) {
-                if (self->nhb == HB_MAX) {
-                    self->handback_drops++; /* Python is far behind: the table never sees it */
-                    continue;
-                }
-                Handback *h = &self->hb[self->nhb++];
-                h->port = port;
-                h->len = (unsigned)n;
-                h->sslen = sslen;
-                memcpy(&h->ss, ss, sizeof(*ss));
-                memcpy(h->data, d, n);
-                continue;
-            }
-            if (hand_back(out, with_port, port, d, n, ss, sslen) < 0)
+            if (take_datagram(self, port, d, n, &self->src[i], sslen, now, out, with_port) < 0)
                 return -1;
         }
         if (r < BATCH)
             return 0; /* the socket is empty: spare the EAGAIN round trip */
     }
     return 1;
+}
+
+/* The completions in the CQ ring: received datagrams go through take_datagram (their buffer
+ * straight back to the kernel), failed sends are counted, ended receives re-armed. Returns the
+ * datagrams seen; *failed after a Python error (the rest are only recycled). */
+static int uring_reap(Forwarder *self, int have_now, double fixed_now, PyObject *out, int *failed)
+{
+    URing *r = &self->ur;
+    unsigned head = *r->cq_head, tail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
+    double now = have_now ? fixed_now : monotonic_now();
+    int seen = 0;
+    for (; head != tail; head++) {
+        const struct io_uring_cqe *c = &r->cqes[head & r->cq_mask];
+        uint64_t ud = c->user_data;
+        int res = c->res;
+        unsigned flags = c->flags;
+        uint64_t kind = ud >> 62;
+        if (kind == UD_SEND) {
+            if (res < 0)
+                self->send_errors++; /* EAGAIN, ENOBUFS, EPERM ...: that datagram is dropped */
+            continue;
+        }
+        if (kind != UD_RECV)
+            continue; /* a cancel's failure: the socket was gone already */
+        int fd = (int)(uint32_t)ud;
+        unsigned port = (unsigned)((ud >> 32) & 0xFFFF);
+        int current = (size_t)fd < self->ngen && self->gen[fd] == (unsigned char)(ud >> 48);
+        if (flags & IORING_CQE_F_BUFFER) {
+            unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
+            if (res >= 0 && current && !*failed && bid < r->br_entries) {
+                const unsigned char *buf = r->bufs + (size_t)bid * r->buf_bytes;
+                const struct io_uring_recvmsg_out *o = (const struct io_uring_recvmsg_out *)buf;
+                const unsigned char *name = buf + sizeof(*o);
+                const unsigned char *d = name + sizeof(struct sockaddr_storage);
+                size_t n = o->payloadlen < BUF_BYTES ? o->payloadlen : BUF_BYTES; /* longer: truncated */
+                socklen_t sslen = o->namelen < sizeof(struct sockaddr_storage) ? o->namelen
+                                                                                : (socklen_t)sizeof(struct sockaddr_storage);
+                seen++;
+                if (take_datagram(self, port, d, n, (const struct sockaddr_storage *)name, sslen, now, out, 1) < 0)
+                    *failed = 1;
+            }
+            if (bid < r->br_entries)
+                ur_buf_recycle(r, bid);
+        } else if (res < 0 && res != -ENOBUFS && res != -ECANCELED) {
+            self->recv_errors++;
+        }
+        /* A multishot receive ends on -ENOBUFS (every buffer was in use) and on errors: re-arm a
+         * current socket unless it is gone for good. */
+        if (!(flags & IORING_CQE_F_MORE) && current && res != -ECANCELED && res != -EBADF && res != -ENOTSOCK &&
+            res != -EINVAL) {
+            self->uring_rearms++;
+            if (uring_arm(self, fd, port) != 0)
+                self->recv_errors++;
+        }
+    }
+    __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
+    return seen;
+}
+
+/* One poll() of the io_uring backend: an io_uring_enter runs the deferred receives (a bounded
+ * number per enter), their datagrams are forwarded or handed back, and the enter that submits
+ * the sends runs the receives completed meanwhile; rounds go on while those bring completions,
+ * up to UR_ROUNDS. The eventfd stays signalled while work waits (the loop comes back at once)
+ * and is read only when none does, then checked again against a receive queued meanwhile. */
+static int uring_turn(Forwarder *self, int have_now, double now, PyObject *out)
+{
+    int failed = 0;
+    uring_enter(self);
+    for (int round = 0; round < UR_ROUNDS; round++) {
+        self->recv_calls++;
+        uring_reap(self, have_now, now, out, &failed);
+        if (self->npend > 0 || ur_unsubmitted(&self->ur) > 0)
+            uring_flush(self); /* one enter: the sends, any re-arms, and more receives */
+        if (ur_cq_ready(&self->ur) == 0)
+            break;
+    }
+    if (self->npend > 0)
+        uring_flush(self);
+    if (ur_cq_ready(&self->ur) == 0 && !ur_work_pending(&self->ur)) {
+        uint64_t count;
+        if (read(self->evfd, &count, sizeof(count)) < 0 && errno != EAGAIN)
+            self->recv_errors++;
+        if (ur_cq_ready(&self->ur) > 0 || ur_work_pending(&self->ur)) {
+            uint64_t one = 1;
+            if (write(self->evfd, &one, sizeof(one)) < 0)
+                self->recv_errors++;
+        }
+    }
+    return failed ? -1 : 0;
 }
 
 static int parse_now(PyObject *now_obj, int *have_now, double *now)
@@ -739,6 +935,19 @@ static PyObject *poll_locked(Forwarder *self, PyObject *args, PyObject *kwds)
     double now;
     if (parse_now(now_obj, &have_now, &now) < 0)
         return NULL;
+    if (self->uring) {
+        PyObject *items = PyList_New(0);
+        if (items == NULL)
+            return NULL;
+        self->busy = 1;
+        int ur = uring_turn(self, have_now, now, items);
+        self->busy = 0;
+        if (ur < 0) {
+            Py_DECREF(items);
+            return NULL;
+        }
+        return items;
+    }
     int n;
     do {
         n = epoll_wait(self->epfd, self->events, MAX_EVENTS, 0);
@@ -798,6 +1007,10 @@ static PyObject *Forwarder_run(Forwarder *self, PyObject *args, PyObject *kwds)
     int ok = check_idle(self) == 0;
     if (ok && self->serving) {
         PyErr_SetString(PyExc_RuntimeError, "Forwarder is already served by run()");
+        ok = 0;
+    }
+    if (ok && self->uring) {
+        PyErr_SetString(PyExc_RuntimeError, "an io_uring Forwarder is served by poll() on its own thread");
         ok = 0;
     }
     if (ok && self->hb == NULL) {
@@ -876,8 +1089,25 @@ static PyObject *add_socket_locked(Forwarder *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bad fd or port");
         return NULL;
     }
-    if (watch(self, EPOLL_CTL_ADD, fd, (unsigned)port) != 0)
+    if (self->uring) {
+        if ((size_t)fd >= self->ngen) {
+            size_t want = (size_t)fd + 1 > self->ngen * 2 ? (size_t)fd + 1 : self->ngen * 2;
+            unsigned char *g = PyMem_Realloc(self->gen, want);
+            if (g == NULL)
+                return PyErr_NoMemory();
+            memset(g + self->ngen, 0, want - self->ngen);
+            self->gen = g;
+            self->ngen = want;
+        }
+        self->gen[fd]++; /* completions of an earlier socket with this fd number are stale now */
+        if (uring_arm(self, fd, (unsigned)port) != 0) {
+            PyErr_SetString(PyExc_OSError, "io_uring submission ring full");
+            return NULL;
+        }
+        uring_enter(self);
+    } else if (watch(self, EPOLL_CTL_ADD, fd, (unsigned)port) != 0) {
         return PyErr_SetFromErrno(PyExc_OSError);
+    }
     self->sockets++;
     Py_RETURN_NONE;
 }
@@ -904,8 +1134,25 @@ static PyObject *remove_socket_locked(Forwarder *self, PyObject *args)
         flow_delete(self, victim);
         purged++;
     }
-    if (epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL) != 0)
+    if (self->uring) {
+        /* Cancel its receive now, before the caller closes it: the request holds the socket
+         * (and its port) open until then. */
+        if ((size_t)fd < self->ngen)
+            self->gen[fd]++;
+        struct io_uring_sqe *sqe = uring_sqe(self);
+        if (sqe == NULL) {
+            PyErr_SetString(PyExc_OSError, "io_uring submission ring full");
+            return NULL;
+        }
+        sqe->opcode = IORING_OP_ASYNC_CANCEL;
+        sqe->fd = fd;
+        sqe->cancel_flags = IORING_ASYNC_CANCEL_FD | IORING_ASYNC_CANCEL_ALL;
+        sqe->flags = IOSQE_CQE_SKIP_SUCCESS;
+        sqe->user_data = UD_CANCEL << 62;
+        uring_enter(self);
+    } else if (epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL) != 0) {
         return PyErr_SetFromErrno(PyExc_OSError);
+    }
     self->sockets--;
     return PyLong_FromSize_t(purged);
 }
@@ -1025,11 +1272,12 @@ static PyObject *flush_locked(Forwarder *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *counters_locked(Forwarder *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsnsisK}", "forwarded", self->forwarded, "to_python", self->to_python,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsnsisKsisKsK}", "forwarded", self->forwarded, "to_python", self->to_python,
                          "send_errors", self->send_errors, "recv_errors", self->recv_errors, "recv_calls",
                          self->recv_calls, "send_calls", self->send_calls, "transcoded", self->transcoded,
                          "transcode_drops", self->transcode_drops, "flows", (Py_ssize_t)self->count,
-                         "sockets", self->sockets, "handback_drops", self->handback_drops);
+                         "sockets", self->sockets, "handback_drops", self->handback_drops, "uring", self->uring,
+                         "uring_enters", self->uring_enters, "uring_rearms", self->uring_rearms);
 }
 
 static PyObject *Forwarder_fileno(Forwarder *self, PyObject *Py_UNUSED(ignored))
@@ -1038,7 +1286,7 @@ static PyObject *Forwarder_fileno(Forwarder *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_ValueError, "Forwarder is closed");
         return NULL;
     }
-    return PyLong_FromLong(self->epfd);
+    return PyLong_FromLong(self->uring ? self->evfd : self->epfd);
 }
 
 static void forwarder_release(Forwarder *self)
@@ -1051,6 +1299,17 @@ static void forwarder_release(Forwarder *self)
         close(self->wakefd);
         self->wakefd = -1;
     }
+    if (self->uring) {
+        ur_close(&self->ur); /* cancels every receive: the sockets are the caller's to close */
+        self->uring = 0;
+    }
+    if (self->evfd >= 0) {
+        close(self->evfd);
+        self->evfd = -1;
+    }
+    PyMem_Free(self->gen);
+    self->gen = NULL;
+    self->ngen = 0;
     PyMem_Free(self->hb);
     self->hb = NULL;
     self->nhb = 0;
@@ -1088,9 +1347,15 @@ static Py_ssize_t Forwarder_len(Forwarder *self)
 
 static int Forwarder_init(Forwarder *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "", kwlist))
+    static char *kwlist[] = {"uring", "buffers", NULL};
+    int uring = 0;
+    unsigned int buffers = UR_BUFS;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$pI", kwlist, &uring, &buffers))
         return -1;
+    if (buffers < 8 || buffers > 32768 || (buffers & (buffers - 1)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "buffers: a power of two, 8..32768");
+        return -1;
+    }
     if (self->epfd >= 0 || self->slots != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Forwarder already initialised");
         return -1;
@@ -1122,6 +1387,17 @@ static int Forwarder_init(Forwarder *self, PyObject *args, PyObject *kwds)
         forwarder_release(self);
         return -1;
     }
+    if (uring) {
+        memset(&self->rtmpl, 0, sizeof(self->rtmpl));
+        self->rtmpl.msg_namelen = sizeof(struct sockaddr_storage);
+        self->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (self->evfd < 0 || ur_open(&self->ur, UR_SQ, ur_cq_size(buffers), buffers, (unsigned)UR_BUF_BYTES, self->evfd) != 0) {
+            PyErr_SetFromErrno(PyExc_OSError); /* ENOSYS/EPERM (io_uring off), EINVAL (kernel too old) */
+            forwarder_release(self);
+            return -1;
+        }
+        self->uring = 1;
+    }
     return 0;
 }
 
@@ -1129,7 +1405,8 @@ static PyObject *Forwarder_new(PyTypeObject *type, PyObject *args, PyObject *kwd
 {
     Forwarder *self = (Forwarder *)type->tp_alloc(type, 0);
     if (self != NULL) {
-        self->epfd = self->wakefd = -1;
+        self->epfd = self->wakefd = self->evfd = -1;
+        ur_zero(&self->ur);
         pthread_mutexattr_t attr;
         pthread_mutexattr_init(&attr);
         pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);

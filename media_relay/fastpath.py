@@ -50,6 +50,7 @@ except ImportError:  # not built: the pure-Python path
 log = logging.getLogger(__name__)
 
 ENV_VAR = "EDGE_MEDIA_FASTPATH"
+URING_ENV_VAR = "EDGE_MEDIA_URING"
 
 # (local_port, src_host, src_port, is_rtcp_port, rtp_fd, rtp_dst, rtcp_fd, rtcp_dst, transcoder)
 FlowSpec = tuple[int, str, int, bool, int, Addr | None, int, Addr | None, "NativeTranscoder | None"]
@@ -84,10 +85,20 @@ def shard_of(shards: list[Forwarder], port: int) -> Forwarder:
     return shards[(port // 2) % len(shards)]
 
 
-def new_forwarder() -> Forwarder:
+def uring_wanted() -> bool:
+    """A worker read from the event loop uses the io_uring backend unless ``EDGE_MEDIA_URING=0``
+    (epoll); where the kernel refuses io_uring (too old, sysctl, a seccomp filter) the worker
+    falls back to epoll by itself."""
+    return os.environ.get(URING_ENV_VAR, "1").strip() not in ("0", "false", "no", "off")
+
+
+def new_forwarder(uring: bool = False, buffers: int = 1024) -> Forwarder:
+    """A forwarder on epoll + recvmmsg/sendmmsg, or with ``uring`` on io_uring (multishot receives
+    into ``buffers`` provided buffers of 2 KiB, one submission for a turn's sends); OSError when
+    the kernel refuses io_uring."""
     if _fastpath is None:
         raise RuntimeError("media_relay._fastpath is not built (pip install -e . with gcc and python3-dev)")
-    return _fastpath.Forwarder()
+    return _fastpath.Forwarder(uring=True, buffers=buffers) if uring else _fastpath.Forwarder()
 
 
 class _Flow:

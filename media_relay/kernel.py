@@ -82,6 +82,18 @@ assert _VALUE.size == 176
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
+def _load_program(attr: bytes) -> int:
+    """BPF_PROG_LOAD, retried on EAGAIN: the verifier gives up when a signal is pending (a
+    SIGCHLD, say), as libbpf's loader also retries."""
+    for attempt in range(5):
+        try:
+            return _bpf(_BPF_PROG_LOAD, _attr(attr))
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN or attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 class KernelUnavailable(OSError):
     """Kernel forwarding cannot run here (no permission, no TCX, not Linux x86_64)."""
 
@@ -453,7 +465,7 @@ class KernelForwarder:
                 b"edge_media_fwd",
             )
             try:
-                prog_fd = _bpf(_BPF_PROG_LOAD, _attr(load))
+                prog_fd = _load_program(load)
             except OSError as exc:
                 text = log.value.decode(errors="replace").strip().splitlines()
                 detail = "; ".join(text[-3:]) if text else ""

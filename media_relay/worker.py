@@ -4,8 +4,11 @@ Thin by design (shared/STYLE.md §8). Two ways to move packets, same table, same
 
 * **native** (``media_relay/_fastpath.c`` built, IPv4 ports, ``EDGE_MEDIA_FASTPATH`` not ``0``):
   the worker binds the sockets itself and registers them with a ``_fastpath.Forwarder``, whose
-  epoll fd the loop watches (``loop.add_reader``): one callback per loop iteration reads every
-  ready socket with recvmmsg and forwards the packets of established flows with sendmmsg, in C.
+  fd the loop watches (``loop.add_reader``): one callback per loop iteration reads every ready
+  socket and forwards the packets of established flows, in C. By default through io_uring (the
+  fd is the ring's eventfd; every socket has a multishot receive armed, a turn's sends go in
+  one submission: ``_uring.h``), else (``EDGE_MEDIA_URING=0``, a kernel that refuses io_uring,
+  threads, E's kernel forwarding) through an epoll set, recvmmsg and sendmmsg.
   What the forwarder does not know (first packets, strangers, garbage) comes back as a list and
   goes through ``RelayTable.receive_datagram`` as before. ``fastpath.FlowSync`` keeps the
   forwarder's flows equal to the table's routes and folds counters back lazily: before
@@ -204,7 +207,9 @@ class RelayWorker:
     Ports may also be bound on other local addresses (``host=`` of the bind methods; E's stream
     legs span its external and internal addresses); a port number is unique within a worker.
     ``native``: None = the native fast path when built and not switched off (``fastpath``);
-    True requires it; False = the pure-Python path.
+    True requires it; False = the pure-Python path. ``uring``: None = ``EDGE_MEDIA_URING``; the
+    native path on io_uring instead of epoll (one thread only; falls back to epoll, with
+    ``uring_error`` set, where the kernel refuses it).
 
     Mutate streams through the worker (``add_stream``, ``remove_stream``) or the table's methods
     (``set_remote``, ``relatch``, ``set_transcoder``), which the native path follows; read
@@ -222,6 +227,7 @@ class RelayWorker:
         native: bool | None = None,
         kernel_forwarding: bool | None = None,
         threads: int | None = None,
+        uring: bool | None = None,
     ) -> None:
         self.host = host
         self.allocator = allocator
@@ -239,12 +245,32 @@ class RelayWorker:
         self._attaching: set[asyncio.Task[None]] = set()
         if native is None:
             native = fastpath.available()
-        self._forwarder = fastpath.new_forwarder() if native else None
         # threads > 1: ports are spread over that many forwarders (shards, by RTP pair); the
         # first is read from the event loop, each other one by a thread of its own in C,
         # without the GIL (Forwarder.run), so the relay uses more than one core.
         if threads is None:
             threads = relay_threads()
+        if uring is None:
+            uring = fastpath.uring_wanted()
+        if kernel_forwarding is None:
+            kernel_forwarding = kernel.wanted()
+        self.uring_error: str | None = None
+        self._forwarder = None
+        if native and uring and kernel_forwarding and not transcoding:
+            # A burst that straddles a flow's move into the kernel is split differently by
+            # io_uring's receives: the kernel's receiver state would miss the packets Python
+            # took after the move (epoll reads such a burst in one batch before the move).
+            self.uring_error = "kernel forwarding keeps the forwarder on epoll"
+        elif native and uring and threads <= 1:
+            try:
+                self._forwarder = fastpath.new_forwarder(uring=True)
+            except OSError as exc:
+                self.uring_error = f"io_uring unavailable ({exc}): epoll"
+                log.warning("media: %s", self.uring_error)
+        elif native and uring:
+            self.uring_error = "io_uring is for a relay read by the event loop alone: epoll with threads"
+        if native and self._forwarder is None:
+            self._forwarder = fastpath.new_forwarder()
         self._served: list[tuple[Forwarder, threading.Thread]] = []
         self._shards: list[Forwarder] = [] if self._forwarder is None else [self._forwarder]
         if self._forwarder is not None:
@@ -259,8 +285,6 @@ class RelayWorker:
         self._reader_fd: int | None = None
         self._kernel: kernel.KernelForwarder | None = None
         self.kernel_error: str | None = None
-        if kernel_forwarding is None:
-            kernel_forwarding = kernel.wanted()
         if kernel_forwarding and self._forwarder is not None and not transcoding:
             try:
                 self._kernel = kernel.KernelForwarder.open()
@@ -578,11 +602,14 @@ class RelayWorker:
             worker["srtp"] = "python" if self._forwarder is None or primitives is None else "native"
             worker["srtp_primitives"] = primitives if worker["srtp"] == "native" else "pylibsrtp"
         if self._forwarder is not None:
-            native: dict[str, int] = {}
+            native: dict[str, Any] = {}
             for fwd in self._shards:
                 for key, value in fwd.counters().items():
                     native[key] = native.get(key, 0) + value
             native["threads"] = len(self._shards)
+            native["backend"] = "io_uring" if native.pop("uring") else "epoll"
+            if self.uring_error is not None:
+                worker["uring_error"] = self.uring_error
             errors += native["send_errors"] + native["recv_errors"]
             worker["native"] = native
         if self._kernel is not None and self._flows is not None:

@@ -236,12 +236,12 @@ class Path2:
     def step(
         self, n: int, profile: bool = False
     ) -> tuple[Window, float, dict[str, dict[str, Any]], list[str]]:
-        e_env = {"EDGE_MEDIA_KERNEL": "1" if self.args.e_kernel else "0"}
+        uring = "0" if self.args.epoll else "1"
+        e_env = {"EDGE_MEDIA_KERNEL": "1" if self.args.e_kernel else "0", "EDGE_MEDIA_URING": uring}
         e = Child("e", self.prefix, self.cpu_e, self.log, env=e_env)
         try:
-            c = Child(
-                "c", self.prefix, self.cpu_c, self.log, env={"EDGE_MEDIA_THREADS": str(self.args.c_threads)}
-            )
+            c_env = {"EDGE_MEDIA_THREADS": str(self.args.c_threads), "EDGE_MEDIA_URING": uring}
+            c = Child("c", self.prefix, self.cpu_c, self.log, env=c_env)
         except BaseException:
             e.close()
             raise

@@ -124,13 +124,15 @@ def _totals(worker: Any) -> dict[str, Any]:
     from media_relay import fastpath
 
     info = worker.stats()["worker"]
-    native = {f"native_{k}": v for k, v in info.get("native", {}).items()}
+    native = {f"native_{k}": v for k, v in info.get("native", {}).items() if k != "backend"}
     primitives = getattr(fastpath, "srtp_primitives", None)
     srtp = (primitives() if callable(primitives) else None) or "python"
     return {
         **worker.totals(),
         "socket_errors": info["socket_errors"],
-        "path": info["fastpath"] + (" + kernel" if "flows" in info.get("kernel", {}) else ""),
+        "path": info["fastpath"]
+        + (f" on {info['native']['backend']}" if "backend" in info.get("native", {}) else "")
+        + (" + kernel" if "flows" in info.get("kernel", {}) else ""),
         "kernel_flows": info.get("kernel", {}).get("flows", 0),
         "srtp": str(srtp),
         **native,

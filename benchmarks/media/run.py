@@ -371,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="part 2: E forwards established flows in the kernel (EDGE_MEDIA_KERNEL=1; root)",
     )
+    parser.add_argument(
+        "--epoll",
+        action="store_true",
+        help="our relays read their sockets with epoll + recvmmsg (EDGE_MEDIA_URING=0), not io_uring",
+    )
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--rtpengine-threads", type=int, default=1)
     parser.add_argument("--no-rtpengine", action="store_true")
@@ -390,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     raise_fd_limit()
     pin(0)
+    os.environ["EDGE_MEDIA_URING"] = "0" if args.epoll else "1"  # inherited by part 1's relay
     prefix = free_prefix()
     tmp = Path(tempfile.mkdtemp(prefix="media-bench-"))
     started = time.monotonic()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -30,9 +31,12 @@ from tests.media.kernel_tools import require_kernel
 HOST = "127.0.0.1"
 
 
-def _forwarder() -> Any:
+BACKENDS = ["epoll", "uring"]  # the forwarder's two ways of reading its sockets (see _uring.h)
+
+
+def _forwarder(backend: str = "epoll") -> Any:
     assert fastpath.built(), "media_relay._fastpath is not built: pip install -e . (needs gcc, python3-dev)"
-    return fastpath.new_forwarder()
+    return fastpath.new_forwarder(uring=backend == "uring")
 
 
 def rtp(seq: int, ts: int = 0, ssrc: int = 0x1234, pt: int = 0, size: int = 172) -> bytes:
@@ -62,13 +66,16 @@ Relayed = tuple[int, Addr, bytes]  # (egress port, destination, datagram), as th
 class TwoTables:
     """Loopback relay ports and two tables: ``python`` fed directly, ``native`` whose established
     flows live in a ``Forwarder`` fed by the real sockets (``drain`` with an explicit clock, then
-    the table for whatever the forwarder hands back, as ``worker.py`` does)."""
+    the table for whatever the forwarder hands back, as ``worker.py`` does). ``backend``
+    ``uring``: the forwarder reads every socket through io_uring and ``poll`` replaces ``drain``
+    (a loopback datagram is in its socket when sendto returns, so the next poll has it)."""
 
-    def __init__(self, relay_ports: int) -> None:
+    def __init__(self, relay_ports: int, backend: str = "epoll") -> None:
+        self.backend = backend
         self.socks: list[socket.socket] = []
         self.relay: dict[int, socket.socket] = {}
         self.ports = [self._relay_port() for _ in range(relay_ports)]
-        self.forwarder = _forwarder()
+        self.forwarder = _forwarder(backend)
         for port, sock in self.relay.items():
             self.forwarder.add_socket(sock.fileno(), port)
         self.python = RelayTable()
@@ -99,7 +106,12 @@ class TwoTables:
         if self.native.changed:  # as the worker does before each poll
             self.flows.sync(self.native.take_changed())
         src.sendto(data, (HOST, port))  # loopback: queued at the relay socket on return
-        for back, addr in self.forwarder.drain(self.relay[port].fileno(), port, now=now):
+        if self.backend == "uring":
+            items = self.forwarder.poll(now=now)
+        else:
+            items = [(port, b, a) for b, a in self.forwarder.drain(self.relay[port].fileno(), port, now=now)]
+        for at, back, addr in items:
+            assert at == port
             out = relay(port, back, addr, now)
             if out is not None:
                 self.relay[out[0]].sendto(out[2], out[1])
@@ -134,8 +146,8 @@ class TwoTables:
 class Rig(TwoTables):
     """E's shape: a latching client leg on its own pair, C's leg demuxed on a shared pair."""
 
-    def __init__(self) -> None:
-        super().__init__(5)
+    def __init__(self, backend: str = "epoll") -> None:
+        super().__init__(5, backend)
         self.client_rtp, self.client_rtcp, self.demux_rtp, self.demux_rtcp, self.spare = self.ports
         # (spare: bound, but no stream uses it)
         self.client = self._new()  # the MRA client (RTP and RTCP from one socket)
@@ -180,9 +192,9 @@ def endpoint_state(ep: Endpoint) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def rig() -> Iterator[Rig]:
-    r = Rig()
+@pytest.fixture(params=BACKENDS)
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    r = Rig(str(request.param))
     try:
         yield r
     finally:
@@ -377,10 +389,13 @@ stats_packets = st.lists(
 )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=40, deadline=None)
 @given(packets=stats_packets)
-def test_receiver_statistics_are_identical_for_any_sequence(packets: list[tuple[int, int, int, int]]) -> None:
-    r = Rig()
+def test_receiver_statistics_are_identical_for_any_sequence(
+    packets: list[tuple[int, int, int, int]], backend: str
+) -> None:
+    r = Rig(backend)
     try:
         now = establish(r)
         seq, ts = 1, 160
@@ -405,10 +420,13 @@ datagrams = st.lists(
 )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=40, deadline=None)
 @given(packets=datagrams)
-def test_arbitrary_datagrams_are_handled_the_same(packets: list[tuple[str, str, int, bytes]]) -> None:
-    r = Rig()
+def test_arbitrary_datagrams_are_handled_the_same(
+    packets: list[tuple[str, str, int, bytes]], backend: str
+) -> None:
+    r = Rig(backend)
     try:
         now = establish(r)
         stranger = r._new()
@@ -486,6 +504,85 @@ def test_many_flows_grow_and_shrink_the_table() -> None:
     finally:
         fwd.close()
         sock.close()
+
+
+def _poll_until(fwd: Any, want: int, deadline_s: float = 5.0) -> list[tuple[int, bytes, Addr]]:
+    """poll() (io_uring: nothing blocks) until ``want`` hand-backs came, bounded in time."""
+    got: list[tuple[int, bytes, Addr]] = []
+    end = time.monotonic() + deadline_s
+    while len(got) < want and time.monotonic() < end:
+        got += fwd.poll()
+    return got
+
+
+def test_uring_outlives_its_receive_buffers_and_keeps_every_socket_in_order() -> None:
+    """More datagrams queued than the ring has receive buffers (here 64): receives that ran dry
+    end with ENOBUFS and are re-armed; every datagram comes back once, in order per socket."""
+    fwd = fastpath.new_forwarder(uring=True, buffers=64)
+    socks = [udp() for _ in range(64)]
+    src = udp()
+    try:
+        assert fwd.counters()["uring"] == 1
+        for s in socks:
+            fwd.add_socket(s.fileno(), name(s)[1])
+        per_socket = 40  # 2,560 in all
+        for s in socks:
+            for i in range(per_socket):
+                src.sendto(rtp(i), name(s))
+        got = _poll_until(fwd, per_socket * len(socks))
+        assert len(got) == per_socket * len(socks)
+        for s in socks:
+            seqs = [struct.unpack("!H", data[2:4])[0] for port, data, addr in got if port == name(s)[1]]
+            assert seqs == list(range(per_socket))
+        assert all(addr == name(src) for _, _, addr in got)
+        counters = fwd.counters()
+        assert counters["uring_rearms"] > 0 and counters["recv_errors"] == 0
+    finally:
+        fwd.close()
+        for s in (*socks, src):
+            s.close()
+
+
+def test_uring_forgets_a_removed_socket_even_when_its_fd_number_comes_back() -> None:
+    """Datagrams a removed socket had queued are dropped with it; a new socket that gets the same
+    fd number (and another port) is read as itself from its first datagram."""
+    fwd = _forwarder("uring")
+    src = udp()
+    old = udp()
+    try:
+        old_port = name(old)[1]
+        fwd.add_socket(old.fileno(), old_port)
+        src.sendto(rtp(1), name(old))
+        assert _poll_until(fwd, 1) == [(old_port, rtp(1), name(src))]
+        src.sendto(rtp(2), name(old))  # received by the ring, never polled
+        fd = old.fileno()
+        assert fwd.remove_socket(fd, old_port) == 0
+        old.close()
+        new = udp()
+        try:
+            assert new.fileno() == fd
+            fwd.add_socket(new.fileno(), name(new)[1])
+            src.sendto(rtp(3), name(new))
+            assert _poll_until(fwd, 1) == [(name(new)[1], rtp(3), name(src))]
+            assert fwd.poll() == []
+            again = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the old port is free
+            again.bind((HOST, old_port))
+            again.close()
+        finally:
+            fwd.remove_socket(new.fileno(), name(new)[1])
+            new.close()
+    finally:
+        fwd.close()
+        src.close()
+
+
+def test_uring_forwarder_is_not_served_by_a_thread() -> None:
+    fwd = _forwarder("uring")
+    try:
+        with pytest.raises(RuntimeError, match="io_uring"):
+            fwd.run(lambda items: None)
+    finally:
+        fwd.close()
 
 
 # -- through the worker and the event loop ---------------------------------------------------------

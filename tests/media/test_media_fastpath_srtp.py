@@ -30,7 +30,7 @@ from media_relay.srtp import (
     generate_crypto,
 )
 from media_relay.table import Addr, LegSpec
-from tests.media.test_media_fastpath import TwoTables
+from tests.media.test_media_fastpath import BACKENDS, TwoTables
 
 HOST = "127.0.0.1"
 OUT, IN = 0, 1
@@ -77,9 +77,11 @@ class Keys:
 
 
 class CRig(TwoTables):
-    def __init__(self, suite: str = "AES_CM_128_HMAC_SHA1_80", inside: str | None = None) -> None:
+    def __init__(
+        self, suite: str = "AES_CM_128_HMAC_SHA1_80", inside: str | None = None, backend: str = "epoll"
+    ) -> None:
         assert fastpath.native_srtp(), "media_relay._fastpath is not built with libsrtp2"
-        super().__init__(4)
+        super().__init__(4, backend)
         self.out_rtp, self.out_rtcp, self.in_rtp, self.in_rtcp = self.ports
         self.e, self.e_rtcp = self._new(), self._new()  # E's internal demux ports
         self.far, self.far_rtcp = self._new(), self._new()  # the inside endpoint
@@ -169,9 +171,9 @@ class CRig(TwoTables):
         return packet
 
 
-@pytest.fixture
-def rig() -> Iterator[CRig]:
-    r = CRig()
+@pytest.fixture(params=BACKENDS)
+def rig(request: pytest.FixtureRequest) -> Iterator[CRig]:
+    r = CRig(backend=str(request.param))
     try:
         yield r
     finally:
@@ -200,8 +202,11 @@ def establish(rig: CRig, now: float = 1.0) -> float:
     [(s, None) for s in KNOWN_SUITES]
     + [("AES_CM_128_HMAC_SHA1_32", "AEAD_AES_256_GCM"), ("AEAD_AES_128_GCM", "AES_CM_128_HMAC_SHA1_80")],
 )
-def test_established_flows_transcode_natively_and_match_python(suite: str, inside: str | None) -> None:
-    r = CRig(suite, inside)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_established_flows_transcode_natively_and_match_python(
+    suite: str, inside: str | None, backend: str
+) -> None:
+    r = CRig(suite, inside, backend)
     try:
         now = establish(r)
         assert len(r.flows) == 4  # outside RTP/RTCP and inside RTP/RTCP
@@ -353,10 +358,13 @@ packets = st.lists(
 )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=30, deadline=None)
 @given(items=packets)
-def test_arbitrary_packet_mixes_are_handled_the_same(items: list[tuple[str, str, str, int, int]]) -> None:
-    r = CRig("AES_CM_128_HMAC_SHA1_32", "AEAD_AES_128_GCM")
+def test_arbitrary_packet_mixes_are_handled_the_same(
+    items: list[tuple[str, str, str, int, int]], backend: str
+) -> None:
+    r = CRig("AES_CM_128_HMAC_SHA1_32", "AEAD_AES_128_GCM", backend)
     try:
         now = establish(r)
         senders = {"e": (r.e, r.client_tx), "far": (r.far, r.far_tx), "stranger": (r.stranger, r.client_tx)}
