@@ -119,6 +119,7 @@ class PathRow:
             f"{w.cpu_pct('load'):.0f}",
             f"{w.cpu_pct('host'):.0f}",
             f"{w.cpu_pct('host') - w.cpu_pct('expe') - w.cpu_pct('expc') - w.cpu_pct('load'):.0f}",
+            f"{w.cpu_pct('steal'):.1f}",
             "/".join(f"{w.counts.get(f'wait_ms_{k}', 0) / 10 / max(w.send_s, 1e-9):.0f}" for k in WAITERS),
             f"{w.behind_s * 1000:.0f}",
             "-" if hold is None else hold,
@@ -134,7 +135,7 @@ class PathRow:
 
 PATH_HEADERS = [
     "calls", "pps/dir", "loss %", "p50 us", "p99 us", "+p99 us", "net p99 us", "+net p99 us", "E CPU %",
-    "C CPU %", "gen CPU %", "host CPU %", "other CPU %",
+    "C CPU %", "gen CPU %", "host CPU %", "other CPU %", "steal %",
     "runq wait % E/C/gen", "gen late ms", "echo p99 us", "pkt/turn", "SRTP ok",
     "C native %", "setup s", "rcvbuf drops", "verdict", "note",
 ]  # fmt: skip

@@ -158,6 +158,15 @@ def host_busy_s() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def host_steal_s() -> float:
+    """CPU-seconds the hypervisor took from this VM's cores (/proc/stat ``steal``, every core):
+    time a relay was runnable but its vCPU was not running. A run with much of it measured the
+    neighbours as well as the relay."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[7] / os.sysconf("SC_CLK_TCK")
+
+
 def runqueue_wait_s(pid: int | str) -> float:
     """Seconds the main thread of ``pid`` has spent runnable but waiting for a CPU
     (/proc/<pid>/schedstat, second field): the relays' share of a busy machine's queueing."""
@@ -167,7 +176,8 @@ def runqueue_wait_s(pid: int | str) -> float:
 
 class CpuProbe:
     """CPU seconds of named processes between ``start()`` and ``stop()``; "load" is this one;
-    "host" is the busy time of all cores together (others' work included); "rcvbuf_drops" is the
+    "host" is the busy time of all cores together (others' work included), "steal" the part of it
+    the hypervisor gave other guests (of 200 % on 2 cores); "rcvbuf_drops" is the
     host's UDP receive-queue overflow count over the same span. ``waited``: run-queue wait of
     the same processes (main threads) over the span."""
 
@@ -192,6 +202,7 @@ class CpuProbe:
         now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         now["load"] = cpu_of_self()
         now["host"] = host_busy_s()
+        now["steal"] = host_steal_s()
         now["rcvbuf_drops"] = float(udp_rcvbuf_errors())
         return now
 

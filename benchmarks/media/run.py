@@ -78,7 +78,7 @@ from benchmarks.media.report import LOSS_TARGET_PCT, Profile, delta, fmt_us, loa
 from benchmarks.media.rtpengine import Rtpengine  # noqa: E402
 
 HOP_P99_ADDED_MS = 5.0  # "keeps up": no standing queue in the relay's socket buffers
-NOT_CPU = ("load", "host", "rcvbuf_drops")
+NOT_CPU = ("load", "host", "steal", "rcvbuf_drops")
 RATIO_TARGET = 1.5
 
 
@@ -130,13 +130,14 @@ class HopRow:
             f"{w.cpu_pct('load'):.0f}",
             f"{w.behind_s * 1000:.0f}",
             f"{w.cpu_s.get('rcvbuf_drops', 0):.0f}",
+            f"{w.cpu_pct('steal'):.1f}",
             self.note,
         ]
 
 
 HOP_HEADERS = [
     "relay", "N", "offered pps", "fwd pps", "loss %", "p50 us", "p99 us", "+p50 us", "+p99 us",
-    "relay CPU %", "load CPU %", "gen late ms", "rcvbuf drops", "note",
+    "relay CPU %", "load CPU %", "gen late ms", "rcvbuf drops", "steal %", "note",
 ]  # fmt: skip
 
 
