@@ -752,3 +752,65 @@ def test_env_var_forces_the_python_path(monkeypatch: pytest.MonkeyPatch) -> None
     assert not fastpath.available()
     monkeypatch.setenv(fastpath.ENV_VAR, "1")
     assert fastpath.available() == fastpath.built()
+
+
+async def _relays_one_way(worker: RelayWorker) -> None:
+    """A two-leg stream on ``worker``: 20 packets from a latching client reach the far end, the
+    later ones natively."""
+    loop = asyncio.get_running_loop()
+    client, far = [(await loop.create_datagram_endpoint(Peer, local_addr=(HOST, 0)))[1] for _ in range(2)]
+    try:
+        a, _ = await worker.bind_pair()
+        b, b_rtcp = await worker.bind_port(0), await worker.bind_port(0)
+        far_leg = LegSpec.demuxed(b, b_rtcp, far.addr, far.addr)
+        worker.add_stream("s", LegSpec.dedicated(a, latch=True), far_leg)
+        for i in range(20):
+            client.send(rtp(i), a)
+            await until(lambda i=i: len(far.received) == i + 1)  # type: ignore[misc]
+        assert [struct.unpack("!H", d[2:4])[0] for d in far.received] == list(range(20))
+        assert worker.stats()["worker"]["native"]["forwarded"] >= 10
+    finally:
+        for p in (client, far):
+            assert p.transport is not None
+            p.transport.close()
+
+
+async def test_worker_reads_through_io_uring_and_falls_back_to_epoll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default a native worker is on io_uring; where the kernel refuses it (old kernel,
+    ``kernel.io_uring_disabled``, a seccomp filter) it says why and relays on epoll; threads
+    stay on epoll, and so does ``EDGE_MEDIA_URING=0``."""
+    assert fastpath.built(), "media_relay._fastpath is not built"
+    monkeypatch.delenv(fastpath.URING_ENV_VAR, raising=False)
+    worker = RelayWorker(HOST, native=True)
+    try:
+        native = worker.stats()["worker"]["native"]
+        assert native["backend"] == "io_uring" and "uring_error" not in worker.stats()["worker"]
+    finally:
+        await worker.close()
+
+    real = fastpath.new_forwarder
+
+    def refused(uring: bool = False, buffers: int = 1024) -> Any:
+        if uring:
+            raise PermissionError(1, "Operation not permitted")
+        return real()
+
+    monkeypatch.setattr(fastpath, "new_forwarder", refused)
+    worker = RelayWorker(HOST, allocator=PortAllocator(46000, 46999), native=True)
+    try:
+        info = worker.stats()["worker"]
+        assert info["native"]["backend"] == "epoll"
+        error = info["uring_error"]
+        assert "io_uring unavailable" in error and "Operation not permitted" in error
+        await _relays_one_way(worker)  # and it relays
+    finally:
+        await worker.close()
+    monkeypatch.setattr(fastpath, "new_forwarder", real)
+
+    for kwargs, env in (({"threads": 2}, "1"), ({}, "0")):
+        monkeypatch.setenv(fastpath.URING_ENV_VAR, env)
+        worker = RelayWorker(HOST, native=True, **kwargs)
+        try:
+            assert worker.stats()["worker"]["native"]["backend"] == "epoll"
+        finally:
+            await worker.close()
