@@ -248,9 +248,10 @@ class Hop:
         if totals is not None:
             drops = {k: v for k, v in totals.items() if k.endswith("drops") and v}
             note = (note + f" relay drops {drops}" if drops else note).strip()
-            if totals.get("native_recv_calls"):
+            if totals.get("native_recv_calls"):  # epoll: recvmmsg calls; io_uring: reap rounds
                 per_call = totals["native_forwarded"] / totals["native_recv_calls"]
-                note = (note + f" {per_call:.1f} pkt/recvmmsg").strip()
+                unit = "pkt/reap" if totals.get("native_uring_enters") else "pkt/recvmmsg"
+                note = (note + f" {per_call:.1f} {unit}").strip()
         return note
 
 
