@@ -57,8 +57,8 @@ def test_echo_call_srtp_both_ways(lab: RunningLab, suite: str) -> None:
         assert worker["native"]["forwarded"] >= report.received, "established flows relayed natively"
         # io_uring by default; epoll only where the kernel refused it, and then the status says why
         for name, media in (("expe", relayed), ("expc", lab.component("expc")["sip"]["media"])):
-            native = media["worker"]["native"]
-            assert native["backend"] == "io_uring" or "uring_error" in media["worker"], (name, media["worker"])
+            info = media["worker"]
+            assert info["native"]["backend"] == "io_uring" or "uring_error" in info, (name, info)
     assert relayed["totals"]["rx_packets"] >= 2 * report.sent, "E counts what it relayed (both ways)"
 
 
