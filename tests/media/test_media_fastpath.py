@@ -576,6 +576,39 @@ def test_uring_forgets_a_removed_socket_even_when_its_fd_number_comes_back() -> 
         src.close()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_send_the_kernel_refuses_is_counted_and_the_next_one_goes(backend: str) -> None:
+    """A flow whose destination the kernel refuses (broadcast without SO_BROADCAST: EACCES)
+    counts a send error per datagram (io_uring: from the failed SEND's completion); another
+    flow of the same turn is sent."""
+    fwd = _forwarder(backend)
+    relay, egress, src, sink = udp(), udp(), udp(), udp()
+    try:
+        port = name(relay)[1]
+        fwd.add_socket(relay.fileno(), port)
+        state = StreamStats().get_state()
+        fwd.install(
+            port, HOST, name(src)[1], False, egress.fileno(), ("255.255.255.255", 9), -1, None, 8000, state
+        )
+        other = udp()
+        try:
+            fwd.install(port, HOST, name(other)[1], False, egress.fileno(), name(sink), -1, None, 8000, state)
+            src.sendto(rtp(1), name(relay))
+            other.sendto(rtp(2), name(relay))
+            end = time.monotonic() + 5
+            while fwd.counters()["forwarded"] < 2 and time.monotonic() < end:
+                assert fwd.poll() == []
+            counters = fwd.counters()
+            assert counters["forwarded"] == 2 and counters["send_errors"] == 1
+            assert sink.recv(2048) == rtp(2)
+        finally:
+            other.close()
+    finally:
+        fwd.close()
+        for s in (relay, egress, src, sink):
+            s.close()
+
+
 def test_uring_forwarder_is_not_served_by_a_thread() -> None:
     fwd = _forwarder("uring")
     try:
