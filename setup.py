@@ -1,6 +1,6 @@
 """Build configuration beyond pyproject.toml: the relay's optional native fast path.
 
-``media_relay/_fastpath.c`` is a CPython extension (Linux: recvmmsg/sendmmsg/epoll). It is
+``media_relay/_fastpath.c`` is a CPython extension (Linux: io_uring, or recvmmsg/sendmmsg/epoll). It is
 ``optional``: without a C compiler or the Python headers ``pip install -e .`` still succeeds and
 the relay runs its pure-Python path (``media_relay.fastpath.available()`` is then False).
 

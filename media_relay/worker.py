@@ -174,7 +174,7 @@ class _SocketTransport(asyncio.DatagramTransport):
 
 
 class _NativePort(_SocketTransport):
-    """A port read by the native forwarder (registered with its epoll set under ``fd``)."""
+    """A port read by the native forwarder (registered with it under ``fd``: epoll set or io_uring)."""
 
     def __init__(self, sock: socket.socket, worker: RelayWorker) -> None:
         super().__init__(sock, worker)
@@ -627,7 +627,8 @@ class RelayWorker:
     # -- native path ----------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        """The forwarder's epoll set has ready sockets: forward natively, the rest via the table."""
+        """The forwarder has ready sockets (epoll) or completions (io_uring): forward natively, the
+        rest via the table."""
         assert self._forwarder is not None and self._flows is not None
         table = self.table
         if table.changed:  # e.g. a re-INVITE re-pointed a leg: before any packet moves
