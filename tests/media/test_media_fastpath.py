@@ -609,6 +609,23 @@ def test_a_send_the_kernel_refuses_is_counted_and_the_next_one_goes(backend: str
             s.close()
 
 
+def test_closing_a_uring_forwarder_releases_its_sockets_at_once() -> None:
+    """An armed receive holds its socket; closing the ring removes them at once (the kernel
+    tears poll-driven requests down synchronously), so a socket the caller closes next frees
+    its port at once."""
+    fwd = _forwarder("uring")
+    sock = udp()
+    port = name(sock)[1]
+    fwd.add_socket(sock.fileno(), port)
+    fwd.close()
+    sock.close()
+    again = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        again.bind((HOST, port))
+    finally:
+        again.close()
+
+
 def test_uring_forwarder_is_not_served_by_a_thread() -> None:
     fwd = _forwarder("uring")
     try:
