@@ -35,6 +35,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from media_relay.rtp import StatsState
 from media_relay.table import Addr, Endpoint, RelayTable, Stream
 
 if TYPE_CHECKING:
@@ -102,7 +103,10 @@ def new_forwarder(uring: bool = False, buffers: int = 1024) -> Forwarder:
 
 
 class _Flow:
-    __slots__ = ("ep", "folded", "forwarder", "kernel_key", "key", "ports", "rtcp_out", "rtp_out", "spec")
+    __slots__ = (
+        "ep", "extra", "folded", "forwarder", "kbase", "kernel_key", "key", "ports", "rtcp_out", "rtp_out",
+        "spec", "written",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -117,6 +121,12 @@ class _Flow:
         self.forwarder = forwarder  # the shard that holds it (None: the kernel)
         self.kernel_key = kernel_key
         self.folded: KernelCounters | None = None  # a kernel flow's counters at the last fold
+        # A kernel flow's receiver state as installed, as last folded into the table, and what
+        # the table counted itself since the install (RTP packets, bytes, received): see
+        # FlowSync._fold_counters.
+        self.kbase: StatsState | None = None
+        self.written: StatsState | None = None
+        self.extra = (0, 0, 0)
         self.ep = ep
         self.spec = spec
         self.ports = ports
@@ -280,6 +290,7 @@ class FlowSync:
         kernel_key = self._install_kernel(ep, spec) if self.kernel is not None and spec[8] is None else None
         if kernel_key is not None:
             flow = _Flow(-1, ep, spec, tuple(ports), kernel_key)
+            flow.kbase = flow.written = ep.stats.get_state()  # what _install_kernel gave the kernel
             self._kernel_flows.add(flow)
         else:
             shard = shard_of(self._shards, ep.local_port)
@@ -339,7 +350,35 @@ class FlowSync:
         if before is not None and not any(d):
             return
         last_seen = now[6] if now[6] is not None else -1.0
-        _apply(flow, (-1, d[0], d[1], d[2], d[3], d[4], d[5], last_seen, now[7], 0))
+        state = FlowSync._kernel_state(flow, now[7])
+        _apply(flow, (-1, d[0], d[1], d[2], d[3], d[4], d[5], last_seen, state, 0))
+
+    @staticmethod
+    def _kernel_state(flow: _Flow, kernel: StatsState) -> StatsState:
+        """The receiver state to fold back: the kernel's, plus what the table counted itself.
+
+        Datagrams that already waited at the socket when the flow moved into the kernel reach
+        the table afterwards (a read takes at most so many per socket) and update its state;
+        the kernel's copy, which started from the state at the move, never saw them. They are
+        older than anything the kernel counted, so they add to its packets, bytes and received
+        and leave its sequence bounds alone; until the kernel has counted an RTP packet, the
+        table's state is the whole story."""
+        cur = flow.ep.stats.get_state()
+        written, base, extra = flow.written, flow.kbase, flow.extra
+        if written is not None and cur != written:
+            extra = (
+                extra[0] + cur[0] - written[0],
+                extra[1] + cur[1] - written[1],
+                extra[2] + cur[4] - written[4],
+            )
+            flow.extra = extra
+        if base is not None and kernel[4] == base[4]:
+            state = cur
+        else:
+            counted = (kernel[0] + extra[0], kernel[1] + extra[1], kernel[2], kernel[3], kernel[4] + extra[2])
+            state = (*counted, *kernel[5:])
+        flow.written = state
+        return state
 
     def _remove(self, flow: _Flow) -> None:
         if flow.kernel_key is not None:

@@ -8,7 +8,7 @@ Thin by design (shared/STYLE.md §8). Two ways to move packets, same table, same
   socket and forwards the packets of established flows, in C. By default through io_uring (the
   fd is the ring's eventfd; every socket has a multishot receive armed, a turn's sends go in
   one submission: ``_uring.h``), else (``EDGE_MEDIA_URING=0``, a kernel that refuses io_uring,
-  threads, E's kernel forwarding) through an epoll set, recvmmsg and sendmmsg.
+  threads) through an epoll set, recvmmsg and sendmmsg.
   What the forwarder does not know (first packets, strangers, garbage) comes back as a list and
   goes through ``RelayTable.receive_datagram`` as before. ``fastpath.FlowSync`` keeps the
   forwarder's flows equal to the table's routes and folds counters back lazily: before
@@ -256,12 +256,7 @@ class RelayWorker:
             kernel_forwarding = kernel.wanted()
         self.uring_error: str | None = None
         self._forwarder = None
-        if native and uring and kernel_forwarding and not transcoding:
-            # A burst that straddles a flow's move into the kernel is split differently by
-            # io_uring's receives: the kernel's receiver state would miss the packets Python
-            # took after the move (epoll reads such a burst in one batch before the move).
-            self.uring_error = "kernel forwarding keeps the forwarder on epoll"
-        elif native and uring and threads <= 1:
+        if native and uring and threads <= 1:
             try:
                 self._forwarder = fastpath.new_forwarder(uring=True)
             except OSError as exc:
