@@ -541,7 +541,8 @@ static void uring_flush(Forwarder *self)
         sqe->flags = IOSQE_CQE_SKIP_SUCCESS;
         sqe->user_data = UD_SEND << 62;
     }
-    self->send_calls++;
+    if (n > 0)
+        self->send_calls++;
     uring_enter(self);
     self->npend = 0;
 }
@@ -743,14 +744,13 @@ static int drain_fd(Forwarder *self, int fd, unsigned port, int max_batches, int
 }
 
 /* The completions in the CQ ring: received datagrams go through take_datagram (their buffer
- * straight back to the kernel), failed sends are counted, ended receives re-armed. Returns the
- * datagrams seen; *failed after a Python error (the rest are only recycled). */
-static int uring_reap(Forwarder *self, int have_now, double fixed_now, PyObject *out, int *failed)
+ * straight back to the kernel), failed sends are counted, ended receives re-armed; *failed
+ * after a Python error (the rest are only recycled). */
+static void uring_reap(Forwarder *self, int have_now, double fixed_now, PyObject *out, int *failed)
 {
     URing *r = &self->ur;
     unsigned head = *r->cq_head, tail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
     double now = have_now ? fixed_now : monotonic_now();
-    int seen = 0;
     for (; head != tail; head++) {
         const struct io_uring_cqe *c = &r->cqes[head & r->cq_mask];
         uint64_t ud = c->user_data;
@@ -777,7 +777,6 @@ static int uring_reap(Forwarder *self, int have_now, double fixed_now, PyObject 
                 size_t n = o->payloadlen < BUF_BYTES ? o->payloadlen : BUF_BYTES; /* longer: truncated */
                 socklen_t sslen = o->namelen < sizeof(struct sockaddr_storage) ? o->namelen
                                                                                 : (socklen_t)sizeof(struct sockaddr_storage);
-                seen++;
                 if (take_datagram(self, port, d, n, (const struct sockaddr_storage *)name, sslen, now, out, 1) < 0)
                     *failed = 1;
             }
@@ -796,7 +795,6 @@ static int uring_reap(Forwarder *self, int have_now, double fixed_now, PyObject 
         }
     }
     __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
-    return seen;
 }
 
 /* One poll() of the io_uring backend: an io_uring_enter runs the deferred receives (a bounded
@@ -816,8 +814,6 @@ static int uring_turn(Forwarder *self, int have_now, double now, PyObject *out)
         if (ur_cq_ready(&self->ur) == 0)
             break;
     }
-    if (self->npend > 0)
-        uring_flush(self);
     if (ur_cq_ready(&self->ur) == 0 && !ur_work_pending(&self->ur)) {
         uint64_t count;
         if (read(self->evfd, &count, sizeof(count)) < 0 && errno != EAGAIN)

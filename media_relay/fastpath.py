@@ -63,9 +63,13 @@ def built() -> bool:
     return _fastpath is not None
 
 
+def _switched_off(var: str) -> bool:
+    return os.environ.get(var, "1").strip() in ("0", "false", "no", "off")
+
+
 def available() -> bool:
     """The extension is built and not switched off by ``EDGE_MEDIA_FASTPATH=0``."""
-    return _fastpath is not None and os.environ.get(ENV_VAR, "1").strip() not in ("0", "false", "no", "off")
+    return _fastpath is not None and not _switched_off(ENV_VAR)
 
 
 def native_srtp() -> bool:
@@ -90,7 +94,7 @@ def uring_wanted() -> bool:
     """A worker read from the event loop uses the io_uring backend unless ``EDGE_MEDIA_URING=0``
     (epoll); where the kernel refuses io_uring (too old, sysctl, a seccomp filter) the worker
     falls back to epoll by itself."""
-    return os.environ.get(URING_ENV_VAR, "1").strip() not in ("0", "false", "no", "off")
+    return not _switched_off(URING_ENV_VAR)
 
 
 def new_forwarder(uring: bool = False, buffers: int = 1024) -> Forwarder:

@@ -85,13 +85,13 @@ _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 def _load_program(attr: bytes) -> int:
     """BPF_PROG_LOAD, retried on EAGAIN: the verifier gives up when a signal is pending (a
     SIGCHLD, say), as libbpf's loader also retries."""
-    for attempt in range(5):
+    for _ in range(4):
         try:
             return _bpf(_BPF_PROG_LOAD, _attr(attr))
         except OSError as exc:
-            if exc.errno != errno.EAGAIN or attempt == 4:
+            if exc.errno != errno.EAGAIN:
                 raise
-    raise AssertionError("unreachable")
+    return _bpf(_BPF_PROG_LOAD, _attr(attr))
 
 
 class KernelUnavailable(OSError):
