@@ -169,9 +169,34 @@ async def _stop_all(component: BaseComponent, admin: Any) -> None:
     await admin.stop()
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Lift this process's soft RLIMIT_NOFILE to its hard limit (no privilege needed) and return
+    (soft, hard). A relay holds four sockets per call (RTP and RTCP on two legs), so the usual
+    soft limit of 1,024 would stop C near 250 calls with EMFILE; the hard limit (Debian and
+    systemd: 524,288; Docker: 1,048,576) is what a server process is meant to use."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel caps it at fs.nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:  # e.g. a hard limit the kernel refuses (fs.nr_open)
+            log.warning("open files limit stays at %d (hard %d): %s", soft, hard, exc)
+    return soft, hard
+
+
 def run_component(name: str, config: LabConfig) -> int:
     """Entry point of `edge run`: one component in the foreground on uvloop."""
     import uvloop
 
+    raise_open_files_limit()
     component = build_component(name, config)
     return uvloop.run(serve_component(component))

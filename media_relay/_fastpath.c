@@ -37,6 +37,7 @@
 #include <netinet/in.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <string.h>
 #include <pthread.h>
 #include <sys/epoll.h>
@@ -62,6 +63,7 @@
 #define UR_SQ 1024               /* >= POOL: a turn's sends fit in one submission */
 #define UR_BUFS 1024             /* provided receive buffers (default; Forwarder(buffers=)) */
 #define UR_BUF_BYTES (sizeof(struct io_uring_recvmsg_out) + sizeof(struct sockaddr_storage) + BUF_BYTES)
+#define UR_FILES 65536           /* registered file table slots (fd numbers), capped by RLIMIT_NOFILE */
 #define UR_ROUNDS 8              /* reap/submit rounds per poll(): then back to the event loop */
 #define UD_RECV 0ULL             /* user_data: kind in bits 62-63, then gen 48-55, port 32-47, fd 0-31 */
 #define UD_SEND 1ULL
@@ -149,6 +151,8 @@ typedef struct {
     URing ur;
     unsigned char *gen;
     size_t ngen;
+    unsigned char *fixed; /* fixed[fd]: the socket is in the ring's file table (slot fd) */
+    unsigned long long nfixed;
     struct msghdr rtmpl; /* the multishot RECVMSG template: room for any source address */
     unsigned long long uring_enters, uring_rearms;
 } Forwarder;
@@ -500,6 +504,30 @@ static struct io_uring_sqe *uring_sqe(Forwarder *self)
     return sqe;
 }
 
+/* The registered file table: one slot per fd number below RLIMIT_NOFILE (at most UR_FILES).
+ * Without one (an older kernel, no memory) requests name plain fds, as before. */
+static void uring_files_open(Forwarder *self)
+{
+    struct rlimit rl;
+    unsigned n = UR_FILES;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < n)
+        n = (unsigned)rl.rlim_cur;
+    self->fixed = PyMem_Calloc(n, 1);
+    if (self->fixed == NULL || ur_files_open(&self->ur, n) != 0) {
+        PyMem_Free(self->fixed);
+        self->fixed = NULL;
+        self->ur.nfiles = 0;
+    }
+}
+
+/* Point sqe at fd: its slot in the registered file table when it has one. */
+static inline void uring_set_fd(Forwarder *self, struct io_uring_sqe *sqe, int fd)
+{
+    sqe->fd = fd;
+    if ((unsigned)fd < self->ur.nfiles && self->fixed[fd])
+        sqe->flags |= IOSQE_FIXED_FILE;
+}
+
 /* Arm a multishot RECVMSG on fd (provided buffers of group 0); 0, or -1 if the ring is full. */
 static int uring_arm(Forwarder *self, int fd, unsigned port)
 {
@@ -507,11 +535,11 @@ static int uring_arm(Forwarder *self, int fd, unsigned port)
     if (sqe == NULL)
         return -1;
     sqe->opcode = IORING_OP_RECVMSG;
-    sqe->fd = fd;
     sqe->addr = (uint64_t)(uintptr_t)&self->rtmpl;
     sqe->len = 1;
     sqe->ioprio = IORING_RECV_MULTISHOT;
     sqe->flags = IOSQE_BUFFER_SELECT;
+    uring_set_fd(self, sqe, fd);
     sqe->buf_group = 0;
     sqe->user_data = (UD_RECV << 62) | ((uint64_t)self->gen[fd] << 48) | ((uint64_t)port << 32) | (uint32_t)fd;
     return 0;
@@ -532,13 +560,13 @@ static void uring_flush(Forwarder *self)
             break;
         }
         sqe->opcode = IORING_OP_SEND;
-        sqe->fd = p->fd;
         sqe->addr = (uint64_t)(uintptr_t)(self->pool + (size_t)p->slot * SLOT_BYTES);
         sqe->len = p->len;
         sqe->addr2 = (uint64_t)(uintptr_t)p->dst;
         sqe->addr_len = (uint16_t)sizeof(struct sockaddr_in);
         sqe->msg_flags = MSG_DONTWAIT;
         sqe->flags = IOSQE_CQE_SKIP_SUCCESS;
+        uring_set_fd(self, sqe, p->fd);
         sqe->user_data = UD_SEND << 62;
     }
     if (n > 0)
@@ -1096,6 +1124,11 @@ static PyObject *add_socket_locked(Forwarder *self, PyObject *args)
             self->ngen = want;
         }
         self->gen[fd]++; /* completions of an earlier socket with this fd number are stale now */
+        /* Into the file table when it has room (else plain fd lookups, as before). */
+        if ((unsigned)fd < self->ur.nfiles && !self->fixed[fd] && ur_file_set(&self->ur, (unsigned)fd, fd) == 0) {
+            self->fixed[fd] = 1;
+            self->nfixed++;
+        }
         if (uring_arm(self, fd, (unsigned)port) != 0) {
             PyErr_SetString(PyExc_OSError, "io_uring submission ring full");
             return NULL;
@@ -1140,12 +1173,20 @@ static PyObject *remove_socket_locked(Forwarder *self, PyObject *args)
             PyErr_SetString(PyExc_OSError, "io_uring submission ring full");
             return NULL;
         }
+        int fixed = (unsigned)fd < self->ur.nfiles && self->fixed[fd];
         sqe->opcode = IORING_OP_ASYNC_CANCEL;
         sqe->fd = fd;
-        sqe->cancel_flags = IORING_ASYNC_CANCEL_FD | IORING_ASYNC_CANCEL_ALL;
+        sqe->cancel_flags = IORING_ASYNC_CANCEL_FD | IORING_ASYNC_CANCEL_ALL | (fixed ? IORING_ASYNC_CANCEL_FD_FIXED : 0);
         sqe->flags = IOSQE_CQE_SKIP_SUCCESS;
         sqe->user_data = UD_CANCEL << 62;
         uring_enter(self);
+        /* Out of the file table too: the table's reference would keep the socket open. */
+        if (fixed) {
+            self->fixed[fd] = 0;
+            self->nfixed--;
+            if (ur_file_set(&self->ur, (unsigned)fd, -1) != 0)
+                self->recv_errors++;
+        }
     } else if (epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL) != 0) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -1268,12 +1309,13 @@ static PyObject *flush_locked(Forwarder *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *counters_locked(Forwarder *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsnsisKsisKsK}", "forwarded", self->forwarded, "to_python", self->to_python,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsnsisKsisKsKsK}", "forwarded", self->forwarded, "to_python", self->to_python,
                          "send_errors", self->send_errors, "recv_errors", self->recv_errors, "recv_calls",
                          self->recv_calls, "send_calls", self->send_calls, "transcoded", self->transcoded,
                          "transcode_drops", self->transcode_drops, "flows", (Py_ssize_t)self->count,
                          "sockets", self->sockets, "handback_drops", self->handback_drops, "uring", self->uring,
-                         "uring_enters", self->uring_enters, "uring_rearms", self->uring_rearms);
+                         "uring_enters", self->uring_enters, "uring_rearms", self->uring_rearms, "uring_files",
+                         self->nfixed);
 }
 
 static PyObject *Forwarder_fileno(Forwarder *self, PyObject *Py_UNUSED(ignored))
@@ -1296,6 +1338,8 @@ static void forwarder_release(Forwarder *self)
         self->wakefd = -1;
     }
     if (self->uring) {
+        if (self->ur.nfiles > 0) /* the table's references go now, not with the ring's teardown */
+            syscall(__NR_io_uring_register, self->ur.fd, IORING_UNREGISTER_FILES, NULL, 0);
         ur_close(&self->ur); /* cancels every receive: the sockets are the caller's to close */
         self->uring = 0;
     }
@@ -1306,6 +1350,9 @@ static void forwarder_release(Forwarder *self)
     PyMem_Free(self->gen);
     self->gen = NULL;
     self->ngen = 0;
+    PyMem_Free(self->fixed);
+    self->fixed = NULL;
+    self->nfixed = 0;
     PyMem_Free(self->hb);
     self->hb = NULL;
     self->nhb = 0;
@@ -1393,6 +1440,7 @@ static int Forwarder_init(Forwarder *self, PyObject *args, PyObject *kwds)
             return -1;
         }
         self->uring = 1;
+        uring_files_open(self);
     }
     return 0;
 }

@@ -97,6 +97,21 @@ def uring_wanted() -> bool:
     return not _switched_off(URING_ENV_VAR)
 
 
+_URING_REFUSAL: list[str | None] = []
+
+
+def uring_refusal() -> str | None:
+    """Why this kernel refuses the forwarder's io_uring (an ``OSError`` text), or None if it
+    accepts it; probed once per process with a small ring."""
+    if not _URING_REFUSAL:
+        try:
+            new_forwarder(uring=True, buffers=16).close()
+            _URING_REFUSAL.append(None)
+        except (OSError, RuntimeError) as exc:
+            _URING_REFUSAL.append(str(exc) or type(exc).__name__)
+    return _URING_REFUSAL[0]
+
+
 def new_forwarder(uring: bool = False, buffers: int = 1024) -> Forwarder:
     """A forwarder on epoll + recvmmsg/sendmmsg, or with ``uring`` on io_uring (multishot receives
     into ``buffers`` provided buffers of 2 KiB, one submission for a turn's sends); OSError when

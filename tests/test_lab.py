@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import time
@@ -33,9 +34,25 @@ def _pid_gone(pid: int) -> bool:
         return True
 
 
+def _open_files_limits(pid: int) -> tuple[str, str]:
+    with open(f"/proc/{pid}/limits") as fh:
+        for line in fh:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return soft, hard
+    raise AssertionError("no 'Max open files' line")
+
+
 def test_lab_up_status_crash_and_down(tmp_path: Path) -> None:
     lab = RunningLab(tmp_path / "state", lab_overrides(tmp_path / "state"))
-    lab.up()
+    # Started from a shell with the usual soft limit of 1,024 open files (the components inherit
+    # it), each component lifts its own to the hard limit: 4 sockets per relayed call.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
+    try:
+        lab.up()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:
         out = edge_cli("lab", "status", "--json", *lab.args)
         status = json.loads(out.stdout)
@@ -47,6 +64,8 @@ def test_lab_up_status_crash_and_down(tmp_path: Path) -> None:
         for comp in comps.values():
             assert comp["state"] == "ready"
             assert comp["listeners"], f"{comp['name']} lists no listener"
+            c_soft, c_hard = _open_files_limits(comp["pid"])
+            assert c_soft == c_hard and (c_soft == "unlimited" or int(c_soft) > 1024), (comp["name"], c_soft)
             for lst in comp["listeners"]:
                 assert set(lst) == {"name", "transport", "host", "port"}
         # each process bound to its own loopback address (spec §1)
