@@ -41,10 +41,19 @@ static const srtp_auth_type_t hmac_sha1;
 
 /* -- AES-ICM (RFC 3711 §4.1.1): AES-CTR, counter = (salt || 0x0000) XOR IV ------------------- */
 
+/* The keystream is AES-ECB over the packet's counter blocks (the block number in the last 16
+ * bits, as RFC 3711 counts them), XORed into the packet: the ECB context is keyed once per
+ * session, so a packet costs one EVP_EncryptUpdate. (Setting a CTR context's IV per packet
+ * costs OpenSSL 3 a parameter lookup and a re-init each time.) */
+#define ICM_MAX_BLOCKS 128 /* 2,048 bytes: more than any datagram the relay carries (1,500) */
+
 typedef struct {
     EVP_CIPHER_CTX *ctx;
     int key_size;
     unsigned char offset[16];
+    unsigned char counter[16]; /* the next counter block (icm_set_iv sets the packet's first) */
+    unsigned char rest[16];    /* keystream left over from the last block a call began */
+    unsigned int nrest;
 } Icm;
 
 static srtp_err_status_t icm_alloc(srtp_cipher_t **c, int key_len, int tag_len)
@@ -95,29 +104,63 @@ static srtp_err_status_t icm_init(void *state, const uint8_t *key)
     Icm *icm = state;
     memset(icm->offset, 0, sizeof(icm->offset));
     memcpy(icm->offset, key + icm->key_size, SALT_LEN); /* the last two octets stay zero */
-    const EVP_CIPHER *evp = icm->key_size == 32 ? EVP_aes_256_ctr() : EVP_aes_128_ctr();
+    memset(icm->counter, 0, sizeof(icm->counter));
+    icm->nrest = 0;
+    const EVP_CIPHER *evp = icm->key_size == 32 ? EVP_aes_256_ecb() : EVP_aes_128_ecb();
     EVP_CIPHER_CTX_reset(icm->ctx);
-    return EVP_EncryptInit_ex(icm->ctx, evp, NULL, key, NULL) ? srtp_err_status_ok : srtp_err_status_fail;
+    if (!EVP_EncryptInit_ex(icm->ctx, evp, NULL, key, NULL))
+        return srtp_err_status_fail;
+    EVP_CIPHER_CTX_set_padding(icm->ctx, 0);
+    return srtp_err_status_ok;
 }
 
 static srtp_err_status_t icm_set_iv(void *state, uint8_t *iv, srtp_cipher_direction_t dir)
 {
+    (void)dir;
     Icm *icm = state;
-    unsigned char counter[16];
     for (int i = 0; i < 16; i++)
-        counter[i] = icm->offset[i] ^ iv[i];
-    return EVP_EncryptInit_ex(icm->ctx, NULL, NULL, NULL, counter) ? srtp_err_status_ok : srtp_err_status_fail;
+        icm->counter[i] = icm->offset[i] ^ iv[i];
+    icm->nrest = 0;
+    return srtp_err_status_ok;
 }
 
 static srtp_err_status_t icm_encrypt(void *state, uint8_t *buf, unsigned int *len)
 {
     Icm *icm = state;
-    int out = 0, fin = 0;
-    if (!EVP_EncryptUpdate(icm->ctx, buf, &out, buf, (int)*len))
+    unsigned int n = *len;
+    /* A call after one that ended mid-block goes on with that block's keystream, as CTR does. */
+    unsigned int used = icm->nrest < n ? icm->nrest : n;
+    for (unsigned int i = 0; i < used; i++)
+        buf[i] ^= icm->rest[16 - icm->nrest + i];
+    icm->nrest -= used;
+    buf += used;
+    n -= used;
+    unsigned int blocks = (n + 15) / 16;
+    if (blocks > ICM_MAX_BLOCKS)
+        return srtp_err_status_bad_param;
+    unsigned char ks[ICM_MAX_BLOCKS * 16];
+    /* Counter blocks: the IV's block with its last 16 bits counting up from their start value
+     * (libsrtp's own ICM steps only those bits, and a datagram never needs 2^16 blocks). */
+    unsigned int start = ((unsigned)icm->counter[14] << 8) | icm->counter[15];
+    for (unsigned int b = 0; b < blocks; b++) {
+        unsigned char *blk = ks + 16 * b;
+        memcpy(blk, icm->counter, 14);
+        unsigned int c = (start + b) & 0xFFFF;
+        blk[14] = (unsigned char)(c >> 8);
+        blk[15] = (unsigned char)c;
+    }
+    int out = 0;
+    if (blocks > 0 && (!EVP_EncryptUpdate(icm->ctx, ks, &out, ks, (int)(blocks * 16)) || out != (int)(blocks * 16)))
         return srtp_err_status_cipher_fail;
-    if (!EVP_EncryptFinal_ex(icm->ctx, buf + out, &fin))
-        return srtp_err_status_cipher_fail;
-    *len = (unsigned int)(out + fin);
+    for (unsigned int i = 0; i < n; i++)
+        buf[i] ^= ks[i];
+    if (n % 16 != 0) {
+        icm->nrest = 16 - n % 16;
+        memcpy(icm->rest, ks + 16 * blocks - 16, 16);
+    }
+    unsigned int next = (start + blocks) & 0xFFFF;
+    icm->counter[14] = (unsigned char)(next >> 8);
+    icm->counter[15] = (unsigned char)next;
     return srtp_err_status_ok;
 }
 
