@@ -70,7 +70,7 @@ def _fastpath() -> Extension:
     return Extension(
         "media_relay._fastpath",
         sources=sources,
-        depends=["media_relay/_srtp.h"],
+        depends=["media_relay/_srtp.h", "media_relay/_uring.h", "media_relay/_helper.h"],
         define_macros=macros,
         include_dirs=include_dirs,
         library_dirs=library_dirs,

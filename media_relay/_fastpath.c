@@ -31,6 +31,7 @@
 
 #include "_srtp.h"
 #include "_uring.h"
+#include "_helper.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -153,6 +154,8 @@ typedef struct {
     size_t ngen;
     unsigned char *fixed; /* fixed[fd]: the socket is in the ring's file table (slot fd) */
     unsigned long long nfixed;
+    Helper helper;     /* the send helper (_helper.h); mode HELPER_OFF without one */
+    unsigned turn_rx;  /* datagrams received in this poll() turn */
     struct msghdr rtmpl; /* the multishot RECVMSG template: room for any source address */
     unsigned long long uring_enters, uring_rearms;
 } Forwarder;
@@ -418,6 +421,13 @@ static int parse_egress(int fd, PyObject *dst, Egress *e)
     return 0;
 }
 
+static long long monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 static double monotonic_now(void)
 {
     struct timespec ts;
@@ -551,9 +561,14 @@ static int uring_arm(Forwarder *self, int fd, unsigned port)
  * destination are free again, when the enter returns. */
 static void uring_flush(Forwarder *self)
 {
-    int n = self->npend;
+    int n = self->npend, pushed = 0;
     for (int i = 0; i < n; i++) {
         Pending *p = &self->pend[i];
+        if (helper_takes(&self->helper, p->fd, p->dst)) {
+            if (helper_push(&self->helper, p->fd, p->dst, self->pool + (size_t)p->slot * SLOT_BYTES, p->len) == 0)
+                pushed = 1;
+            continue;
+        }
         struct io_uring_sqe *sqe = uring_sqe(self);
         if (sqe == NULL) {
             self->send_errors += (unsigned long long)(n - i);
@@ -571,6 +586,8 @@ static void uring_flush(Forwarder *self)
     }
     if (n > 0)
         self->send_calls++;
+    if (pushed)
+        helper_wake(&self->helper);
     uring_enter(self);
     self->npend = 0;
 }
@@ -805,6 +822,7 @@ static void uring_reap(Forwarder *self, int have_now, double fixed_now, PyObject
                 size_t n = o->payloadlen < BUF_BYTES ? o->payloadlen : BUF_BYTES; /* longer: truncated */
                 socklen_t sslen = o->namelen < sizeof(struct sockaddr_storage) ? o->namelen
                                                                                 : (socklen_t)sizeof(struct sockaddr_storage);
+                self->turn_rx++;
                 if (take_datagram(self, port, d, n, (const struct sockaddr_storage *)name, sslen, now, out, 1) < 0)
                     *failed = 1;
             }
@@ -833,15 +851,20 @@ static void uring_reap(Forwarder *self, int have_now, double fixed_now, PyObject
 static int uring_turn(Forwarder *self, int have_now, double now, PyObject *out)
 {
     int failed = 0;
+    self->turn_rx = 0;
+    long long entry_ns = self->helper.mode == HELPER_ELASTIC ? monotonic_ns() : 0;
     uring_enter(self);
     for (int round = 0; round < UR_ROUNDS; round++) {
         self->recv_calls++;
         uring_reap(self, have_now, now, out, &failed);
+        helper_note(&self->helper, self->turn_rx); /* a backlog: this round's sends share already */
         if (self->npend > 0 || ur_unsubmitted(&self->ur) > 0)
             uring_flush(self); /* one enter: the sends, any re-arms, and more receives */
         if (ur_cq_ready(&self->ur) == 0)
             break;
     }
+    if (entry_ns != 0)
+        helper_account(&self->helper, entry_ns, monotonic_ns());
     if (ur_cq_ready(&self->ur) == 0 && !ur_work_pending(&self->ur)) {
         uint64_t count;
         if (read(self->evfd, &count, sizeof(count)) < 0 && errno != EAGAIN)
@@ -1164,6 +1187,9 @@ static PyObject *remove_socket_locked(Forwarder *self, PyObject *args)
         purged++;
     }
     if (self->uring) {
+        /* Sends the helper still holds for it go first: the fd is the caller's to close next. */
+        if (!helper_wait_empty(&self->helper, 1000000000LL))
+            self->send_errors++;
         /* Cancel its receive now, before the caller closes it: the request holds the socket
          * (and its port) open until then. */
         if ((size_t)fd < self->ngen)
@@ -1309,13 +1335,48 @@ static PyObject *flush_locked(Forwarder *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *counters_locked(Forwarder *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsnsisKsisKsKsK}", "forwarded", self->forwarded, "to_python", self->to_python,
-                         "send_errors", self->send_errors, "recv_errors", self->recv_errors, "recv_calls",
+    const Helper *h = &self->helper;
+    unsigned long long helper_errors = __atomic_load_n(&h->errors, __ATOMIC_RELAXED);
+    unsigned long long helper_sent = __atomic_load_n(&h->sent, __ATOMIC_RELAXED);
+    PyObject *d = Py_BuildValue("{sKsKsKsKsKsKsKsKsnsisKsisKsKsK}", "forwarded", self->forwarded, "to_python", self->to_python,
+                         "send_errors", self->send_errors + helper_errors + h->drops, "recv_errors", self->recv_errors, "recv_calls",
                          self->recv_calls, "send_calls", self->send_calls, "transcoded", self->transcoded,
                          "transcode_drops", self->transcode_drops, "flows", (Py_ssize_t)self->count,
                          "sockets", self->sockets, "handback_drops", self->handback_drops, "uring", self->uring,
                          "uring_enters", self->uring_enters, "uring_rearms", self->uring_rearms, "uring_files",
                          self->nfixed);
+    if (d == NULL)
+        return NULL;
+    /* the send helper: mode, whether it takes sends now, how often it started to, and its
+     * datagrams (queued, sent, dropped on a full queue; its failed sends are in send_errors) */
+    PyObject *extra = Py_BuildValue("{sisisKsKsKsK}", "helper", h->mode, "helper_active", h->active,
+                                    "helper_activations", h->activations, "helper_queued", h->queued, "helper_sent",
+                                    helper_sent, "helper_drops", h->drops);
+    if (extra == NULL || PyDict_Update(d, extra) < 0) {
+        Py_XDECREF(extra);
+        Py_DECREF(d);
+        return NULL;
+    }
+    Py_DECREF(extra);
+    return d;
+}
+
+/* helper_wait(timeout_s=1.0) -> bool: wait until the send helper has sent what it holds (tests,
+ * and whoever must know a send left). True if it did (or there is no helper). */
+static PyObject *Forwarder_helper_wait(Forwarder *self, PyObject *args)
+{
+    double timeout_s = 1.0;
+    if (!PyArg_ParseTuple(args, "|d", &timeout_s))
+        return NULL;
+    if (timeout_s < 0 || timeout_s > 60) {
+        PyErr_SetString(PyExc_ValueError, "timeout_s: 0..60");
+        return NULL;
+    }
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = helper_wait_empty(&self->helper, (long long)(timeout_s * 1e9));
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(ok);
 }
 
 static PyObject *Forwarder_fileno(Forwarder *self, PyObject *Py_UNUSED(ignored))
@@ -1329,6 +1390,7 @@ static PyObject *Forwarder_fileno(Forwarder *self, PyObject *Py_UNUSED(ignored))
 
 static void forwarder_release(Forwarder *self)
 {
+    helper_stop(&self->helper); /* sends what it holds, then joins */
     if (self->epfd >= 0) {
         close(self->epfd);
         self->epfd = -1;
@@ -1390,11 +1452,15 @@ static Py_ssize_t Forwarder_len(Forwarder *self)
 
 static int Forwarder_init(Forwarder *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"uring", "buffers", NULL};
-    int uring = 0;
-    unsigned int buffers = UR_BUFS;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$pI", kwlist, &uring, &buffers))
+    static char *kwlist[] = {"uring", "buffers", "helper", "helper_share", NULL};
+    int uring = 0, helper = HELPER_OFF;
+    unsigned int buffers = UR_BUFS, share = 2;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$pIiI", kwlist, &uring, &buffers, &helper, &share))
         return -1;
+    if (helper < HELPER_OFF || helper > HELPER_ALWAYS || share < 1 || share > 4 || (helper != HELPER_OFF && !uring)) {
+        PyErr_SetString(PyExc_ValueError, "helper: 0 (off), 1 (elastic), 2 (always; io_uring only); helper_share: 1..4");
+        return -1;
+    }
     if (buffers < 8 || buffers > 32768 || (buffers & (buffers - 1)) != 0) {
         PyErr_SetString(PyExc_ValueError, "buffers: a power of two, 8..32768");
         return -1;
@@ -1441,6 +1507,11 @@ static int Forwarder_init(Forwarder *self, PyObject *args, PyObject *kwds)
         }
         self->uring = 1;
         uring_files_open(self);
+        if (helper_start(&self->helper, helper, share) != 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            forwarder_release(self);
+            return -1;
+        }
     }
     return 0;
 }
@@ -1451,6 +1522,7 @@ static PyObject *Forwarder_new(PyTypeObject *type, PyObject *args, PyObject *kwd
     if (self != NULL) {
         self->epfd = self->wakefd = self->evfd = -1;
         ur_zero(&self->ur);
+        helper_zero(&self->helper);
         pthread_mutexattr_t attr;
         pthread_mutexattr_init(&attr);
         pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
@@ -1526,6 +1598,8 @@ static PyMethodDef Forwarder_methods[] = {
      "flush() -> [(key, rx_packets, rx_bytes, tx_rtp_packets, tx_rtp_bytes, tx_rtcp_packets,\n"
      "             tx_rtcp_bytes, last_seen, state, transcode_drops)] of flows changed since the last flush"},
     {"counters", (PyCFunction)Forwarder_counters, METH_NOARGS, "counters() -> dict"},
+    {"helper_wait", (PyCFunction)Forwarder_helper_wait, METH_VARARGS,
+     "helper_wait(timeout_s=1.0) -> bool: the send helper has sent everything it was given"},
     {"fileno", (PyCFunction)Forwarder_fileno, METH_NOARGS, "the epoll fd (readable: poll() has work)"},
     {"close", (PyCFunction)Forwarder_close, METH_NOARGS, "close the epoll fd, free every flow"},
     {"run", (PyCFunction)(void (*)(void))Forwarder_run, METH_VARARGS | METH_KEYWORDS,

@@ -86,7 +86,8 @@ static inline void ur_buf_recycle(URing *r, unsigned bid)
     ur_buf_publish(r, 1);
 }
 
-/* 0, or -1 with errno. sq/cq/nbufs: powers of two; eventfd: signalled when work waits. */
+/* 0, or -1 with errno. sq/cq/nbufs: powers of two; eventfd: signalled when work waits (-1:
+ * none, for a ring that only sends). */
 static int ur_open(URing *r, unsigned sq, unsigned cq, unsigned nbufs, unsigned buf_bytes, int eventfd)
 {
     ur_zero(r);
@@ -164,7 +165,7 @@ static int ur_open(URing *r, unsigned sq, unsigned cq, unsigned nbufs, unsigned 
     for (unsigned i = 0; i < nbufs; i++)
         ur_buf_add(r, i, i);
     ur_buf_publish(r, nbufs);
-    if (syscall(__NR_io_uring_register, fd, IORING_REGISTER_EVENTFD, &eventfd, 1) != 0) {
+    if (eventfd >= 0 && syscall(__NR_io_uring_register, fd, IORING_REGISTER_EVENTFD, &eventfd, 1) != 0) {
         ur_close(r);
         return -1;
     }

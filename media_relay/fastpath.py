@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "EDGE_MEDIA_FASTPATH"
 URING_ENV_VAR = "EDGE_MEDIA_URING"
+HELPER_ENV_VAR = "EDGE_MEDIA_HELPER"  # "1": an io_uring relay lends sends to a second thread when saturated
+HELPER_OFF, HELPER_ELASTIC, HELPER_ALWAYS = 0, 1, 2  # Forwarder(helper=), see _helper.h
 
 # (local_port, src_host, src_port, is_rtcp_port, rtp_fd, rtp_dst, rtcp_fd, rtcp_dst, transcoder)
 FlowSpec = tuple[int, str, int, bool, int, Addr | None, int, Addr | None, "NativeTranscoder | None"]
@@ -112,13 +114,27 @@ def uring_refusal() -> str | None:
     return _URING_REFUSAL[0]
 
 
-def new_forwarder(uring: bool = False, buffers: int = 1024) -> Forwarder:
+def helper_wanted() -> bool:
+    """``EDGE_MEDIA_HELPER=1``: an io_uring worker starts a send helper (``_helper.h``: a second
+    thread that sends half of the flows' datagrams, from another core, while the relay is
+    saturated). Off by default, and on a one-CPU machine."""
+    value = os.environ.get(HELPER_ENV_VAR, "0").strip().lower()
+    return value in ("1", "true", "yes", "on") and (os.cpu_count() or 1) > 1
+
+
+def new_forwarder(
+    uring: bool = False, buffers: int = 1024, helper: int = HELPER_OFF, share: int = 2
+) -> Forwarder:
     """A forwarder on epoll + recvmmsg/sendmmsg, or with ``uring`` on io_uring (multishot receives
     into ``buffers`` provided buffers of 2 KiB, one submission for a turn's sends); OSError when
-    the kernel refuses io_uring."""
+    the kernel refuses io_uring. ``helper`` (io_uring only): HELPER_ELASTIC starts the send
+    helper, which takes the sends of ``share`` quarters of the flows while the forwarder is
+    behind; HELPER_ALWAYS makes it take them all the time (tests)."""
     if _fastpath is None:
         raise RuntimeError("media_relay._fastpath is not built (pip install -e . with gcc and python3-dev)")
-    return _fastpath.Forwarder(uring=True, buffers=buffers) if uring else _fastpath.Forwarder()
+    if not uring:
+        return _fastpath.Forwarder()
+    return _fastpath.Forwarder(uring=True, buffers=buffers, helper=helper, helper_share=share)
 
 
 class _Flow:

@@ -209,7 +209,9 @@ class RelayWorker:
     ``native``: None = the native fast path when built and not switched off (``fastpath``);
     True requires it; False = the pure-Python path. ``uring``: None = ``EDGE_MEDIA_URING``; the
     native path on io_uring instead of epoll (one thread only; falls back to epoll, with
-    ``uring_error`` set, where the kernel refuses it).
+    ``uring_error`` set, where the kernel refuses it). ``helper``: None = ``EDGE_MEDIA_HELPER``;
+    an io_uring forwarder starts its send helper (``_helper.h``: while the relay is saturated,
+    a second thread sends half of the flows' datagrams from another core).
 
     Mutate streams through the worker (``add_stream``, ``remove_stream``) or the table's methods
     (``set_remote``, ``relatch``, ``set_transcoder``), which the native path follows; read
@@ -228,6 +230,7 @@ class RelayWorker:
         kernel_forwarding: bool | None = None,
         threads: int | None = None,
         uring: bool | None = None,
+        helper: bool | None = None,
     ) -> None:
         self.host = host
         self.allocator = allocator
@@ -252,13 +255,16 @@ class RelayWorker:
             threads = relay_threads()
         if uring is None:
             uring = fastpath.uring_wanted()
+        if helper is None:
+            helper = fastpath.helper_wanted()
         if kernel_forwarding is None:
             kernel_forwarding = kernel.wanted()
         self.uring_error: str | None = None
         self._forwarder = None
         if native and uring and threads <= 1:
             try:
-                self._forwarder = fastpath.new_forwarder(uring=True)
+                mode = fastpath.HELPER_ELASTIC if helper else fastpath.HELPER_OFF
+                self._forwarder = fastpath.new_forwarder(uring=True, helper=mode)
             except OSError as exc:
                 self.uring_error = f"io_uring unavailable ({exc}): epoll"
                 log.warning("media: %s", self.uring_error)

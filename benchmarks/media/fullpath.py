@@ -103,6 +103,9 @@ class PathRow:
         c = self.totals.get("C", {})
         c_native = 100 * c.get("native_forwarded", 0) / max(c.get("rx_packets", 0), 1)
         note = " ".join(f"{k}={v}" for k, v in drops.items())
+        if c.get("native_helper_queued"):  # --c-helper: how much of C's sending it lent out
+            share = 100 * c["native_helper_queued"] / max(c.get("native_forwarded", 0), 1)
+            note = f"{note} C helper sent {share:.0f}% ({c.get('native_helper_activations', 0)}x)".strip()
         if self.generator_limited:
             note = f"generator late/lossy {note}".strip()
         return [
@@ -241,7 +244,11 @@ class Path2:
         e_env = {"EDGE_MEDIA_KERNEL": "1" if self.args.e_kernel else "0", "EDGE_MEDIA_URING": uring}
         e = Child("e", self.prefix, self.cpu_e, self.log, env=e_env)
         try:
-            c_env = {"EDGE_MEDIA_THREADS": str(self.args.c_threads), "EDGE_MEDIA_URING": uring}
+            c_env = {
+                "EDGE_MEDIA_THREADS": str(self.args.c_threads),
+                "EDGE_MEDIA_URING": uring,
+                "EDGE_MEDIA_HELPER": "1" if self.args.c_helper else "0",
+            }
             c = Child("c", self.prefix, self.cpu_c, self.log, env=c_env)
         except BaseException:
             e.close()
@@ -316,10 +323,27 @@ class Path2:
             row = PathRow(n, w, base, setup_s, totals)
             rows.append(row)
             print("  " + "  ".join(str(c) for c in row.cells()), flush=True)
+            if self.args.series:
+                print(f"    {latency_series(w, self.args.series)}", flush=True)
             fails = fails + 1 if w.loss_pct >= LOSS_TARGET_PCT else 0
             if not self.args.keep_going and (fails >= 2 or w.loss_pct >= 5.0):
                 break
         return rows
+
+
+def latency_series(w: Window, chunks: int) -> str:
+    """The window's net latencies in arrival order, cut into ``chunks`` equal slices: each
+    slice's p99 in ms. A relay that fell behind shows as a run of high slices (a standing queue
+    building and draining) rather than as scattered outliers."""
+    values = w.net_latencies_ns
+    size = len(values) // max(chunks, 1)
+    if size == 0:
+        return "series: too few packets"
+    p99s = []
+    for i in range(chunks):
+        part = sorted(values[i * size : (i + 1) * size])
+        p99s.append(part[min(len(part) - 1, int(0.99 * len(part)))] / 1e6)
+    return f"p99 ms per 1/{chunks} of the window: " + " ".join(f"{v:.1f}" for v in p99s)
 
 
 def part2(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None:
@@ -334,7 +358,8 @@ def part2(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None
         f" (--path-cpus {args.path_cpus}: E on {where(cpu_e)}, C on {where(cpu_c)}, client+echo on"
         f" {where(cpu_load)}, {loop}; calls set up by SDP, no SIP"
         f"{'; E forwards established flows in the kernel (--e-kernel)' if args.e_kernel else ''}"
-        f"{f'; C relays with {args.c_threads} forwarder threads' if args.c_threads > 1 else ''})",
+        f"{f'; C relays with {args.c_threads} forwarder threads' if args.c_threads > 1 else ''}"
+        f"{'; C with its elastic send helper (--c-helper)' if args.c_helper else ''})",
         flush=True,
     )
     print(f"relay code: {relay_build()}", flush=True)

@@ -384,6 +384,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="py-spy the relays near their limit")
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames of uvloop, libsrtp)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, profiles)")
+    parser.add_argument(
+        "--c-helper",
+        action="store_true",
+        help="part 2: C's io_uring relay with its elastic send helper (EDGE_MEDIA_HELPER=1)",
+    )
+    parser.add_argument(
+        "--series",
+        type=int,
+        default=0,
+        metavar="K",
+        help="part 2: after each step, the p99 of each 1/K of the window (arrival order)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, default=1, help=argparse.SUPPRESS)

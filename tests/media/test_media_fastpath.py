@@ -31,15 +31,19 @@ from tests.media.kernel_tools import require_kernel
 HOST = "127.0.0.1"
 
 
-BACKENDS = ["epoll", "uring"]  # the forwarder's two ways of reading its sockets (see _uring.h)
+# The forwarder's two ways of reading its sockets (see _uring.h), and io_uring with its send
+# helper taking every send (_helper.h; HELPER_ALWAYS, all flows): sends leave from its thread.
+BACKENDS = ["epoll", "uring", "helper"]
 
 
 def _forwarder(backend: str = "epoll", buffers: int = 1024) -> Any:
     assert fastpath.built(), "media_relay._fastpath is not built: pip install -e . (needs gcc, python3-dev)"
-    if backend == "uring":
+    if backend in ("uring", "helper"):
         refusal = fastpath.uring_refusal()
         if refusal is not None:  # e.g. kernel.io_uring_disabled, a seccomp filter: the epoll cases still run
             pytest.skip(f"this kernel refuses io_uring: {refusal}")
+    if backend == "helper":
+        return fastpath.new_forwarder(uring=True, buffers=buffers, helper=fastpath.HELPER_ALWAYS, share=4)
     return fastpath.new_forwarder(uring=backend == "uring", buffers=buffers)
 
 
@@ -110,8 +114,9 @@ class TwoTables:
         if self.native.changed:  # as the worker does before each poll
             self.flows.sync(self.native.take_changed())
         src.sendto(data, (HOST, port))  # loopback: queued at the relay socket on return
-        if self.backend == "uring":
+        if self.backend in ("uring", "helper"):
             items = self.forwarder.poll(now=now)
+            assert self.forwarder.helper_wait(5.0)  # the helper's sends have left too
         else:
             items = [(port, b, a) for b, a in self.forwarder.drain(self.relay[port].fileno(), port, now=now)]
         for at, back, addr in items:
@@ -613,11 +618,98 @@ def test_uring_sockets_sit_in_the_rings_file_table_until_removed() -> None:
             s.close()
 
 
+def _big_udp() -> socket.socket:
+    sock = udp()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    return sock
+
+
+def test_the_elastic_send_helper_takes_half_the_flows_on_a_backlog_and_stops_when_relieved() -> None:
+    """A backlog (here 64 flows x 40 datagrams waiting at once) makes an elastic forwarder lend
+    the sends of half its flows to the helper; every flow still arrives complete and in order
+    (a flow always goes one way while the helper holds any of its datagrams); once the
+    forwarder is idle again the helper stops taking sends, and then no send goes to it."""
+    _forwarder("uring")  # skips where io_uring is refused
+    fwd = fastpath.new_forwarder(uring=True, helper=fastpath.HELPER_ELASTIC)
+    relay, egress = _big_udp(), udp()
+    srcs = [udp() for _ in range(64)]
+    sinks = [_big_udp() for _ in range(64)]
+    try:
+        port = name(relay)[1]
+        fwd.add_socket(relay.fileno(), port)
+        fwd.add_socket(egress.fileno(), name(egress)[1])
+        state = StreamStats().get_state()
+        for src, sink in zip(srcs, sinks, strict=True):
+            fwd.install(port, HOST, name(src)[1], False, egress.fileno(), name(sink), -1, None, 8000, state)
+        assert fwd.counters()["helper"] == fastpath.HELPER_ELASTIC and fwd.counters()["helper_active"] == 0
+        per_flow = 40
+        for i in range(per_flow):
+            for src in srcs:
+                src.sendto(rtp(i), name(relay))
+        end = time.monotonic() + 10
+        while fwd.counters()["forwarded"] < per_flow * len(srcs) and time.monotonic() < end:
+            assert fwd.poll() == []
+        assert fwd.helper_wait(5.0)
+        counters = fwd.counters()
+        assert counters["helper_activations"] == 1 and counters["helper_active"] == 1
+        # from the activation on, the sends of about half the flows (a hash picks them)
+        assert 0 < counters["helper_queued"] <= 0.75 * per_flow * len(srcs)
+        assert counters["helper_sent"] == counters["helper_queued"] and counters["send_errors"] == 0
+        for sink in sinks:
+            seqs = [struct.unpack("!H", d[2:4])[0] for d in TwoTables.received(None, sink)]  # type: ignore[arg-type]
+            assert seqs == list(range(per_flow))
+        # idle turns: relieved for 20 windows of 1 ms, the queue empty: the helper stops
+        end = time.monotonic() + 5
+        while fwd.counters()["helper_active"] and time.monotonic() < end:
+            fwd.poll()
+            time.sleep(0.001)
+        assert fwd.counters()["helper_active"] == 0
+        queued = fwd.counters()["helper_queued"]
+        srcs[0].sendto(rtp(per_flow), name(relay))
+        end = time.monotonic() + 5
+        while fwd.counters()["forwarded"] < per_flow * len(srcs) + 1 and time.monotonic() < end:
+            fwd.poll()
+        assert fwd.counters()["helper_queued"] == queued  # sent by the forwarder itself
+    finally:
+        fwd.close()
+        for s in (relay, egress, *srcs, *sinks):
+            s.close()
+
+
+def test_removing_a_socket_waits_for_the_sends_the_helper_holds_for_it() -> None:
+    """The helper sends from the forwarder's sockets: remove_socket returns only once nothing
+    it holds still names that socket, so the caller may close it (and its fd number may be
+    reused) without a datagram leaving from the wrong socket or being lost."""
+    fwd = _forwarder("helper")
+    relay, egress, src, sink = _big_udp(), udp(), udp(), _big_udp()
+    try:
+        port = name(relay)[1]
+        fwd.add_socket(relay.fileno(), port)
+        fwd.add_socket(egress.fileno(), name(egress)[1])
+        state = StreamStats().get_state()
+        fwd.install(port, HOST, name(src)[1], False, egress.fileno(), name(sink), -1, None, 8000, state)
+        for i in range(200):
+            src.sendto(rtp(i), name(relay))
+        end = time.monotonic() + 5
+        while fwd.counters()["forwarded"] < 200 and time.monotonic() < end:
+            fwd.poll()
+        egress_port = name(egress)[1]
+        fwd.remove_socket(egress.fileno(), egress_port)
+        assert fwd.counters()["helper_sent"] == 200
+        egress.close()
+        got = TwoTables.received(None, sink)  # type: ignore[arg-type]
+        assert [struct.unpack("!H", d[2:4])[0] for d in got] == list(range(200))
+    finally:
+        fwd.close()
+        for s in (relay, egress, src, sink):
+            s.close()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_send_the_kernel_refuses_is_counted_and_the_next_one_goes(backend: str) -> None:
     """A flow whose destination the kernel refuses (broadcast without SO_BROADCAST: EACCES)
-    counts a send error per datagram (io_uring: from the failed SEND's completion); another
-    flow of the same turn is sent."""
+    counts a send error per datagram (io_uring: from the failed SEND's completion; helper: from
+    its failed send); another flow of the same turn is sent."""
     fwd = _forwarder(backend)
     relay, egress, src, sink = udp(), udp(), udp(), udp()
     try:
@@ -635,6 +727,7 @@ def test_a_send_the_kernel_refuses_is_counted_and_the_next_one_goes(backend: str
             end = time.monotonic() + 5
             while fwd.counters()["forwarded"] < 2 and time.monotonic() < end:
                 assert fwd.poll() == []
+            assert fwd.helper_wait(5.0)  # helper: its sends (and their errors) are done
             counters = fwd.counters()
             assert counters["forwarded"] == 2 and counters["send_errors"] == 1
             assert sink.recv(2048) == rtp(2)
@@ -878,6 +971,28 @@ async def _relays_one_way(worker: RelayWorker) -> None:
             p.transport.close()
 
 
+async def test_worker_with_the_send_helper_relays_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``helper=True`` (C: ``expc.media_send_helper``; ``EDGE_MEDIA_HELPER=1``) gives an io_uring
+    worker an elastic send helper; the status says so; off by default."""
+    assert fastpath.built(), "media_relay._fastpath is not built"
+    _forwarder("uring")  # skips where io_uring is refused
+    monkeypatch.delenv(fastpath.URING_ENV_VAR, raising=False)
+    monkeypatch.delenv(fastpath.HELPER_ENV_VAR, raising=False)
+    worker = RelayWorker(HOST, native=True)
+    try:
+        assert worker.stats()["worker"]["native"]["helper"] == fastpath.HELPER_OFF
+    finally:
+        await worker.close()
+    monkeypatch.setenv(fastpath.HELPER_ENV_VAR, "1")
+    worker = RelayWorker(HOST, allocator=PortAllocator(46000, 46999), native=True)
+    try:
+        native = worker.stats()["worker"]["native"]
+        assert native["backend"] == "io_uring" and native["helper"] == fastpath.HELPER_ELASTIC
+        await _relays_one_way(worker)
+    finally:
+        await worker.close()
+
+
 async def test_worker_reads_through_io_uring_and_falls_back_to_epoll(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default a native worker is on io_uring; where the kernel refuses it (old kernel,
     ``kernel.io_uring_disabled``, a seccomp filter) it says why and relays on epoll; threads
@@ -896,7 +1011,7 @@ async def test_worker_reads_through_io_uring_and_falls_back_to_epoll(monkeypatch
 
     real = fastpath.new_forwarder
 
-    def refused(uring: bool = False, buffers: int = 1024) -> Any:
+    def refused(uring: bool = False, buffers: int = 1024, helper: int = 0, share: int = 2) -> Any:
         if uring:
             raise PermissionError(1, "Operation not permitted")
         return real()
