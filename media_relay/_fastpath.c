@@ -561,7 +561,7 @@ static int uring_arm(Forwarder *self, int fd, unsigned port)
  * destination are free again, when the enter returns. */
 static void uring_flush(Forwarder *self)
 {
-    int n = self->npend, pushed = 0;
+    int n = self->npend, pushed = 0, sends = 0;
     for (int i = 0; i < n; i++) {
         Pending *p = &self->pend[i];
         if (helper_takes(&self->helper, p->fd, p->dst)) {
@@ -583,8 +583,9 @@ static void uring_flush(Forwarder *self)
         sqe->flags = IOSQE_CQE_SKIP_SUCCESS;
         uring_set_fd(self, sqe, p->fd);
         sqe->user_data = UD_SEND << 62;
+        sends++;
     }
-    if (n > 0)
+    if (sends > 0)
         self->send_calls++;
     if (pushed)
         helper_wake(&self->helper);

@@ -130,11 +130,12 @@ static unsigned long long helper_sendto(Helper *h, uint64_t tail, uint64_t end)
  * (MSG_DONTWAIT: each completes inside the enter; only failures post a completion). */
 static unsigned long long helper_send_ring(URing *r, Helper *h, uint64_t tail, uint64_t end)
 {
-    for (uint64_t i = tail; i != end; i++) {
+    uint64_t i;
+    for (i = tail; i != end; i++) {
         const HelperItem *it = &h->q[i & (HELPER_QUEUE - 1)];
         struct io_uring_sqe *sqe = ur_sqe(r);
-        if (sqe == NULL) /* never: HELPER_BATCH <= the ring's size */
-            return helper_sendto(h, i, end);
+        if (sqe == NULL) /* never: a batch fits the ring; else the rest goes by sendto below */
+            break;
         sqe->opcode = IORING_OP_SEND;
         sqe->fd = it->fd;
         sqe->addr = (uint64_t)(uintptr_t)it->data;
@@ -144,9 +145,19 @@ static unsigned long long helper_send_ring(URing *r, Helper *h, uint64_t tail, u
         sqe->msg_flags = MSG_DONTWAIT;
         sqe->flags = IOSQE_CQE_SKIP_SUCCESS;
     }
-    if (ur_enter(r) < 0)
-        return end - tail;
     unsigned long long errors = 0;
+    (void)ur_enter(r);
+    unsigned left = ur_unsubmitted(r);
+    if (left > 0) {
+        /* The kernel did not take them all (the enter failed): take the rest back, since they
+         * would go out later, after the producer reused their items, and sendto them now.
+         * Failures of the ones it took are in the completion ring, reaped below. */
+        unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+        r->sq_local = head;
+        __atomic_store_n(r->sq_tail, head, __ATOMIC_RELEASE);
+        errors += helper_sendto(h, i - left, i);
+    }
+    errors += helper_sendto(h, i, end);
     unsigned head = *r->cq_head, ctail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
     for (; head != ctail; head++)
         if (r->cqes[head & r->cq_mask].res < 0)
