@@ -151,6 +151,7 @@ typedef struct {
     int evfd; /* the ring's eventfd: what the event loop watches instead of epfd */
     URing ur;
     unsigned char *gen;
+    uint16_t *armed_port; /* per fd (as gen): the port its receive was armed with */
     size_t ngen;
     unsigned char *fixed; /* fixed[fd]: the socket is in the ring's file table (slot fd) */
     unsigned long long nfixed;
@@ -1145,9 +1146,15 @@ static PyObject *add_socket_locked(Forwarder *self, PyObject *args)
                 return PyErr_NoMemory();
             memset(g + self->ngen, 0, want - self->ngen);
             self->gen = g;
+            uint16_t *ap = PyMem_Realloc(self->armed_port, want * sizeof(uint16_t));
+            if (ap == NULL)
+                return PyErr_NoMemory();
+            memset(ap + self->ngen, 0, (want - self->ngen) * sizeof(uint16_t));
+            self->armed_port = ap;
             self->ngen = want;
         }
         self->gen[fd]++; /* completions of an earlier socket with this fd number are stale now */
+        self->armed_port[fd] = (uint16_t)port;
         /* Into the file table when it has room (else plain fd lookups, as before). */
         if ((unsigned)fd < self->ur.nfiles && !self->fixed[fd] && ur_file_set(&self->ur, (unsigned)fd, fd) == 0) {
             self->fixed[fd] = 1;
@@ -1192,9 +1199,9 @@ static PyObject *remove_socket_locked(Forwarder *self, PyObject *args)
         if (!helper_wait_empty(&self->helper, 1000000000LL))
             self->send_errors++;
         /* Cancel its receive now, before the caller closes it: the request holds the socket
-         * (and its port) open until then. */
-        if ((size_t)fd < self->ngen)
-            self->gen[fd]++;
+         * (and its port) open until then. By the receive's user_data (the ring finds it in its
+         * cancel hash at once) when add_socket armed it; by fd otherwise (that scans every
+         * request: O(sockets) per removal). */
         struct io_uring_sqe *sqe = uring_sqe(self);
         if (sqe == NULL) {
             PyErr_SetString(PyExc_OSError, "io_uring submission ring full");
@@ -1202,8 +1209,15 @@ static PyObject *remove_socket_locked(Forwarder *self, PyObject *args)
         }
         int fixed = (unsigned)fd < self->ur.nfiles && self->fixed[fd];
         sqe->opcode = IORING_OP_ASYNC_CANCEL;
-        sqe->fd = fd;
-        sqe->cancel_flags = IORING_ASYNC_CANCEL_FD | IORING_ASYNC_CANCEL_ALL | (fixed ? IORING_ASYNC_CANCEL_FD_FIXED : 0);
+        if ((size_t)fd < self->ngen) {
+            uint64_t armed = self->armed_port[fd];
+            sqe->addr = (UD_RECV << 62) | ((uint64_t)self->gen[fd] << 48) | (armed << 32) | (uint32_t)fd;
+            sqe->cancel_flags = IORING_ASYNC_CANCEL_ALL;
+            self->gen[fd]++;
+        } else {
+            sqe->fd = fd;
+            sqe->cancel_flags = IORING_ASYNC_CANCEL_FD | IORING_ASYNC_CANCEL_ALL | (fixed ? IORING_ASYNC_CANCEL_FD_FIXED : 0);
+        }
         sqe->flags = IOSQE_CQE_SKIP_SUCCESS;
         sqe->user_data = UD_CANCEL << 62;
         uring_enter(self);
@@ -1412,6 +1426,8 @@ static void forwarder_release(Forwarder *self)
     }
     PyMem_Free(self->gen);
     self->gen = NULL;
+    PyMem_Free(self->armed_port);
+    self->armed_port = NULL;
     self->ngen = 0;
     PyMem_Free(self->fixed);
     self->fixed = NULL;

@@ -618,6 +618,38 @@ def test_uring_sockets_sit_in_the_rings_file_table_until_removed() -> None:
             s.close()
 
 
+def test_uring_removal_cancels_the_receive_it_armed_whatever_port_it_is_told() -> None:
+    """remove_socket cancels the socket's receive by the user_data add_socket armed it with (a
+    hash lookup in the ring, not a scan of every request), so the port it is given does not
+    matter: the socket is let go and its port is free once the caller closes it."""
+    fwd = _forwarder("uring")
+    socks = [udp() for _ in range(3)]
+    try:
+        for s in socks:
+            fwd.add_socket(s.fileno(), name(s)[1])
+        victim = socks[1]
+        port = name(victim)[1]
+        fwd.remove_socket(victim.fileno(), port + 1 if port < 65535 else port - 1)
+        victim.close()
+        again = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            again.bind((HOST, port))  # free at once: nothing holds the old socket
+        finally:
+            again.close()
+        src = udp()
+        try:  # the others still receive
+            for s in (socks[0], socks[2]):
+                src.sendto(rtp(1), name(s))
+            got = sorted(p for p, _, _ in _poll_until(fwd, 2))
+            assert got == sorted([name(socks[0])[1], name(socks[2])[1]])
+        finally:
+            src.close()
+    finally:
+        fwd.close()
+        for s in socks:
+            s.close()
+
+
 def _big_udp() -> socket.socket:
     sock = udp()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
