@@ -591,6 +591,16 @@ static void uring_flush(Forwarder *self)
     if (pushed)
         helper_wake(&self->helper);
     uring_enter(self);
+    /* An enter that failed (EBUSY, ENOMEM) left SQEs queued, the sends last: take those back
+     * and count them dropped, since their pool slots serve the next turn (a send queued until
+     * the next enter would carry another datagram's bytes). Re-arms before them stay queued. */
+    unsigned left = ur_unsubmitted(&self->ur);
+    if (left > 0 && sends > 0) {
+        unsigned drop = left < (unsigned)sends ? left : (unsigned)sends;
+        self->ur.sq_local -= drop;
+        __atomic_store_n(self->ur.sq_tail, self->ur.sq_local, __ATOMIC_RELEASE);
+        self->send_errors += drop;
+    }
     self->npend = 0;
 }
 
