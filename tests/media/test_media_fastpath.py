@@ -708,6 +708,26 @@ def test_the_elastic_send_helper_takes_half_the_flows_on_a_backlog_and_stops_whe
             s.close()
 
 
+def test_bad_send_helper_arguments_are_refused() -> None:
+    """An unknown helper mode, a share outside 1..4, a helper without io_uring and an absurd
+    wait are ValueErrors; nothing is started."""
+    _forwarder("uring")  # skips where io_uring is refused
+    assert fastpath._fastpath is not None
+    forwarder = fastpath._fastpath.Forwarder
+    for kwargs in ({"uring": True, "helper": 3}, {"uring": True, "helper": 1, "helper_share": 0},
+                   {"uring": True, "helper": 1, "helper_share": 5}, {"helper": 1}):  # fmt: skip
+        with pytest.raises(ValueError, match="helper"):
+            forwarder(**kwargs)
+    fwd = _forwarder("helper")
+    try:
+        for timeout in (-1.0, 61.0):
+            with pytest.raises(ValueError, match="timeout_s"):
+                fwd.helper_wait(timeout)
+        assert fwd.helper_wait(0.0)  # nothing queued
+    finally:
+        fwd.close()
+
+
 def test_removing_a_socket_waits_for_the_sends_the_helper_holds_for_it() -> None:
     """The helper sends from the forwarder's sockets: remove_socket returns only once nothing
     it holds still names that socket, so the caller may close it (and its fd number may be
