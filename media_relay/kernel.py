@@ -30,7 +30,6 @@ concurrent updates of one flow need that sender on two CPUs at once.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import ipaddress
 import os
@@ -38,6 +37,7 @@ import socket
 import struct
 from typing import Any
 
+from media_relay.bpf import FP, Asm, attr, bpf, load_program
 from media_relay.rtp import StatsState
 
 Addr = tuple[str, int]
@@ -49,14 +49,12 @@ KernelCounters = tuple[int, int, int, int, int, int, float | None, StatsState]
 
 ENV_VAR = "EDGE_MEDIA_KERNEL"  # "1": E's relay forwards established flows in the kernel
 
-_SYS_BPF = 321  # x86_64
 _BPF_MAP_CREATE, _BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
-_BPF_PROG_LOAD, _BPF_MAP_LOOKUP_BATCH, _BPF_LINK_CREATE = 5, 24, 28
+_BPF_MAP_LOOKUP_BATCH, _BPF_LINK_CREATE = 24, 28
 _BPF_MAP_TYPE_HASH = 1
 _BPF_PROG_TYPE_SCHED_CLS = 3
 _BPF_TCX_INGRESS = 46
 _BPF_ANY = 0
-_BPF_PSEUDO_MAP_FD = 1
 _TCX_NEXT, _TCX_PASS = -1, 0
 # helpers
 _MAP_LOOKUP, _KTIME_NS, _STORE_BYTES, _L3_CSUM, _L4_CSUM, _PULL_DATA = 1, 5, 9, 10, 11, 39
@@ -82,95 +80,14 @@ assert _VALUE.size == 176
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
-def _load_program(attr: bytes) -> int:
-    """BPF_PROG_LOAD, retried on EAGAIN: the verifier gives up when a signal is pending (a
-    SIGCHLD, say), as libbpf's loader also retries."""
-    for _ in range(4):
-        try:
-            return _bpf(_BPF_PROG_LOAD, _attr(attr))
-        except OSError as exc:
-            if exc.errno != errno.EAGAIN:
-                raise
-    return _bpf(_BPF_PROG_LOAD, _attr(attr))
-
-
 class KernelUnavailable(OSError):
     """Kernel forwarding cannot run here (no permission, no TCX, not Linux x86_64)."""
-
-
-# -- a small eBPF assembler ------------------------------------------------------------------------
-
-_ALU64, _ALU, _JMP, _LDX, _STX, _ST, _LD = 0x07, 0x04, 0x05, 0x01, 0x03, 0x02, 0x00
-_SIZE = {1: 0x10, 2: 0x08, 4: 0x00, 8: 0x18}
-_OPS = {"add": 0x00, "sub": 0x10, "mul": 0x20, "div": 0x30, "or": 0x40, "and": 0x50, "lsh": 0x60,
-        "rsh": 0x70, "neg": 0x80, "xor": 0xA0, "mov": 0xB0, "arsh": 0xC0}  # fmt: skip
-_JOPS = {"ja": 0x00, "jeq": 0x10, "jgt": 0x20, "jge": 0x30, "jne": 0x50, "jsgt": 0x60, "jsge": 0x70,
-         "jlt": 0xA0, "jle": 0xB0, "jslt": 0xC0, "jsle": 0xD0}  # fmt: skip
-_FP = 10
-
-
-class _Asm:
-    """Instructions with symbolic jump targets; ``code()`` resolves them."""
-
-    def __init__(self) -> None:
-        self._insns: list[tuple[int, int, int, int | str, int]] = []
-        self._labels: dict[str, int] = {}
-
-    def _emit(self, code: int, dst: int = 0, src: int = 0, off: int | str = 0, imm: int = 0) -> None:
-        self._insns.append((code, dst, src, off, imm))
-
-    def label(self, name: str) -> None:
-        assert name not in self._labels, name
-        self._labels[name] = len(self._insns)
-
-    def alu(self, op: str, dst: int, src: int | None = None, imm: int = 0) -> None:
-        if src is None:
-            self._emit(_ALU64 | _OPS[op], dst, 0, 0, imm)
-        else:
-            self._emit(_ALU64 | _OPS[op] | 0x08, dst, src)
-
-    def be(self, dst: int, bits: int) -> None:
-        """Network to host order (on this little-endian machine): BPF_END | BPF_TO_BE."""
-        self._emit(_ALU | 0xD0 | 0x08, dst, 0, 0, bits)
-
-    def ldx(self, size: int, dst: int, src: int, off: int) -> None:
-        self._emit(_LDX | 0x60 | _SIZE[size], dst, src, off)
-
-    def stx(self, size: int, dst: int, off: int, src: int) -> None:
-        self._emit(_STX | 0x60 | _SIZE[size], dst, src, off)
-
-    def st(self, size: int, dst: int, off: int, imm: int) -> None:
-        self._emit(_ST | 0x60 | _SIZE[size], dst, 0, off, imm)
-
-    def ld_map(self, dst: int, map_fd: int) -> None:
-        self._emit(_LD | 0x18, dst, _BPF_PSEUDO_MAP_FD, 0, map_fd)
-        self._emit(0, 0, 0, 0, 0)
-
-    def jmp(self, op: str, target: str, dst: int = 0, src: int | None = None, imm: int = 0) -> None:
-        if src is None:
-            self._emit(_JMP | _JOPS[op], dst, 0, target, imm)
-        else:
-            self._emit(_JMP | _JOPS[op] | 0x08, dst, src, target)
-
-    def call(self, helper: int) -> None:
-        self._emit(_JMP | 0x80, 0, 0, 0, helper)
-
-    def exit(self) -> None:
-        self._emit(_JMP | 0x90)
-
-    def code(self) -> bytes:
-        out = bytearray()
-        for i, (code, dst, src, off, imm) in enumerate(self._insns):
-            if isinstance(off, str):
-                off = self._labels[off] - i - 1
-            out += struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
-        return bytes(out)
 
 
 def _program(map_fd: int) -> bytes:
     """The TC ingress program (see the module docstring). r6 ctx, r7 payload length, r8 kind
     (0 RTP, 1 RTCP), r9 the flow; stack: fp-16 key, fp-24 now (ns), fp-32 seq, fp-40 transit."""
-    a = _Asm()
+    a = Asm()
     r0, r1, r2, r3, r4, r5, r6, r7, r8, r9 = range(10)
     a.alu("mov", r6, r1)
 
@@ -190,7 +107,7 @@ def _program(map_fd: int) -> bytes:
         a.alu("add", r1, r7)
         a.stx(8, base, packets + 8, r1)
         if seen is not None:
-            a.ldx(8, r1, _FP, -24)
+            a.ldx(8, r1, FP, -24)
             a.stx(8, base, seen, r1)
 
     packet(PAYLOAD + MIN_DATAGRAM, "pull")
@@ -205,21 +122,21 @@ def _program(map_fd: int) -> bytes:
     a.alu("and", r4, imm=0xFF3F)  # MF or a fragment offset
     a.jmp("jne", "next", r4, imm=0)
     a.ldx(4, r4, r2, ETH + 16)
-    a.stx(4, _FP, -16, r4)  # daddr
+    a.stx(4, FP, -16, r4)  # daddr
     a.ldx(4, r4, r2, ETH + 12)
-    a.stx(4, _FP, -12, r4)  # saddr
+    a.stx(4, FP, -12, r4)  # saddr
     a.ldx(2, r4, r2, ETH + IP + 2)
-    a.stx(2, _FP, -8, r4)  # dport
+    a.stx(2, FP, -8, r4)  # dport
     a.ldx(2, r4, r2, ETH + IP)
-    a.stx(2, _FP, -6, r4)  # sport
+    a.stx(2, FP, -6, r4)  # sport
     a.ld_map(r1, map_fd)
-    a.alu("mov", r2, _FP)
+    a.alu("mov", r2, FP)
     a.alu("add", r2, imm=-16)
     a.call(_MAP_LOOKUP)
     a.jmp("jeq", "next", r0, imm=0)
     a.alu("mov", r9, r0)
     a.call(_KTIME_NS)
-    a.stx(8, _FP, -24, r0)
+    a.stx(8, FP, -24, r0)
     packet(PAYLOAD + MIN_DATAGRAM, "next")
     # n = UDP length - 8; the IP total length and the frame must agree with it
     a.ldx(2, r7, r2, ETH + IP + 4)
@@ -266,7 +183,7 @@ def _program(map_fd: int) -> bytes:
     count(r9, _V_ST_P, _V_ST_SEEN)
     a.ldx(2, r4, r2, PAYLOAD + 2)
     a.be(r4, 16)
-    a.stx(8, _FP, -32, r4)  # seq
+    a.stx(8, FP, -32, r4)  # seq
     a.ldx(4, r5, r2, PAYLOAD + 4)
     a.be(r5, 32)  # ts
     a.alu("div", r1, imm=1000)  # arrival in clock units: now (us) * rate / 1e6
@@ -274,7 +191,7 @@ def _program(map_fd: int) -> bytes:
     a.alu("mul", r1, r0)
     a.alu("div", r1, imm=1_000_000)
     a.alu("sub", r1, r5)
-    a.stx(8, _FP, -40, r1)  # transit
+    a.stx(8, FP, -40, r1)  # transit
     a.ldx(4, r3, r2, PAYLOAD + 8)
     a.be(r3, 32)  # ssrc
     a.ldx(4, r0, r9, _V_HAS_SSRC)
@@ -317,7 +234,7 @@ def _program(map_fd: int) -> bytes:
     a.alu("add", r0, imm=1)
     a.stx(8, r9, _V_RECEIVED, r0)
     a.label("jitter")
-    a.ldx(8, r1, _FP, -40)
+    a.ldx(8, r1, FP, -40)
     a.ldx(8, r0, r9, _V_TRANSIT)
     a.stx(8, r9, _V_TRANSIT, r1)
     a.alu("sub", r1, r0)
@@ -338,7 +255,7 @@ def _program(map_fd: int) -> bytes:
     a.st(4, r9, _V_HAS_SSRC, 1)
     a.stx(4, r9, _V_SSRC, r3)
     init_seq()
-    a.ldx(8, r1, _FP, -40)
+    a.ldx(8, r1, FP, -40)
     a.stx(8, r9, _V_TRANSIT, r1)
     a.st(8, r9, _V_JITTER, 0)
 
@@ -364,14 +281,14 @@ def _program(map_fd: int) -> bytes:
     ):
         a.alu("mov", r1, r6)
         a.alu("mov", r2, imm=csum_udp)
-        a.ldx(size, r3, _FP, old_off)
+        a.ldx(size, r3, FP, old_off)
         a.ldx(size, r4, r8, field)
         a.alu("mov", r5, imm=size | _F_MARK_MANGLED_0 | (_F_PSEUDO_HDR if pseudo else 0))
         a.call(_L4_CSUM)
         if pseudo:
             a.alu("mov", r1, r6)
             a.alu("mov", r2, imm=ETH + 10)
-            a.ldx(4, r3, _FP, old_off)
+            a.ldx(4, r3, FP, old_off)
             a.ldx(4, r4, r8, field)
             a.alu("mov", r5, imm=4)
             a.call(_L3_CSUM)
@@ -399,24 +316,6 @@ def _program(map_fd: int) -> bytes:
     return a.code()
 
 
-# -- the bpf(2) system call ------------------------------------------------------------------------
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
-    r = int(_libc.syscall(_SYS_BPF, cmd, attr, len(attr)))
-    if r < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return r
-
-
-def _attr(data: bytes, size: int = 144) -> ctypes.Array[ctypes.c_char]:
-    return ctypes.create_string_buffer(data.ljust(size, b"\0"), size)
-
-
 def _ip4(host: str) -> bytes:
     addr = ipaddress.ip_address(host)
     if addr.version != 4 or addr not in _LOOPBACK:
@@ -442,9 +341,9 @@ class KernelForwarder:
             raise KernelUnavailable(errno.ENOSYS, "kernel forwarding: x86_64 Linux only")
         fds: list[int] = []
         try:
-            map_fd = _bpf(
+            map_fd = bpf(
                 _BPF_MAP_CREATE,
-                _attr(struct.pack("<IIIII", _BPF_MAP_TYPE_HASH, _KEY.size, _VALUE.size, max_flows, 0)),
+                attr(struct.pack("<IIIII", _BPF_MAP_TYPE_HASH, _KEY.size, _VALUE.size, max_flows, 0)),
             )
             fds.append(map_fd)
             code = _program(map_fd)
@@ -465,7 +364,7 @@ class KernelForwarder:
                 b"edge_media_fwd",
             )
             try:
-                prog_fd = _load_program(load)
+                prog_fd = load_program(load)
             except OSError as exc:
                 text = log.value.decode(errors="replace").strip().splitlines()
                 detail = "; ".join(text[-3:]) if text else ""
@@ -474,9 +373,7 @@ class KernelForwarder:
                 ) from exc
             fds.append(prog_fd)
             ifindex = socket.if_nametoindex(ifname)
-            link_fd = _bpf(
-                _BPF_LINK_CREATE, _attr(struct.pack("<IIII", prog_fd, ifindex, _BPF_TCX_INGRESS, 0))
-            )
+            link_fd = bpf(_BPF_LINK_CREATE, attr(struct.pack("<IIII", prog_fd, ifindex, _BPF_TCX_INGRESS, 0)))
             fds.append(link_fd)
         except KernelUnavailable:
             for fd in fds:
@@ -553,11 +450,11 @@ class KernelForwarder:
     def read(self, key: bytes) -> KernelCounters | None:
         """The flow's absolute counters and receiver state, or None if it is not installed."""
         self._key.raw = key
-        attr = _attr(
+        req = attr(
             struct.pack("<I4xQQ", self._map_fd, ctypes.addressof(self._key), ctypes.addressof(self._value))
         )
         try:
-            _bpf(_BPF_MAP_LOOKUP_ELEM, attr)
+            bpf(_BPF_MAP_LOOKUP_ELEM, req)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return None
@@ -574,7 +471,7 @@ class KernelForwarder:
         cursor_in, cursor_out = ctypes.c_uint32(0), ctypes.c_uint32(0)
         first = True
         while True:
-            attr = _attr(
+            req = attr(
                 struct.pack(
                     "<QQQQIIQQ",
                     0 if first else ctypes.addressof(cursor_in),
@@ -589,12 +486,12 @@ class KernelForwarder:
             )
             done = False
             try:
-                _bpf(_BPF_MAP_LOOKUP_BATCH, attr)
+                bpf(_BPF_MAP_LOOKUP_BATCH, req)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
                 done = True
-            count = struct.unpack_from("<I", attr, 32)[0]
+            count = struct.unpack_from("<I", req, 32)[0]
             raw_keys, raw_values = keys.raw, values.raw
             for i in range(count):
                 k = raw_keys[i * _KEY.size : (i + 1) * _KEY.size]
@@ -609,7 +506,7 @@ class KernelForwarder:
         last = self.read(key)
         self._key.raw = key
         try:
-            _bpf(_BPF_MAP_DELETE_ELEM, _attr(struct.pack("<I4xQ", self._map_fd, ctypes.addressof(self._key))))
+            bpf(_BPF_MAP_DELETE_ELEM, attr(struct.pack("<I4xQ", self._map_fd, ctypes.addressof(self._key))))
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -622,10 +519,10 @@ class KernelForwarder:
     def _update(self, key: bytes, value: bytes) -> None:
         self._key.raw = key
         self._value.raw = value
-        attr = struct.pack(
+        data = struct.pack(
             "<I4xQQQ", self._map_fd, ctypes.addressof(self._key), ctypes.addressof(self._value), _BPF_ANY
         )
-        _bpf(_BPF_MAP_UPDATE_ELEM, _attr(attr))
+        bpf(_BPF_MAP_UPDATE_ELEM, attr(data))
 
 
 def _counters(v: tuple[Any, ...]) -> KernelCounters:

@@ -1,0 +1,116 @@
+"""A small eBPF assembler and the bpf(2) system call, for the relay's kernel programs.
+
+No clang, no libbpf: programs are written as Python calls that emit instructions (``_Asm``), and
+loaded with ``bpf()`` through ctypes. ``kernel.py`` (E's plain forwarder) uses it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+
+_SYS_BPF = 321  # x86_64
+_BPF_PROG_LOAD = 5
+_BPF_PSEUDO_MAP_FD = 1
+
+
+# -- the assembler ------------------------------------------------------------------------
+
+_ALU64, _ALU, _JMP, _LDX, _STX, _ST, _LD = 0x07, 0x04, 0x05, 0x01, 0x03, 0x02, 0x00
+_SIZE = {1: 0x10, 2: 0x08, 4: 0x00, 8: 0x18}
+_OPS = {"add": 0x00, "sub": 0x10, "mul": 0x20, "div": 0x30, "or": 0x40, "and": 0x50, "lsh": 0x60,
+        "rsh": 0x70, "neg": 0x80, "xor": 0xA0, "mov": 0xB0, "arsh": 0xC0}  # fmt: skip
+_JOPS = {"ja": 0x00, "jeq": 0x10, "jgt": 0x20, "jge": 0x30, "jne": 0x50, "jsgt": 0x60, "jsge": 0x70,
+         "jlt": 0xA0, "jle": 0xB0, "jslt": 0xC0, "jsle": 0xD0}  # fmt: skip
+FP = 10  # the frame pointer register
+
+
+class Asm:
+    """Instructions with symbolic jump targets; ``code()`` resolves them."""
+
+    def __init__(self) -> None:
+        self._insns: list[tuple[int, int, int, int | str, int]] = []
+        self._labels: dict[str, int] = {}
+
+    def _emit(self, code: int, dst: int = 0, src: int = 0, off: int | str = 0, imm: int = 0) -> None:
+        self._insns.append((code, dst, src, off, imm))
+
+    def label(self, name: str) -> None:
+        assert name not in self._labels, name
+        self._labels[name] = len(self._insns)
+
+    def alu(self, op: str, dst: int, src: int | None = None, imm: int = 0) -> None:
+        if src is None:
+            self._emit(_ALU64 | _OPS[op], dst, 0, 0, imm)
+        else:
+            self._emit(_ALU64 | _OPS[op] | 0x08, dst, src)
+
+    def be(self, dst: int, bits: int) -> None:
+        """Network to host order (on this little-endian machine): BPF_END | BPF_TO_BE."""
+        self._emit(_ALU | 0xD0 | 0x08, dst, 0, 0, bits)
+
+    def ldx(self, size: int, dst: int, src: int, off: int) -> None:
+        self._emit(_LDX | 0x60 | _SIZE[size], dst, src, off)
+
+    def stx(self, size: int, dst: int, off: int, src: int) -> None:
+        self._emit(_STX | 0x60 | _SIZE[size], dst, src, off)
+
+    def st(self, size: int, dst: int, off: int, imm: int) -> None:
+        self._emit(_ST | 0x60 | _SIZE[size], dst, 0, off, imm)
+
+    def ld_map(self, dst: int, map_fd: int) -> None:
+        self._emit(_LD | 0x18, dst, _BPF_PSEUDO_MAP_FD, 0, map_fd)
+        self._emit(0, 0, 0, 0, 0)
+
+    def jmp(self, op: str, target: str, dst: int = 0, src: int | None = None, imm: int = 0) -> None:
+        if src is None:
+            self._emit(_JMP | _JOPS[op], dst, 0, target, imm)
+        else:
+            self._emit(_JMP | _JOPS[op] | 0x08, dst, src, target)
+
+    def call(self, helper: int) -> None:
+        self._emit(_JMP | 0x80, 0, 0, 0, helper)
+
+    def exit(self) -> None:
+        self._emit(_JMP | 0x90)
+
+    def code(self) -> bytes:
+        out = bytearray()
+        for i, (code, dst, src, off, imm) in enumerate(self._insns):
+            if isinstance(off, str):
+                off = self._labels[off] - i - 1
+            out += struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+        return bytes(out)
+
+
+# -- the bpf(2) system call ------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def bpf(cmd: int, req: ctypes.Array[ctypes.c_char]) -> int:
+    r = int(_libc.syscall(_SYS_BPF, cmd, req, len(req)))
+    if r < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return r
+
+
+def attr(data: bytes, size: int = 144) -> ctypes.Array[ctypes.c_char]:
+    return ctypes.create_string_buffer(data.ljust(size, b"\0"), size)
+
+
+def load_program(data: bytes) -> int:
+    """BPF_PROG_LOAD, retried on EAGAIN: the verifier gives up when a signal is pending (a
+    SIGCHLD, say), as libbpf's loader also retries."""
+    for _ in range(4):
+        try:
+            return bpf(_BPF_PROG_LOAD, attr(data))
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:
+                raise
+    return bpf(_BPF_PROG_LOAD, attr(data))
