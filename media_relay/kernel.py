@@ -75,6 +75,10 @@ _V_SEEN = 80
 _V_ST_P, _V_ST_B, _V_ST_SEEN, _V_HAS_SSRC, _V_SSRC = 88, 96, 104, 112, 116
 _V_RECEIVED, _V_BASE, _V_MAX, _V_CYCLES, _V_BAD, _V_TRANSIT, _V_JITTER = 120, 128, 136, 144, 152, 160, 168
 _FLAG_RTCP_PORT, _FLAG_RTP_ROUTE, _FLAG_RTCP_ROUTE = 1, 2, 4
+# the receiver state block of a flow value, relative offsets (E's at _V_ST_P)
+_S_SEEN, _S_HAS_SSRC, _S_SSRC, _S_RECEIVED, _S_BASE, _S_MAX = 16, 24, 28, 32, 40, 48
+_S_CYCLES, _S_BAD, _S_TRANSIT, _S_JITTER = 56, 64, 72, 80
+STATS_BYTES = 88
 assert _VALUE.size == 176
 
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
@@ -82,6 +86,101 @@ _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 class KernelUnavailable(OSError):
     """Kernel forwarding cannot run here (no permission, no TCX, not Linux x86_64)."""
+
+
+def emit_rtp_stats(a: Asm, src: int, at: int, st: int, rate: int, done: str) -> None:
+    """RFC 3550 A.1 / A.8 on one RTP packet, as ``_fastpath.c`` ``stats_update``: the RTP header
+    at ``src`` + ``at`` (a checked packet or map pointer), r9 the flow value with the receiver
+    state at ``st`` (``_S_*`` offsets) and the clock rate (u32) at ``rate``, r7 the datagram's
+    length, fp-24 now (ns); uses fp-32 and fp-40, clobbers r0-r5; falls to ``done``. Its labels
+    are ``stats_*``, once per program."""
+    r0, r1, r2, r3, r4, r5, r7, r9 = 0, 1, 2, 3, 4, 5, 7, 9
+    a.ldx(8, r1, r9, st)
+    a.alu("add", r1, imm=1)
+    a.stx(8, r9, st, r1)
+    a.ldx(8, r1, r9, st + 8)
+    a.alu("add", r1, r7)
+    a.stx(8, r9, st + 8, r1)
+    a.ldx(8, r1, FP, -24)
+    a.stx(8, r9, st + _S_SEEN, r1)
+    a.ldx(2, r4, src, at + 2)
+    a.be(r4, 16)
+    a.stx(8, FP, -32, r4)  # seq
+    a.ldx(4, r5, src, at + 4)
+    a.be(r5, 32)  # ts
+    a.alu("div", r1, imm=1000)  # arrival in clock units: now (us) * rate / 1e6
+    a.ldx(4, r0, r9, rate)
+    a.alu("mul", r1, r0)
+    a.alu("div", r1, imm=1_000_000)
+    a.alu("sub", r1, r5)
+    a.stx(8, FP, -40, r1)  # transit
+    a.ldx(4, r3, src, at + 8)
+    a.be(r3, 32)  # ssrc
+    a.ldx(4, r0, r9, st + _S_HAS_SSRC)
+    a.jmp("jeq", "stats_restart", r0, imm=0)
+    a.ldx(4, r0, r9, st + _S_SSRC)
+    a.jmp("jne", "stats_restart", r0, r3)
+    a.ldx(8, r1, r9, st + _S_MAX)
+    a.alu("mov", r2, r4)
+    a.alu("sub", r2, r1)
+    a.alu("and", r2, imm=0xFFFF)  # udelta
+    a.jmp("jge", "stats_big", r2, imm=3000)  # MAX_DROPOUT
+    a.jmp("jge", "stats_no_wrap", r4, r1)
+    a.ldx(8, r0, r9, st + _S_CYCLES)
+    a.alu("add", r0, imm=65536)
+    a.stx(8, r9, st + _S_CYCLES, r0)
+    a.label("stats_no_wrap")
+    a.stx(8, r9, st + _S_MAX, r4)
+    a.jmp("ja", "stats_received")
+    a.label("stats_big")
+    a.jmp("jgt", "stats_received", r2, imm=65536 - 100)  # MAX_MISORDER: late, counted
+    a.ldx(8, r0, r9, st + _S_BAD)
+    a.jmp("jeq", "stats_resync", r0, r4)
+    a.alu("add", r4, imm=1)
+    a.alu("and", r4, imm=0xFFFF)
+    a.stx(8, r9, st + _S_BAD, r4)
+    a.jmp("ja", done)
+    a.label("stats_resync")
+
+    def init_seq() -> None:  # seq in r4
+        a.stx(8, r9, st + _S_BASE, r4)
+        a.stx(8, r9, st + _S_MAX, r4)
+        a.st(8, r9, st + _S_BAD, 65537)
+        a.st(8, r9, st + _S_CYCLES, 0)
+        a.st(8, r9, st + _S_RECEIVED, 1)
+
+    init_seq()
+    a.jmp("ja", "stats_jitter")
+    a.label("stats_received")
+    a.ldx(8, r0, r9, st + _S_RECEIVED)
+    a.alu("add", r0, imm=1)
+    a.stx(8, r9, st + _S_RECEIVED, r0)
+    a.label("stats_jitter")
+    a.ldx(8, r1, FP, -40)
+    a.ldx(8, r0, r9, st + _S_TRANSIT)
+    a.stx(8, r9, st + _S_TRANSIT, r1)
+    a.alu("sub", r1, r0)
+    a.alu("lsh", r1, imm=32)
+    a.alu("arsh", r1, imm=32)  # the difference as a signed 32-bit value
+    a.jmp("jsge", "stats_positive", r1, imm=0)
+    a.alu("neg", r1)
+    a.label("stats_positive")
+    a.ldx(8, r0, r9, st + _S_JITTER)
+    a.alu("mov", r2, r0)
+    a.alu("add", r2, imm=8)
+    a.alu("arsh", r2, imm=4)
+    a.alu("sub", r1, r2)
+    a.alu("add", r0, r1)
+    a.stx(8, r9, st + _S_JITTER, r0)
+    a.jmp("ja", done)
+    a.label("stats_restart")
+    a.st(4, r9, st + _S_HAS_SSRC, 1)
+    a.stx(4, r9, st + _S_SSRC, r3)
+    init_seq()
+    a.ldx(8, r1, FP, -40)
+    a.stx(8, r9, st + _S_TRANSIT, r1)
+    a.st(8, r9, st + _S_JITTER, 0)
+    a.jmp("ja", done)
 
 
 def _program(map_fd: int) -> bytes:
@@ -180,84 +279,7 @@ def _program(map_fd: int) -> bytes:
     # -- RFC 3550 A.1 / A.8 on RTP, as _fastpath.c stats_update ----------------------------------
     a.label("stats")
     packet(PAYLOAD + RTP_HEADER, "next")
-    count(r9, _V_ST_P, _V_ST_SEEN)
-    a.ldx(2, r4, r2, PAYLOAD + 2)
-    a.be(r4, 16)
-    a.stx(8, FP, -32, r4)  # seq
-    a.ldx(4, r5, r2, PAYLOAD + 4)
-    a.be(r5, 32)  # ts
-    a.alu("div", r1, imm=1000)  # arrival in clock units: now (us) * rate / 1e6
-    a.ldx(4, r0, r9, _V_RATE)
-    a.alu("mul", r1, r0)
-    a.alu("div", r1, imm=1_000_000)
-    a.alu("sub", r1, r5)
-    a.stx(8, FP, -40, r1)  # transit
-    a.ldx(4, r3, r2, PAYLOAD + 8)
-    a.be(r3, 32)  # ssrc
-    a.ldx(4, r0, r9, _V_HAS_SSRC)
-    a.jmp("jeq", "restart", r0, imm=0)
-    a.ldx(4, r0, r9, _V_SSRC)
-    a.jmp("jne", "restart", r0, r3)
-    a.ldx(8, r1, r9, _V_MAX)
-    a.alu("mov", r2, r4)
-    a.alu("sub", r2, r1)
-    a.alu("and", r2, imm=0xFFFF)  # udelta
-    a.jmp("jge", "big", r2, imm=3000)  # MAX_DROPOUT
-    a.jmp("jge", "no_wrap", r4, r1)
-    a.ldx(8, r0, r9, _V_CYCLES)
-    a.alu("add", r0, imm=65536)
-    a.stx(8, r9, _V_CYCLES, r0)
-    a.label("no_wrap")
-    a.stx(8, r9, _V_MAX, r4)
-    a.jmp("ja", "received")
-    a.label("big")
-    a.jmp("jgt", "received", r2, imm=65536 - 100)  # MAX_MISORDER: late, counted
-    a.ldx(8, r0, r9, _V_BAD)
-    a.jmp("jeq", "resync", r0, r4)
-    a.alu("add", r4, imm=1)
-    a.alu("and", r4, imm=0xFFFF)
-    a.stx(8, r9, _V_BAD, r4)
-    a.jmp("ja", "count")
-    a.label("resync")
-
-    def init_seq() -> None:  # seq in r4
-        a.stx(8, r9, _V_BASE, r4)
-        a.stx(8, r9, _V_MAX, r4)
-        a.st(8, r9, _V_BAD, 65537)
-        a.st(8, r9, _V_CYCLES, 0)
-        a.st(8, r9, _V_RECEIVED, 1)
-
-    init_seq()
-    a.jmp("ja", "jitter")
-    a.label("received")
-    a.ldx(8, r0, r9, _V_RECEIVED)
-    a.alu("add", r0, imm=1)
-    a.stx(8, r9, _V_RECEIVED, r0)
-    a.label("jitter")
-    a.ldx(8, r1, FP, -40)
-    a.ldx(8, r0, r9, _V_TRANSIT)
-    a.stx(8, r9, _V_TRANSIT, r1)
-    a.alu("sub", r1, r0)
-    a.alu("lsh", r1, imm=32)
-    a.alu("arsh", r1, imm=32)  # the difference as a signed 32-bit value
-    a.jmp("jsge", "positive", r1, imm=0)
-    a.alu("neg", r1)
-    a.label("positive")
-    a.ldx(8, r0, r9, _V_JITTER)
-    a.alu("mov", r2, r0)
-    a.alu("add", r2, imm=8)
-    a.alu("arsh", r2, imm=4)
-    a.alu("sub", r1, r2)
-    a.alu("add", r0, r1)
-    a.stx(8, r9, _V_JITTER, r0)
-    a.jmp("ja", "count")
-    a.label("restart")
-    a.st(4, r9, _V_HAS_SSRC, 1)
-    a.stx(4, r9, _V_SSRC, r3)
-    init_seq()
-    a.ldx(8, r1, FP, -40)
-    a.stx(8, r9, _V_TRANSIT, r1)
-    a.st(8, r9, _V_JITTER, 0)
+    emit_rtp_stats(a, r2, PAYLOAD, _V_ST_P, _V_RATE, "count")
 
     # -- counters, then the rewrite ---------------------------------------------------------------
     a.label("count")
