@@ -55,7 +55,7 @@ _BPF_MAP_TYPE_HASH = 1
 _BPF_PROG_TYPE_SCHED_CLS = 3
 _BPF_TCX_INGRESS = 46
 _BPF_ANY = 0
-_TCX_NEXT, _TCX_PASS = -1, 0
+_TCX_NEXT = -1  # on to the next program of the chain (the last one passes the packet up)
 # helpers
 _MAP_LOOKUP, _KTIME_NS, _STORE_BYTES, _L3_CSUM, _L4_CSUM, _PULL_DATA = 1, 5, 9, 10, 11, 39
 _F_PSEUDO_HDR, _F_MARK_MANGLED_0 = 1 << 4, 1 << 5
@@ -86,6 +86,80 @@ _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 class KernelUnavailable(OSError):
     """Kernel forwarding cannot run here (no permission, no TCX, not Linux x86_64)."""
+
+
+def emit_checked_packet(a: Asm, need: int, fail: str) -> None:
+    """r2 = the packet's data, r3 = its end, checked for ``need`` bytes (else ``fail``); r6 is
+    the skb. Clobbers r4."""
+    a.ldx(4, 2, 6, 76)
+    a.ldx(4, 3, 6, 80)
+    a.alu("mov", 4, 2)
+    a.alu("add", 4, imm=need)
+    a.jmp("jgt", fail, 4, 3)
+
+
+def emit_flow_lookup(a: Asm, map_fd: int, miss: str) -> None:
+    """The start of a relay program: r6 = the skb (from r1); an IPv4/UDP datagram without IP
+    options or fragmentation, its key (daddr, saddr, dport, sport: network order) at fp-16, its
+    flow in ``map_fd`` in r9, now (ns) at fp-24, the datagram's length (consistent with the IP
+    and frame lengths, MIN_DATAGRAM..MAX_DATAGRAM) in r7, an RTP/RTCP version 2 first byte, and
+    r2 the packet's data checked for PAYLOAD + MIN_DATAGRAM bytes; anything else goes to
+    ``miss``. Its labels are ``lookup_*``."""
+    r0, r1, r2, r4, r6, r7, r9 = 0, 1, 2, 4, 6, 7, 9
+    a.alu("mov", r6, r1)
+    emit_checked_packet(a, PAYLOAD + MIN_DATAGRAM, "lookup_pull")
+    a.label("lookup_parsed")
+    a.ldx(2, r4, r2, 12)  # ethertype
+    a.jmp("jne", miss, r4, imm=0x0008)  # htons(ETH_P_IP)
+    a.ldx(1, r4, r2, ETH)
+    a.jmp("jne", miss, r4, imm=0x45)  # IPv4, no options
+    a.ldx(1, r4, r2, ETH + 9)
+    a.jmp("jne", miss, r4, imm=17)  # UDP
+    a.ldx(2, r4, r2, ETH + 6)
+    a.alu("and", r4, imm=0xFF3F)  # MF or a fragment offset
+    a.jmp("jne", miss, r4, imm=0)
+    a.ldx(4, r4, r2, ETH + 16)
+    a.stx(4, FP, -16, r4)  # daddr
+    a.ldx(4, r4, r2, ETH + 12)
+    a.stx(4, FP, -12, r4)  # saddr
+    a.ldx(2, r4, r2, ETH + IP + 2)
+    a.stx(2, FP, -8, r4)  # dport
+    a.ldx(2, r4, r2, ETH + IP)
+    a.stx(2, FP, -6, r4)  # sport
+    a.ld_map(r1, map_fd)
+    a.alu("mov", r2, FP)
+    a.alu("add", r2, imm=-16)
+    a.call(_MAP_LOOKUP)
+    a.jmp("jeq", miss, r0, imm=0)
+    a.alu("mov", r9, r0)
+    a.call(_KTIME_NS)
+    a.stx(8, FP, -24, r0)
+    emit_checked_packet(a, PAYLOAD + MIN_DATAGRAM, miss)
+    # n = UDP length - 8; the IP total length and the frame must agree with it
+    a.ldx(2, r7, r2, ETH + IP + 4)
+    a.be(r7, 16)
+    a.ldx(2, r4, r2, ETH + 2)
+    a.be(r4, 16)
+    a.alu("sub", r4, imm=IP)
+    a.jmp("jne", miss, r4, r7)
+    a.ldx(4, r4, r6, 0)  # skb->len: the frame, from the Ethernet header
+    a.alu("sub", r4, imm=ETH + IP)
+    a.jmp("jne", miss, r4, r7)
+    a.alu("sub", r7, imm=UDP)
+    a.jmp("jlt", miss, r7, imm=MIN_DATAGRAM)
+    a.jmp("jgt", miss, r7, imm=MAX_DATAGRAM)
+    a.ldx(1, r4, r2, PAYLOAD)
+    a.alu("and", r4, imm=0xC0)
+    a.jmp("jne", miss, r4, imm=0x80)  # RTP/RTCP version 2
+    a.jmp("ja", "lookup_done")
+    a.label("lookup_pull")  # a short linear part: pull the headers in, once
+    a.alu("mov", r1, r6)
+    a.alu("mov", r2, imm=PAYLOAD + RTP_HEADER)
+    a.call(_PULL_DATA)
+    a.jmp("jne", miss, r0, imm=0)
+    emit_checked_packet(a, PAYLOAD + MIN_DATAGRAM, miss)
+    a.jmp("ja", "lookup_parsed")
+    a.label("lookup_done")
 
 
 def emit_rtp_stats(a: Asm, src: int, at: int, st: int, rate: int, done: str) -> None:
@@ -188,14 +262,6 @@ def _program(map_fd: int) -> bytes:
     (0 RTP, 1 RTCP), r9 the flow; stack: fp-16 key, fp-24 now (ns), fp-32 seq, fp-40 transit."""
     a = Asm()
     r0, r1, r2, r3, r4, r5, r6, r7, r8, r9 = range(10)
-    a.alu("mov", r6, r1)
-
-    def packet(need: int, fail: str) -> None:  # r2 = data, r3 = data_end, checked for `need`
-        a.ldx(4, r2, r6, 76)
-        a.ldx(4, r3, r6, 80)
-        a.alu("mov", r4, r2)
-        a.alu("add", r4, imm=need)
-        a.jmp("jgt", fail, r4, r3)
 
     def count(base: int, packets: int, seen: int | None = None) -> None:
         """u64 at base+packets += 1, the next u64 += n (r7); the now (fp-24) at base+seen."""
@@ -209,50 +275,7 @@ def _program(map_fd: int) -> bytes:
             a.ldx(8, r1, FP, -24)
             a.stx(8, base, seen, r1)
 
-    packet(PAYLOAD + MIN_DATAGRAM, "pull")
-    a.label("parsed")
-    a.ldx(2, r4, r2, 12)  # ethertype
-    a.jmp("jne", "next", r4, imm=0x0008)  # htons(ETH_P_IP)
-    a.ldx(1, r4, r2, ETH)
-    a.jmp("jne", "next", r4, imm=0x45)  # IPv4, no options
-    a.ldx(1, r4, r2, ETH + 9)
-    a.jmp("jne", "next", r4, imm=17)  # UDP
-    a.ldx(2, r4, r2, ETH + 6)
-    a.alu("and", r4, imm=0xFF3F)  # MF or a fragment offset
-    a.jmp("jne", "next", r4, imm=0)
-    a.ldx(4, r4, r2, ETH + 16)
-    a.stx(4, FP, -16, r4)  # daddr
-    a.ldx(4, r4, r2, ETH + 12)
-    a.stx(4, FP, -12, r4)  # saddr
-    a.ldx(2, r4, r2, ETH + IP + 2)
-    a.stx(2, FP, -8, r4)  # dport
-    a.ldx(2, r4, r2, ETH + IP)
-    a.stx(2, FP, -6, r4)  # sport
-    a.ld_map(r1, map_fd)
-    a.alu("mov", r2, FP)
-    a.alu("add", r2, imm=-16)
-    a.call(_MAP_LOOKUP)
-    a.jmp("jeq", "next", r0, imm=0)
-    a.alu("mov", r9, r0)
-    a.call(_KTIME_NS)
-    a.stx(8, FP, -24, r0)
-    packet(PAYLOAD + MIN_DATAGRAM, "next")
-    # n = UDP length - 8; the IP total length and the frame must agree with it
-    a.ldx(2, r7, r2, ETH + IP + 4)
-    a.be(r7, 16)
-    a.ldx(2, r4, r2, ETH + 2)
-    a.be(r4, 16)
-    a.alu("sub", r4, imm=IP)
-    a.jmp("jne", "next", r4, r7)
-    a.ldx(4, r4, r6, 0)  # skb->len: the frame, from the Ethernet header
-    a.alu("sub", r4, imm=ETH + IP)
-    a.jmp("jne", "next", r4, r7)
-    a.alu("sub", r7, imm=UDP)
-    a.jmp("jlt", "next", r7, imm=MIN_DATAGRAM)
-    a.jmp("jgt", "next", r7, imm=MAX_DATAGRAM)
-    a.ldx(1, r4, r2, PAYLOAD)
-    a.alu("and", r4, imm=0xC0)
-    a.jmp("jne", "next", r4, imm=0x80)  # RTP/RTCP version 2
+    emit_flow_lookup(a, map_fd, "next")
     # kind: RTCP on an RTCP port, or by payload type (RFC 5761 §4)
     a.alu("mov", r8, imm=1)
     a.ldx(4, r4, r9, _V_FLAGS)
@@ -278,7 +301,7 @@ def _program(map_fd: int) -> bytes:
 
     # -- RFC 3550 A.1 / A.8 on RTP, as _fastpath.c stats_update ----------------------------------
     a.label("stats")
-    packet(PAYLOAD + RTP_HEADER, "next")
+    emit_checked_packet(a, PAYLOAD + RTP_HEADER, "next")
     emit_rtp_stats(a, r2, PAYLOAD, _V_ST_P, _V_RATE, "count")
 
     # -- counters, then the rewrite ---------------------------------------------------------------
@@ -322,16 +345,11 @@ def _program(map_fd: int) -> bytes:
         a.alu("mov", r4, imm=size)
         a.alu("mov", r5, imm=0)
         a.call(_STORE_BYTES)
-    a.alu("mov", r0, imm=_TCX_PASS)
+    # NEXT, not PASS: C's SRTP program (kernel_srtp.py) may sit after this one and take the
+    # rewritten packet on (client -> E -> C in one pass)
+    a.alu("mov", r0, imm=_TCX_NEXT)
     a.exit()
 
-    a.label("pull")  # a short linear part: pull the headers in, once
-    a.alu("mov", r1, r6)
-    a.alu("mov", r2, imm=PAYLOAD + RTP_HEADER)
-    a.call(_PULL_DATA)
-    a.jmp("jne", "next", r0, imm=0)
-    packet(PAYLOAD + MIN_DATAGRAM, "next")
-    a.jmp("ja", "parsed")
     a.label("next")
     a.alu("mov", r0, imm=_TCX_NEXT)
     a.exit()
