@@ -163,6 +163,13 @@ class ExpcSettings(_Model):
     """With one io_uring forwarder: while it is saturated, a second thread sends half of the
     flows' datagrams from another core (``EDGE_MEDIA_HELPER=1`` when false). Lends the relay
     other cores' idle time; costs about 20 % more CPU while active."""
+    media_kernel_srtp: bool = False
+    """Transcode established SRTP flows in the kernel (``media_relay/kernel_srtp.py``: an eBPF
+    program on ``lo`` that checks, decrypts and encrypts AES_CM_128_HMAC_SHA1_80/_32 RTP; root,
+    Linux 6.10+ with the BPF crypto kfuncs, every media address on 127.0.0.0/8). C's relay
+    process then sees a leg's first packets, RTCP, strangers and refused packets only. Falls
+    back to the native path, with a warning, where it cannot run (``EDGE_MEDIA_KERNEL=1`` turns
+    it on too)."""
     zone: ZoneClientSettings = ZoneClientSettings()
     access: AccessControl = AccessControl()
     allow_rules: list[AllowRule] = []

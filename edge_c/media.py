@@ -173,6 +173,7 @@ class GatewayMedia(AnchorBase):
             on_timeout=self._on_timeout,
             threads=s.media_threads if s.media_threads > 1 else None,
             helper=True if s.media_send_helper else None,
+            kernel_forwarding=True if s.media_kernel_srtp else None,
         )
         log.info(
             "media anchor up on %s:%d-%d (%s path), suites %s",

@@ -213,11 +213,51 @@ static PyObject *SrtpSession_unprotect_rtcp(SrtpSession *self, PyObject *arg)
     return session_call(self, arg, OP_UNPROTECT_RTCP);
 }
 
+/* roc(ssrc) -> int | None: libsrtp's rollover counter for an SSRC it has a stream for (a
+ * packet of it has been through this session), else None. For C's kernel SRTP flows, which
+ * carry the index on from where libsrtp left it. */
+static PyObject *SrtpSession_roc(SrtpSession *self, PyObject *arg)
+{
+    unsigned long ssrc = PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    if (self->ctx == NULL || ssrc > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_ValueError, "roc(ssrc): an initialised session and a 32-bit SSRC");
+        return NULL;
+    }
+    uint32_t roc = 0;
+    pthread_mutex_lock(&self->mu);
+    int st = (int)srtp_get_stream_roc(self->ctx, (uint32_t)ssrc, &roc);
+    pthread_mutex_unlock(&self->mu);
+    if (st != 0)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLong(roc);
+}
+
+/* set_roc(ssrc, roc) -> bool: move the SSRC's rollover counter forward (where a kernel flow
+ * has taken it); False if libsrtp has no stream for the SSRC or the ROC would go backwards. */
+static PyObject *SrtpSession_set_roc(SrtpSession *self, PyObject *args)
+{
+    unsigned long ssrc, roc;
+    if (!PyArg_ParseTuple(args, "kk", &ssrc, &roc))
+        return NULL;
+    if (self->ctx == NULL || ssrc > 0xFFFFFFFFUL || roc > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_ValueError, "set_roc(ssrc, roc): an initialised session, 32-bit values");
+        return NULL;
+    }
+    pthread_mutex_lock(&self->mu);
+    int st = (int)srtp_set_stream_roc(self->ctx, (uint32_t)ssrc, (uint32_t)roc);
+    pthread_mutex_unlock(&self->mu);
+    return PyBool_FromLong(st == 0);
+}
+
 static PyMethodDef SrtpSession_methods[] = {
     {"protect", (PyCFunction)SrtpSession_protect, METH_O, "protect(rtp) -> srtp"},
     {"protect_rtcp", (PyCFunction)SrtpSession_protect_rtcp, METH_O, "protect_rtcp(rtcp) -> srtcp"},
     {"unprotect", (PyCFunction)SrtpSession_unprotect, METH_O, "unprotect(srtp) -> rtp"},
     {"unprotect_rtcp", (PyCFunction)SrtpSession_unprotect_rtcp, METH_O, "unprotect_rtcp(srtcp) -> rtcp"},
+    {"roc", (PyCFunction)SrtpSession_roc, METH_O, "roc(ssrc) -> the SSRC's rollover counter, or None"},
+    {"set_roc", (PyCFunction)SrtpSession_set_roc, METH_VARARGS, "set_roc(ssrc, roc) -> set (bool)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -15,6 +15,9 @@ import struct
 _SYS_BPF = 321  # x86_64
 _BPF_PROG_LOAD = 5
 _BPF_PSEUDO_MAP_FD = 1
+# src_reg of a BPF_CALL: a bpf-to-bpf call (imm: the callee's relative offset), a kfunc (imm: BTF id);
+# src_reg of an ld_imm64: the address of a subprogram (imm: its relative offset), for bpf_loop & co.
+_BPF_PSEUDO_CALL, _BPF_PSEUDO_KFUNC_CALL, _BPF_PSEUDO_FUNC = 1, 2, 4
 
 
 # -- the assembler ------------------------------------------------------------------------
@@ -29,13 +32,13 @@ FP = 10  # the frame pointer register
 
 
 class Asm:
-    """Instructions with symbolic jump targets; ``code()`` resolves them."""
+    """Instructions with symbolic jump and call targets; ``code()`` resolves them."""
 
     def __init__(self) -> None:
-        self._insns: list[tuple[int, int, int, int | str, int]] = []
+        self._insns: list[tuple[int, int, int, int | str, int | str]] = []
         self._labels: dict[str, int] = {}
 
-    def _emit(self, code: int, dst: int = 0, src: int = 0, off: int | str = 0, imm: int = 0) -> None:
+    def _emit(self, code: int, dst: int = 0, src: int = 0, off: int | str = 0, imm: int | str = 0) -> None:
         self._insns.append((code, dst, src, off, imm))
 
     def label(self, name: str) -> None:
@@ -47,6 +50,16 @@ class Asm:
             self._emit(_ALU64 | _OPS[op], dst, 0, 0, imm)
         else:
             self._emit(_ALU64 | _OPS[op] | 0x08, dst, src)
+
+    def alu32(self, op: str, dst: int, src: int | None = None, imm: int = 0) -> None:
+        """The 32-bit ALU class (BPF_ALU) of ``alu``'s ops: the low halves, the result zero-extended
+        to 64 bits. ``imm`` may be given as an unsigned 32-bit value (0x8F1BBCDC): same bits."""
+        if src is None:
+            if imm >= 1 << 31:
+                imm -= 1 << 32
+            self._emit(_ALU | _OPS[op], dst, 0, 0, imm)
+        else:
+            self._emit(_ALU | _OPS[op] | 0x08, dst, src)
 
     def be(self, dst: int, bits: int) -> None:
         """Network to host order (on this little-endian machine): BPF_END | BPF_TO_BE."""
@@ -74,6 +87,21 @@ class Asm:
     def call(self, helper: int) -> None:
         self._emit(_JMP | 0x80, 0, 0, 0, helper)
 
+    def call_local(self, label: str) -> None:
+        """A bpf-to-bpf call of the subprogram at ``label`` (BPF_PSEUDO_CALL): r1-r5 are its
+        arguments, r0 its result; r1-r5 are clobbered, r6-r9 and the caller's stack survive."""
+        self._emit(_JMP | 0x80, 0, _BPF_PSEUDO_CALL, 0, label)
+
+    def call_kfunc(self, btf_id: int) -> None:
+        """A kernel function call (BPF_PSEUDO_KFUNC_CALL), named by its BTF id in vmlinux."""
+        self._emit(_JMP | 0x80, 0, _BPF_PSEUDO_KFUNC_CALL, 0, btf_id)
+
+    def ld_func(self, dst: int, label: str) -> None:
+        """dst = the address of the subprogram at ``label`` (ld_imm64, BPF_PSEUDO_FUNC), for a
+        helper's callback argument (bpf_loop's, say)."""
+        self._emit(_LD | 0x18, dst, _BPF_PSEUDO_FUNC, 0, label)
+        self._emit(0, 0, 0, 0, 0)
+
     def exit(self) -> None:
         self._emit(_JMP | 0x90)
 
@@ -82,6 +110,8 @@ class Asm:
         for i, (code, dst, src, off, imm) in enumerate(self._insns):
             if isinstance(off, str):
                 off = self._labels[off] - i - 1
+            if isinstance(imm, str):  # a call's or ld_func's target, relative as jumps' are
+                imm = self._labels[imm] - i - 1
             out += struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
         return bytes(out)
 

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from media_relay._fastpath import FlushItem, Forwarder
     from media_relay._fastpath import Transcoder as NativeTranscoder
     from media_relay.kernel import Egress, KernelCounters, KernelForwarder
+    from media_relay.kernel_srtp import SrtpCounters, SrtpKernel, SrtpSide
+    from media_relay.srtp import SrtpContext
 
 try:
     from media_relay import _fastpath
@@ -140,7 +142,7 @@ def new_forwarder(
 class _Flow:
     __slots__ = (
         "ep", "extra", "folded", "forwarder", "kbase", "kernel_key", "key", "ports", "rtcp_out", "rtp_out",
-        "spec", "written",
+        "spec", "srtp", "srtp_folded", "written",
     )  # fmt: skip
 
     def __init__(
@@ -156,6 +158,9 @@ class _Flow:
         self.forwarder = forwarder  # the shard that holds it (None: the kernel)
         self.kernel_key = kernel_key
         self.folded: KernelCounters | None = None  # a kernel flow's counters at the last fold
+        # C: a kernel SRTP flow (kernel_srtp.py) and its counters at the last fold
+        self.srtp = False
+        self.srtp_folded: SrtpCounters | None = None
         # A kernel flow's receiver state as installed, as last folded into the table, and what
         # the table counted itself since the install (RTP packets, bytes, received): see
         # FlowSync._fold_counters.
@@ -176,7 +181,9 @@ class FlowSync:
     ``fd_of(port)`` is the fd of a local port the forwarder may read from and send through (an
     IPv4 socket registered with it), or None. With ``kernel`` (``media_relay.kernel``; plain
     relaying only, i.e. E) a flow whose addresses are all on loopback goes to the kernel instead
-    of the forwarder; ``local_of(port)`` is the local address of such a port.
+    of the forwarder; ``local_of(port)`` is the local address of such a port. With
+    ``srtp_kernel`` (``media_relay.kernel_srtp``, C) a transcoding flow on loopback whose
+    suites the kernel program has goes there, its SRTP index carried over from libsrtp's.
     """
 
     def __init__(
@@ -187,12 +194,20 @@ class FlowSync:
         kernel: KernelForwarder | None = None,
         local_of: Callable[[int], Addr | None] | None = None,
         shards: list[Forwarder] | None = None,
+        srtp_kernel: SrtpKernel | None = None,
+        on_waiting: Callable[[], object] | None = None,
     ) -> None:
         # A flow goes to the shard that reads its ingress port (``shard_of``); ``forwarder``
         # alone is the one shard.
         self._shards = shards if shards else [forwarder]
         self.table = table
         self.kernel = kernel
+        self.srtp_kernel = srtp_kernel
+        # C: native flows that go to the kernel once their SSRC is known (a leg set up from SDP
+        # is installed before its first packet); ``on_waiting`` is told when one is added, and
+        # ``flush`` moves them (the worker calls it soon after).
+        self._srtp_waiting: set[Endpoint] = set()
+        self._on_waiting = on_waiting
         self._fd_of = fd_of
         self._local_of = local_of
         self._flows: dict[Endpoint, _Flow] = {}
@@ -206,6 +221,11 @@ class FlowSync:
     @property
     def kernel_flows(self) -> int:
         return len(self._kernel_flows)
+
+    @property
+    def waiting(self) -> int:
+        """Native flows waiting for an SSRC to move into the kernel (C)."""
+        return len(self._srtp_waiting)
 
     # -- keeping flows in step ---------------------------------------------------------------------
 
@@ -249,13 +269,24 @@ class FlowSync:
             for item in shard.flush():
                 _apply(by_key[item[0]], item)
         if self._kernel_flows:
-            assert self.kernel is not None
-            current = self.kernel.read_all()  # one pass over the map, not a system call a flow
+            plain = self.kernel.read_all() if self.kernel is not None else {}  # one pass a map
+            srtp = self.srtp_kernel.read_all() if self.srtp_kernel is not None else {}
             for flow in self._kernel_flows:
                 assert flow.kernel_key is not None
-                now = current.get(flow.kernel_key)
+                if flow.srtp:
+                    now_srtp = srtp.get(flow.kernel_key)
+                    if now_srtp is not None:
+                        self._fold_srtp(flow, now_srtp)
+                    continue
+                now = plain.get(flow.kernel_key)
                 if now is not None:
                     self._fold_counters(flow, now)
+        for ep in [ep for ep in self._srtp_waiting if ep.stats.ssrc is not None]:
+            self._srtp_waiting.discard(ep)
+            waiting = self._flows.get(ep)
+            if waiting is not None and waiting.kernel_key is None:
+                self._remove(waiting)  # folds the forwarder's last counters in
+                self._install(ep, waiting.spec)
 
     def refresh_idle(self, streams: Iterable[Stream], now: float) -> None:
         """Before the table's inactivity check: ``last_seen`` of ``streams`` (those it would time
@@ -322,9 +353,14 @@ class FlowSync:
         for fd, out in ((spec[4], ep.peer_rtp), (spec[6], ep.peer_rtcp)):
             if fd >= 0 and out.route is not None:
                 ports.add(out.route[0])
-        kernel_key = self._install_kernel(ep, spec) if self.kernel is not None and spec[8] is None else None
+        kernel_key = None
+        if spec[8] is None and self.kernel is not None:
+            kernel_key = self._install_kernel(ep, spec)
+        elif spec[8] is not None and self.srtp_kernel is not None:
+            kernel_key = self._install_srtp_kernel(ep, spec)
         if kernel_key is not None:
             flow = _Flow(-1, ep, spec, tuple(ports), kernel_key)
+            flow.srtp = spec[8] is not None
             flow.kbase = flow.written = ep.stats.get_state()  # what _install_kernel gave the kernel
             self._kernel_flows.add(flow)
         else:
@@ -338,6 +374,10 @@ class FlowSync:
                 return
             flow = _Flow(key, ep, spec, tuple(ports), forwarder=shard)
             self._by_key[key] = flow
+            if spec[8] is not None and self.srtp_kernel is not None and not spec[3] and ep.stats.ssrc is None:
+                self._srtp_waiting.add(ep)
+                if self._on_waiting is not None:
+                    self._on_waiting()
         self._flows[ep] = flow
         for port in ports:
             self._by_port.setdefault(port, set()).add(ep)
@@ -370,10 +410,96 @@ class FlowSync:
             log.debug("stream %s port %d not in the kernel: %s", ep.stream.stream_id, ep.local_port, exc)
             return None
 
+    def _install_srtp_kernel(self, ep: Endpoint, spec: FlowSpec) -> bytes | None:
+        """Install ``ep``'s transcoding flow in the kernel (C); None when it cannot go there
+        (the forwarder takes it): an RTCP port, an address off loopback, a suite the program
+        lacks, no SSRC seen yet (``_srtp_waiting``), a full map."""
+        from media_relay.kernel_srtp import SUITES, SrtpSide
+
+        assert self.srtp_kernel is not None and self._local_of is not None
+        route = ep.peer_rtp.route
+        if spec[3] or spec[5] is None or route is None:
+            return None
+        local, source = self._local_of(ep.local_port), self._local_of(route[0])
+        state = ep.stats.get_state()
+        ssrc = state[3]
+        contexts: list[SrtpContext | None] = [
+            getattr(ep.transcoder, "inbound", None),
+            getattr(ep.transcoder, "outbound", None),
+        ]
+        if local is None or source is None or ssrc is None:
+            return None
+        sides: list[SrtpSide | None] = []
+        for ctx in contexts:
+            if ctx is None:
+                sides.append(None)
+                continue
+            if ctx.suite not in SUITES or ctx.native is None:
+                return None
+            roc = ctx.native.roc(ssrc)
+            sides.append(SrtpSide(ctx.suite, ctx.key_salt, roc or 0, state[6] & 0xFFFF, roc is None))
+        if sides[0] is None and sides[1] is None:
+            return None
+        try:
+            return self.srtp_kernel.install(
+                local,
+                (spec[1], spec[2]),
+                (source, spec[5]),
+                ssrc,
+                ep.stats.clock_rate,
+                state,
+                sides[0],
+                sides[1],
+            )
+        except (ValueError, OSError) as exc:
+            log.debug(
+                "stream %s port %d: SRTP not in the kernel: %s", ep.stream.stream_id, ep.local_port, exc
+            )
+            return None
+
     def _kernel_seen(self, flow: _Flow) -> float:
-        assert self.kernel is not None and flow.kernel_key is not None
+        assert flow.kernel_key is not None
+        if flow.srtp:
+            assert self.srtp_kernel is not None
+            srtp = self.srtp_kernel.read(flow.kernel_key)
+            return -1.0 if srtp is None or srtp.last_seen is None else srtp.last_seen
+        assert self.kernel is not None
         now = self.kernel.read(flow.kernel_key)
         return -1.0 if now is None or now[6] is None else now[6]
+
+    @staticmethod
+    def _fold_srtp(flow: _Flow, now: SrtpCounters) -> None:
+        """Fold a kernel SRTP flow's counters since the last fold into the table (refused
+        packets as transcode drops and the transcoder's authentication failures)."""
+        before = flow.srtp_folded
+        flow.srtp_folded = now
+        fields = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "auth_drops", "replay_drops")
+        d = [getattr(now, f) - (0 if before is None else getattr(before, f)) for f in fields]
+        if before is not None and not any(d):
+            return
+        refused = d[4] + d[5]
+        if refused:
+            count = getattr(flow.ep.transcoder, "count_auth_failures", None)
+            if count is not None:
+                count(refused)
+        last_seen = now.last_seen if now.last_seen is not None else -1.0
+        state = FlowSync._kernel_state(flow, now.stats)
+        _apply(flow, (-1, d[0], d[1], d[2], d[3], 0, 0, last_seen, state, refused))
+
+    def _return_srtp_index(self, flow: _Flow, last: SrtpCounters) -> None:
+        """A kernel SRTP flow leaves the kernel: libsrtp's ROC for its SSRC catches up with the
+        kernel's, so packets that now take the native or Python path get the right index."""
+        ssrc = flow.ep.stats.ssrc
+        if ssrc is None:
+            return
+        for ctx, (roc, _seq, fresh) in zip(
+            (getattr(flow.ep.transcoder, "inbound", None), getattr(flow.ep.transcoder, "outbound", None)),
+            last.index,
+            strict=True,
+        ):
+            native = None if ctx is None else ctx.native
+            if native is not None and not fresh and native.roc(ssrc) not in (None, roc):
+                native.set_roc(ssrc, roc)
 
     @staticmethod
     def _fold_counters(flow: _Flow, now: KernelCounters) -> None:
@@ -416,7 +542,14 @@ class FlowSync:
         return state
 
     def _remove(self, flow: _Flow) -> None:
-        if flow.kernel_key is not None:
+        if flow.kernel_key is not None and flow.srtp:
+            assert self.srtp_kernel is not None
+            srtp = self.srtp_kernel.remove(flow.kernel_key)
+            if srtp is not None:
+                self._fold_srtp(flow, srtp)
+                self._return_srtp_index(flow, srtp)
+            self._kernel_flows.discard(flow)
+        elif flow.kernel_key is not None:
             assert self.kernel is not None
             last = self.kernel.remove(flow.kernel_key)
             if last is not None:
@@ -429,6 +562,7 @@ class FlowSync:
                 _apply(flow, item)
             del self._by_key[flow.key]
         del self._flows[flow.ep]
+        self._srtp_waiting.discard(flow.ep)
         for port in flow.ports:
             eps = self._by_port[port]
             eps.discard(flow.ep)

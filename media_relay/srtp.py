@@ -250,6 +250,7 @@ class SrtpContext:
             native = fastpath.native_srtp()
         self.suite = suite
         self.direction = direction
+        self.key_salt = key_salt  # the SDES master key||salt (C's kernel SRTP flows derive from it)
         self._session: pylibsrtp.Session | SrtpSession
         self.native: SrtpSession | None = None
         if native:
@@ -351,6 +352,10 @@ class SrtpTranscoder:
     def auth_failures(self) -> int:
         native = self.native
         return self._auth_failures + (0 if native is None else native.auth_failures)
+
+    def count_auth_failures(self, n: int) -> None:
+        """Packets of this transform that C's kernel SRTP flow refused (kernel_srtp.py)."""
+        self._auth_failures += n
 
     def transcode(self, data: bytes, rtcp: bool) -> bytes:
         native = self.native

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from media_relay import fastpath, kernel
+from media_relay import fastpath, kernel, kernel_srtp
 from media_relay.errors import PortsExhaustedError
 from media_relay.events import StreamTimedOut
 from media_relay.table import Addr, LegSpec, PortAllocator, RelayTable, Stream
@@ -48,6 +48,9 @@ _BIND_ATTEMPTS = 16  # pairs tried when the allocator's next pair is taken by an
 # Native path: an inactivity check also refreshes ``last_seen`` of streams due this much later,
 # so that refreshes (and timer wake-ups) come in batches rather than one per stream.
 IDLE_REFRESH_SLACK_S = 5.0
+# C: how soon a transcoding flow installed before its first packet is looked at again, to move
+# it into the kernel once its SSRC is known (media_relay/kernel_srtp.py)
+PROMOTE_AFTER_S = 0.05
 # Socket buffers (the kernel doubles them for bookkeeping). A relay port carries one stream;
 # E's demux ports carry every C-facing stream (spec §7: 2776/2777), so they get far more.
 RELAY_RCVBUF_BYTES = 512 << 10
@@ -283,8 +286,10 @@ class RelayWorker:
                 self._served.append((fwd, thread))
                 self._shards.append(fwd)
         self._flows: fastpath.FlowSync | None = None
+        self._promote: asyncio.TimerHandle | None = None
         self._reader_fd: int | None = None
         self._kernel: kernel.KernelForwarder | None = None
+        self._srtp_kernel: kernel_srtp.SrtpKernel | None = None
         self.kernel_error: str | None = None
         if kernel_forwarding and self._forwarder is not None and not transcoding:
             try:
@@ -292,6 +297,12 @@ class RelayWorker:
             except kernel.KernelUnavailable as exc:
                 self.kernel_error = str(exc)
                 log.warning("media: no kernel forwarding, established flows stay native: %s", exc)
+        elif kernel_forwarding and self._forwarder is not None:
+            try:
+                self._srtp_kernel = kernel_srtp.SrtpKernel.open()
+            except kernel.KernelUnavailable as exc:
+                self.kernel_error = str(exc)
+                log.warning("media: no kernel SRTP, established flows stay native: %s", exc)
         if self._forwarder is not None:
             self._flows = fastpath.FlowSync(
                 self._forwarder,
@@ -300,6 +311,8 @@ class RelayWorker:
                 self._kernel,
                 self._native_local,
                 shards=self._shards,
+                srtp_kernel=self._srtp_kernel,
+                on_waiting=self._promote_soon,
             )
             self.table.track_changes = True
             on_ready = self._on_readable_transcoding if transcoding else self._on_readable
@@ -315,8 +328,9 @@ class RelayWorker:
 
     @property
     def kernel_forwarding(self) -> bool:
-        """Established plain flows go through the kernel (``media_relay.kernel``)."""
-        return self._kernel is not None
+        """Established flows go through the kernel: plain ones (``media_relay.kernel``, E),
+        transcoding ones (``media_relay.kernel_srtp``, C)."""
+        return self._kernel is not None or self._srtp_kernel is not None
 
     def time(self) -> float:
         """The relay table's clock (the loop's)."""
@@ -578,6 +592,19 @@ class RelayWorker:
                 self.release_pair(rtp)
         return stream
 
+    def _promote_soon(self) -> None:
+        """C: a native flow waits for its first packet's SSRC to move into the kernel; look
+        again shortly (a flush moves every flow that has one)."""
+        if self._promote is None and self._srtp_kernel is not None:
+            self._promote = self._loop.call_later(PROMOTE_AFTER_S, self._promote_now)
+
+    def _promote_now(self) -> None:
+        self._promote = None
+        if self._flows is not None and self._srtp_kernel is not None:
+            self._flows.flush()
+            if self._flows.waiting:
+                self._promote_soon()
+
     def flush(self) -> None:
         """Bring the table's counters, receiver stats and ``last_seen`` up to date (native path:
         fold in what the forwarder counted; a no-op on the Python path)."""
@@ -613,11 +640,13 @@ class RelayWorker:
                 worker["uring_error"] = self.uring_error
             errors += native["send_errors"] + native["recv_errors"]
             worker["native"] = native
-        if self._kernel is not None and self._flows is not None:
+        installed = self._kernel if self._kernel is not None else self._srtp_kernel
+        if installed is not None and self._flows is not None:
             worker["kernel"] = {
                 "flows": self._flows.kernel_flows,
-                "installs": self._kernel.installs,
-                "install_errors": self._kernel.install_errors,
+                "installs": installed.installs,
+                "install_errors": installed.install_errors,
+                "srtp": installed is self._srtp_kernel,
             }
         elif self.kernel_error is not None:
             worker["kernel"] = {"error": self.kernel_error}
@@ -766,5 +795,11 @@ class RelayWorker:
         if self._kernel is not None:
             self._kernel.close()
             self._kernel = None
+        if self._promote is not None:
+            self._promote.cancel()
+            self._promote = None
+        if self._srtp_kernel is not None:
+            self._srtp_kernel.close()
+            self._srtp_kernel = None
         await self.wait_bound()  # pending ports close their transports as they attach
         await asyncio.sleep(0)  # let transports run their connection_lost callbacks

@@ -248,6 +248,7 @@ class Path2:
                 "EDGE_MEDIA_THREADS": str(self.args.c_threads),
                 "EDGE_MEDIA_URING": uring,
                 "EDGE_MEDIA_HELPER": "1" if self.args.c_helper else "0",
+                "EDGE_MEDIA_KERNEL": "1" if self.args.c_kernel else "0",
             }
             c = Child("c", self.prefix, self.cpu_c, self.log, env=c_env)
         except BaseException:
@@ -359,7 +360,8 @@ def part2(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None
         f" {where(cpu_load)}, {loop}; calls set up by SDP, no SIP"
         f"{'; E forwards established flows in the kernel (--e-kernel)' if args.e_kernel else ''}"
         f"{f'; C relays with {args.c_threads} forwarder threads' if args.c_threads > 1 else ''}"
-        f"{'; C with its elastic send helper (--c-helper)' if args.c_helper else ''})",
+        f"{'; C with its elastic send helper (--c-helper)' if args.c_helper else ''}"
+        f"{'; C transcodes established SRTP flows in the kernel (--c-kernel)' if args.c_kernel else ''})",
         flush=True,
     )
     print(f"relay code: {relay_build()}", flush=True)

@@ -390,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         help="part 2: C's io_uring relay with its elastic send helper (EDGE_MEDIA_HELPER=1)",
     )
     parser.add_argument(
+        "--c-kernel",
+        action="store_true",
+        help="part 2: C transcodes established SRTP flows in the kernel (kernel_srtp.py; root)",
+    )
+    parser.add_argument(
         "--series",
         type=int,
         default=0,

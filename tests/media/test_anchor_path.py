@@ -8,6 +8,7 @@ internal, C, far end), so every address check in the relays is exercised (spec Â
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import struct
@@ -118,7 +119,14 @@ class Lab:
 
 @pytest.fixture
 async def lab(request: pytest.FixtureRequest) -> AsyncIterator[Lab]:
-    aes_gcm = bool(getattr(request, "param", True))
+    async with open_lab(bool(getattr(request, "param", True))) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def open_lab(aes_gcm: bool = True) -> AsyncIterator[Lab]:
+    """E and C in this process, on a loopback block of their own, with a client, an echo and a
+    stranger."""
     p = loopback_prefix()
     edge = EdgeMedia(
         ExpeSettings(

@@ -1,0 +1,256 @@
+"""C's kernel SRTP flows (``media_relay/kernel_srtp.py``): its eBPF program on ``lo``.
+
+Real datagrams over loopback. What a flow transcodes arrives at the destination from the egress
+socket's address, byte for byte what libsrtp (pylibsrtp, a separate implementation) makes of it:
+the plain RTP of an inbound key, the SRTP of an outbound one, both in turn, for both AES-CM
+suites, across sequence-number wraps, with CSRCs and header extensions. What the program must
+refuse (a bad tag, a replay) is dropped and counted; what it leaves alone (RTCP, another SSRC)
+reaches the relay's socket unchanged. Through the whole E/C media path (``test_anchor_path``'s
+lab) the established legs go through the kernel and count as the native path counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterator
+
+import pylibsrtp
+import pytest
+
+from media_relay import kernel_srtp
+from media_relay.kernel_srtp import SrtpKernel, SrtpSide
+from media_relay.rtp import StreamStats
+from tests.media import test_anchor_path as anchor
+from tests.media.kernel_tools import require_kernel
+
+Addr = tuple[str, int]
+SUITES = list(kernel_srtp.SUITES)
+PROFILES = {
+    "AES_CM_128_HMAC_SHA1_80": pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
+    "AES_CM_128_HMAC_SHA1_32": pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_32,
+}
+
+
+def require_srtp_kernel() -> None:
+    require_kernel()
+    probe = SrtpKernel.open()  # raises KernelUnavailable with the verifier's words
+    probe.close()
+
+
+def rtp(seq: int, ssrc: int = 0x1234, size: int = 172, csrcs: int = 0, ext_words: int | None = None) -> bytes:
+    b0 = 0x80 | csrcs | (0x10 if ext_words is not None else 0)
+    head = struct.pack("!BBHII", b0, 0, seq & 0xFFFF, (seq * 160) & 0xFFFFFFFF, ssrc)
+    head += b"".join(struct.pack("!I", 0xC0000000 + i) for i in range(csrcs))
+    if ext_words is not None:
+        head += struct.pack("!HH", 0xBEDE, ext_words) + bytes(range(4 * ext_words))
+    return head + bytes((seq + i) & 0xFF for i in range(max(0, size - len(head))))
+
+
+def session(suite: str, key: bytes, outbound: bool) -> pylibsrtp.Session:
+    kind = pylibsrtp.Policy.SSRC_ANY_OUTBOUND if outbound else pylibsrtp.Policy.SSRC_ANY_INBOUND
+    return pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=kind, srtp_profile=PROFILES[suite]))
+
+
+class Rig:
+    """A client, the relay's port, its egress socket and the destination, on loopback."""
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+        self.client = self._sock("127.0.0.1")
+        self.relay = self._sock("127.0.0.2")
+        self.egress = self._sock("127.0.0.2")
+        self.dest = self._sock("127.0.0.3")
+        self.kernel = SrtpKernel.open()
+
+    def _sock(self, host: str) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((host, 0))
+        sock.settimeout(2.0)
+        self.socks.append(sock)
+        return sock
+
+    @staticmethod
+    def name(sock: socket.socket) -> Addr:
+        host, port = sock.getsockname()
+        return str(host), int(port)
+
+    def install(self, inbound: SrtpSide | None, outbound: SrtpSide | None, ssrc: int = 0x1234) -> bytes:
+        n = self.name
+        return self.kernel.install(
+            n(self.relay),
+            n(self.client),
+            (n(self.egress), n(self.dest)),
+            ssrc,
+            8000,
+            StreamStats(8000).get_state(),
+            inbound,
+            outbound,
+        )
+
+    def send(self, data: bytes) -> None:
+        self.client.sendto(data, self.name(self.relay))
+
+    def close(self) -> None:
+        self.kernel.close()
+        for sock in self.socks:
+            sock.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    require_srtp_kernel()
+    r = Rig()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def receive(sock: socket.socket) -> tuple[bytes, Addr]:
+    data, src = sock.recvfrom(4096)
+    return data, (str(src[0]), int(src[1]))
+
+
+@pytest.mark.parametrize("suite", SUITES)
+@pytest.mark.parametrize("mode", ["in", "out", "both"])
+def test_transcodes_byte_for_byte_as_libsrtp(rig: Rig, suite: str, mode: str) -> None:
+    k_in, k_out = os.urandom(30), os.urandom(30)
+    rig.install(
+        SrtpSide(suite, k_in) if mode != "out" else None, SrtpSide(suite, k_out) if mode != "in" else None
+    )
+    client = session(suite, k_in, outbound=True)
+    reference = session(suite, k_out, outbound=True)
+    # in order, a wrap of the sequence number (ROC 0 -> 1), sizes from an empty payload up
+    seqs = [65530 + i for i in range(12)]
+    sizes = [12, 13, 27, 28, 29, 172, 200, 1000, 1356, 172, 172, 172]
+    for seq, size in zip(seqs, sizes, strict=True):
+        plain = rtp(seq, size=size)
+        rig.send(client.protect(plain) if mode != "out" else plain)
+        got, src = receive(rig.dest)
+        assert src == rig.name(rig.egress)
+        assert got == (reference.protect(plain) if mode != "in" else plain), (seq, size)
+    counters = rig.kernel.read(rig.kernel.key(rig.name(rig.relay), rig.name(rig.client)))
+    assert counters is not None
+    assert counters.rx_packets == counters.tx_packets == len(seqs)
+    assert counters.auth_drops == counters.replay_drops == 0
+    side = counters.index[0 if mode != "out" else 1]
+    assert side == (1, (65530 + 11) & 0xFFFF, False)  # ROC 1 after the wrap
+    assert counters.stats[4] == len(seqs) and counters.stats[7] == 65536  # received, cycles
+
+
+def test_csrcs_and_header_extensions_stay_in_the_clear(rig: Rig) -> None:
+    suite = SUITES[0]
+    k_in = os.urandom(30)
+    rig.install(SrtpSide(suite, k_in), None)
+    client = session(suite, k_in, outbound=True)
+    for seq, csrcs, ext in ((1, 3, None), (2, 0, 2), (3, 15, 5), (4, 1, 0)):
+        plain = rtp(seq, csrcs=csrcs, ext_words=ext)
+        rig.send(client.protect(plain))
+        assert receive(rig.dest)[0] == plain
+
+
+def test_refused_packets_are_dropped_and_counted_and_others_go_to_the_relay(rig: Rig) -> None:
+    suite = SUITES[0]
+    k_in = os.urandom(30)
+    key = rig.install(SrtpSide(suite, k_in), None)
+    client = session(suite, k_in, outbound=True)
+    good = [client.protect(rtp(seq)) for seq in range(10, 14)]
+    rig.send(good[0])
+    assert receive(rig.dest)[0] == rtp(10)
+    forged = bytearray(good[1])
+    forged[-1] ^= 1  # the tag
+    rig.send(bytes(forged))
+    tampered = bytearray(good[1])
+    tampered[40] ^= 1  # the payload
+    rig.send(bytes(tampered))
+    rig.send(good[0])  # a replay
+    rig.send(good[1])
+    assert receive(rig.dest)[0] == rtp(11)
+    counters = rig.kernel.read(key)
+    assert counters is not None
+    assert (counters.auth_drops, counters.replay_drops, counters.rx_packets) == (2, 1, 2)
+    # RTCP, another SSRC, garbage: the relay's socket, unchanged
+    others = [
+        struct.pack("!BBHI", 0x80, 200, 6, 0x1234) + bytes(20),
+        client.protect(rtp(12, ssrc=0x9999)),
+        b"\x00" * 40,
+        good[2][:20],  # shorter than header + tag
+    ]
+    for data in others:
+        rig.send(data)
+        assert receive(rig.relay)[0] == data
+    rig.send(good[2])
+    assert receive(rig.dest)[0] == rtp(12)
+    assert rig.kernel.remove(key) is not None
+    rig.send(good[3])  # removed: the relay's socket
+    assert receive(rig.relay)[0] == good[3]
+    assert rig.kernel.read(key) is None
+
+
+@pytest.mark.parametrize("last", [100, 32767, 32769, 65535, 65500])
+def test_takes_the_index_over_from_libsrtp(rig: Rig, last: int) -> None:
+    """libsrtp (the relay's session) has seen a stream up to ``last`` in ROC 3; the kernel flow
+    goes on from there: the next packets (across a wrap where there is one) decrypt, and what
+    libsrtp already took is a replay."""
+    suite = SUITES[1]
+    k_in = os.urandom(30)
+    ext = 3 * 65536
+    rig.install(SrtpSide(suite, k_in, roc=3, highest_seq=last, fresh=False), None)
+    sender = _sender_at(suite, k_in, ext + last - 2)
+    sent = [sender(ext + last - 2 + i) for i in range(8)]
+    rig.send(sent[2])  # libsrtp's last: a replay
+    for i in range(3, 8):
+        rig.send(sent[i])
+        assert receive(rig.dest)[0] == rtp((last - 2 + i) & 0xFFFF)
+    counters = rig.kernel.read(rig.kernel.key(rig.name(rig.relay), rig.name(rig.client)))
+    assert counters is not None and counters.replay_drops == 1
+    assert counters.index[0][:2] == ((ext + last + 5) >> 16, (last + 5) & 0xFFFF)
+
+
+def _sender_at(suite: str, key: bytes, first: int) -> Callable[[int], bytes]:
+    """SRTP of rtp(index) for packet indexes from ``first`` on: a libsrtp sender walked there."""
+    out = session(suite, key, outbound=True)
+    index = 0
+    while first - index > 16000:  # libsrtp's sender follows the ROC from its sequence numbers
+        out.protect(rtp(index & 0xFFFF))
+        index += 16000  # the next packet is < 32,768 on: one ROC guess away
+    return lambda i: out.protect(rtp(i & 0xFFFF))
+
+
+async def test_the_whole_path_with_e_and_c_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """client -SRTP-> E -SRTP-> C -RTP-> echo and back with ``EDGE_MEDIA_KERNEL=1``: E forwards
+    in the kernel, C transcodes there; the echoes come back intact, C's counters are what the
+    native path counts, and its relay process transcoded only the first packets."""
+    require_srtp_kernel()
+    monkeypatch.setenv("EDGE_MEDIA_KERNEL", "1")
+    async with anchor.open_lab() as lab:
+        assert lab.gateway.worker.kernel_forwarding, lab.gateway.worker.kernel_error
+        e_port, sender, receiver = await anchor.call_out(lab, SUITES[0])
+        seqs = range(1, 401)
+        await anchor.round_trip(lab, e_port, sender, seqs[: anchor.BATCH])
+        # the outside leg was installed from SDP, before its first packet: it moves into the
+        # kernel once that packet's SSRC is known (the inside one latches with its first)
+        for _ in range(200):
+            if lab.gateway.snapshot()["worker"]["kernel"]["flows"] == 2:
+                break
+            await asyncio.sleep(0.01)
+        await anchor.round_trip(lab, e_port, sender, seqs[anchor.BATCH :])
+        anchor.check_echoes(lab, e_port, receiver, seqs)
+        assert [d for d, _ in lab.echo.received] == [anchor.rtp(s) for s in seqs]
+        snap = lab.gateway.snapshot()
+        worker = snap["worker"]
+        assert worker["kernel"]["srtp"] and worker["kernel"]["installs"] >= 2, worker
+        assert worker["native"]["transcoded"] <= 2 * anchor.BATCH, worker["native"]
+        call = snap["calls"]["c-call"][0]
+        assert call["outside"]["packets"] == call["inside"]["packets"] == 400
+        assert call["outside"]["lost"] == 0 and call["outside"]["srtp_auth_failures"] == 0
+        forged = bytearray(sender.protect(anchor.rtp(401)))
+        forged[-1] ^= 1
+        lab.client.send(bytes(forged), e_port)
+        await anchor.round_trip(lab, e_port, sender, range(402, 412))
+        call = lab.gateway.snapshot()["calls"]["c-call"][0]
+        assert call["outside"]["srtp_auth_failures"] == 1
+        assert lab.gateway.snapshot()["totals"]["transcode_drops"] == 1
