@@ -109,16 +109,23 @@ _MSG = bpf_sha1.SCRATCH_MSG  # the datagram, then (for the HMAC) its ROC and SHA
 # the verifier bounds header length and payload words separately: room for both maxima
 _KS = (_MSG + MAX_DATAGRAM + 8 * ((MAX_DATAGRAM + 7) // 8) + 8 + 15) & ~15  # counter blocks
 _MAX_BLOCKS = (MAX_DATAGRAM + 15) // 16  # the keystream the XOR may read: a word past the payload
-SCRATCH_SIZE = max(_KS + 16 * _MAX_BLOCKS, bpf_sha1.SCRATCH_SIZE)
+_VARS = _KS + 16 * _MAX_BLOCKS  # the program's variables (_X_*)
+SCRATCH_SIZE = _VARS + 80
+assert SCRATCH_SIZE >= bpf_sha1.SCRATCH_SIZE
 
 # -- the key setup program's context: crypto params, flow key, which kptr ---------------------------
 _PARAMS = struct.Struct("<14s2s128s256sII")  # struct bpf_crypto_params
 _SETUP = struct.Struct(f"<{_PARAMS.size}s12sI")
 
 # stack of the TC program (fp-16 key and fp-24 now: emit_flow_lookup; fp-32/-40: emit_rtp_stats)
-_S_HDR, _S_SEQ, _S_V, _S_DELTA, _S_TAG, _S_TAG2 = -48, -56, -64, -72, -80, -88
-_S_W0, _S_W1, _S_END, _S_ZERO = -96, -104, -112, -116
-_S_DYN_SRC, _S_DYN_DST, _S_SIZE = -136, -152, -160
+_S_ZERO, _S_DYN_SRC, _S_DYN_DST = -48, -64, -80
+# The program's variables live in the scratch buffer, not on the stack: the verifier tracks
+# what a register spilled to the stack holds, so every path through the index estimate would
+# reach the (long) HMAC and AES code with different states and be verified again; a load from
+# a map value is just a number, so those paths meet. (Each is bounds-checked where it matters.)
+_X_HDR, _X_SEQ, _X_V, _X_DELTA, _X_TAG, _X_TAG2, _X_W0, _X_W1, _X_END, _X_SIZE = (
+    _VARS + 8 * i for i in range(10)
+)
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ def _setup_program(map_fd: int, ids: dict[str, int]) -> bytes:
 
 def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
     """The TC program (module docstring). r6 skb, r7 the datagram's ingress length, r8 the
-    scratch buffer, r9 the flow; the stack per the _S_* offsets."""
+    scratch buffer, r9 the flow; the stack per the _S_* offsets, variables at _X_* in the scratch."""
     a = Asm()
     r0, r1, r2, r3, r4, r5, r6, r7, r8, r9 = range(10)
     emit_flow_lookup(a, map_fd, "next")
@@ -255,7 +262,7 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
     a.alu("add", r2, r4)
     a.alu("add", r2, imm=4)
     a.label("no_ext")
-    a.stx(8, FP, _S_HDR, r2)
+    a.stx(8, r8, _X_HDR, r2)
     a.alu("mov", r3, r7)  # the end of the payload: the datagram less an inbound tag
     a.ldx(4, r4, r9, _V_FLAGS)
     a.alu("and", r4, imm=_F_IN)
@@ -264,33 +271,33 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
     a.alu("sub", r3, r4)
     a.label("no_in_tag")
     a.jmp("jsgt", "next", r2, r3)
-    a.stx(8, FP, _S_END, r3)
+    a.stx(8, r8, _X_END, r3)
     a.ldx(2, r4, r8, _MSG + 2)
     a.be(r4, 16)
-    a.stx(8, FP, _S_SEQ, r4)
+    a.stx(8, r8, _X_SEQ, r4)
 
     def bounded(reg: int, limit: int, fail: str) -> None:
         a.jmp("jgt", fail, reg, imm=limit)
 
     def index(side: int) -> None:
         """libsrtp's srtp_rdbx_estimate_index and srtp_rdbx_check for this side: the guessed ROC
-        to _S_V, the index delta to _S_DELTA; a replay or too old a packet to ``replay``."""
+        to _X_V, the index delta to _X_DELTA; a replay or too old a packet to ``replay``."""
         s = f"s{side}_"
         roc = _V_ROC[side]
-        a.ldx(8, r1, FP, _S_SEQ)
+        a.ldx(8, r1, r8, _X_SEQ)
         a.ldx(4, r3, r9, roc)  # ROC
         a.ldx(4, r2, r9, roc + 4)  # highest sequence number
         a.ldx(4, r4, r9, _V_FRESH[side])
         a.jmp("jeq", s + "known", r4, imm=0)
-        a.stx(8, FP, _S_V, r3)  # a new stream: the index is the sequence number under its ROC
-        a.st(8, FP, _S_DELTA, 1)
+        a.stx(8, r8, _X_V, r3)  # a new stream: the index is the sequence number under its ROC
+        a.st(8, r8, _X_DELTA, 1)
         a.jmp("ja", s + "done")
         a.label(s + "known")
         a.alu("mov", r4, r1)
         a.alu("sub", r4, r2)  # s - local_seq
         a.jmp("jne", s + "guess", r3, imm=0)
         a.jmp("jgt", s + "guess", r2, imm=1 << 15)  # index > median: srtp_index_guess
-        a.stx(8, FP, _S_V, r3)
+        a.stx(8, r8, _X_V, r3)
         a.jmp("ja", s + "delta")
         a.label(s + "guess")
         a.jmp("jge", s + "upper", r2, imm=1 << 15)
@@ -307,9 +314,9 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
         a.label(s + "roc")
         a.alu32("mov", r3, r3)  # the ROC is a u32: it wraps
         a.label(s + "same")
-        a.stx(8, FP, _S_V, r3)
+        a.stx(8, r8, _X_V, r3)
         a.label(s + "delta")
-        a.stx(8, FP, _S_DELTA, r4)
+        a.stx(8, r8, _X_DELTA, r4)
         a.jmp("jsgt", s + "done", r4, imm=0)
         a.jmp("jsle", "replay", r4, imm=-REPLAY_WINDOW)
         a.alu("neg", r4)
@@ -323,7 +330,7 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
         """srtp_rdbx_add_index: the window, the highest sequence number and the ROC move on."""
         s = f"c{side}_"
         roc = _V_ROC[side]
-        a.ldx(8, r4, FP, _S_DELTA)
+        a.ldx(8, r4, r8, _X_DELTA)
         a.ldx(8, r5, r9, roc + 8)
         a.jmp("jsgt", s + "ahead", r4, imm=0)
         a.alu("neg", r4)
@@ -341,9 +348,9 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
         a.label(s + "set")
         a.alu("or", r5, imm=1)
         a.stx(8, r9, roc + 8, r5)
-        a.ldx(8, r1, FP, _S_SEQ)
+        a.ldx(8, r1, r8, _X_SEQ)
         a.stx(4, r9, roc + 4, r1)
-        a.ldx(8, r1, FP, _S_V)
+        a.ldx(8, r1, r8, _X_V)
         a.stx(4, r9, roc, r1)
         a.st(4, r9, _V_FRESH[side], 0)
         a.label(s + "done")
@@ -353,7 +360,7 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
         big-endian, appended in the scratch buffer; the digest at SCRATCH_DIGEST."""
         a.alu("mov", r1, r8)
         a.alu("add", r1, length)
-        a.ldx(8, r2, FP, _S_V)
+        a.ldx(8, r2, r8, _X_V)
         a.be(r2, 32)
         a.stx(4, r1, _MSG, r2)
         a.alu("mov", r1, r8)
@@ -365,24 +372,24 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
         a.jmp("jne", "next", r0, imm=0)
 
     def keystream_xor(side: int) -> None:
-        """AES-CM over the payload (from _S_HDR to _S_END) in the scratch buffer."""
+        """AES-CM over the payload (from _X_HDR to _X_END) in the scratch buffer."""
         s = f"k{side}_"
         salt = _V_SALT[side]
         a.ldx(8, r1, r9, salt)
         a.ldx(4, r2, r9, _V_SSRC)
         a.alu("lsh", r2, imm=32)
         a.alu("xor", r1, r2)
-        a.stx(8, FP, _S_W0, r1)
+        a.stx(8, r8, _X_W0, r1)
         a.ldx(8, r1, r9, salt + 8)
-        a.ldx(8, r2, FP, _S_V)
+        a.ldx(8, r2, r8, _X_V)
         a.be(r2, 32)
         a.alu("xor", r1, r2)
         a.ldx(2, r2, r8, _MSG + 2)  # the sequence number's bytes as they are
         a.alu("lsh", r2, imm=32)
         a.alu("xor", r1, r2)
-        a.stx(8, FP, _S_W1, r1)
-        a.ldx(8, r4, FP, _S_END)
-        a.ldx(8, r1, FP, _S_HDR)
+        a.stx(8, r8, _X_W1, r1)
+        a.ldx(8, r4, r8, _X_END)
+        a.ldx(8, r1, r8, _X_HDR)
         a.alu("sub", r4, r1)  # payload bytes
         a.jmp("jeq", s + "end", r4, imm=0)
         bounded(r4, MAX_DATAGRAM, "next")
@@ -393,23 +400,23 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
         a.alu("mov", r1, r5)
         a.alu("lsh", r1, imm=4)
         a.alu("add", r1, r8)
-        a.ldx(8, r2, FP, _S_W0)
+        a.ldx(8, r2, r8, _X_W0)
         a.stx(8, r1, _KS, r2)
         a.alu("mov", r2, r5)
         a.be(r2, 16)
         a.alu("lsh", r2, imm=48)
-        a.ldx(8, r3, FP, _S_W1)
+        a.ldx(8, r3, r8, _X_W1)
         a.alu("xor", r2, r3)
         a.stx(8, r1, _KS + 8, r2)
         a.alu("add", r5, imm=1)
         a.jmp("jlt", s + "ctr", r5, r4)
         # AES-ECB in place over the counter blocks
         a.alu("lsh", r4, imm=4)
-        a.stx(8, FP, _S_SIZE, r4)
+        a.stx(8, r8, _X_SIZE, r4)
         for dyn in (_S_DYN_SRC, _S_DYN_DST):
             a.alu("mov", r1, r8)
             a.alu("add", r1, imm=_KS)
-            a.ldx(8, r2, FP, _S_SIZE)
+            a.ldx(8, r2, r8, _X_SIZE)
             bounded(r2, 16 * _MAX_BLOCKS, "next")
             a.alu("mov", r3, imm=0)
             a.alu("mov", r4, FP)
@@ -425,8 +432,8 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
         a.call_kfunc(ids["bpf_crypto_encrypt"])
         a.jmp("jne", "next", r0, imm=0)
         # XOR, 8 bytes at a time (the last word runs past the payload: bytes rewritten later)
-        a.ldx(8, r4, FP, _S_END)
-        a.ldx(8, r3, FP, _S_HDR)
+        a.ldx(8, r4, r8, _X_END)
+        a.ldx(8, r3, r8, _X_HDR)
         bounded(r3, MAX_DATAGRAM, "next")
         a.alu("sub", r4, r3)
         a.alu("add", r4, imm=7)
@@ -453,18 +460,18 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
     a.alu("and", r4, imm=_F_IN)
     a.jmp("jeq", "outbound", r4, imm=0)
     index(0)
-    a.ldx(8, r3, FP, _S_END)  # the tag, kept before the HMAC's padding covers it
+    a.ldx(8, r3, r8, _X_END)  # the tag, kept before the HMAC's padding covers it
     bounded(r3, MAX_DATAGRAM, "next")
     a.alu("add", r3, r8)
     a.ldx(8, r1, r3, _MSG)
-    a.stx(8, FP, _S_TAG, r1)
+    a.stx(8, r8, _X_TAG, r1)
     a.ldx(2, r1, r3, _MSG + 8)
-    a.stx(8, FP, _S_TAG2, r1)
-    a.ldx(8, r3, FP, _S_END)
+    a.stx(8, r8, _X_TAG2, r1)
+    a.ldx(8, r3, r8, _X_END)
     bounded(r3, MAX_DATAGRAM, "next")
     hmac(0, r3)
     a.ldx(8, r1, r8, bpf_sha1.SCRATCH_DIGEST)
-    a.ldx(8, r2, FP, _S_TAG)
+    a.ldx(8, r2, r8, _X_TAG)
     a.alu("xor", r1, r2)
     a.ldx(4, r3, r9, _V_TAG[0])
     a.jmp("jeq", "tag80", r3, imm=10)
@@ -474,7 +481,7 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
     a.label("tag80")
     a.jmp("jne", "auth", r1, imm=0)
     a.ldx(2, r1, r8, bpf_sha1.SCRATCH_DIGEST + 8)
-    a.ldx(8, r2, FP, _S_TAG2)
+    a.ldx(8, r2, r8, _X_TAG2)
     a.jmp("jne", "auth", r1, r2)
     a.label("authentic")
     commit(0)
@@ -488,25 +495,25 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
     index(1)
     commit(1)
     keystream_xor(1)
-    a.ldx(8, r3, FP, _S_END)
+    a.ldx(8, r3, r8, _X_END)
     bounded(r3, MAX_DATAGRAM, "next")
     hmac(1, r3)
-    a.ldx(8, r3, FP, _S_END)
+    a.ldx(8, r3, r8, _X_END)
     bounded(r3, MAX_DATAGRAM, "next")
     a.alu("add", r3, r8)
     a.ldx(8, r1, r8, bpf_sha1.SCRATCH_DIGEST)
     a.stx(8, r3, _MSG, r1)
     a.ldx(2, r1, r8, bpf_sha1.SCRATCH_DIGEST + 8)
     a.stx(2, r3, _MSG + 8, r1)  # a 4-byte tag: the bytes past it are not sent
-    a.ldx(8, r3, FP, _S_END)
+    a.ldx(8, r3, r8, _X_END)
     a.ldx(4, r4, r9, _V_TAG[1])
     a.alu("add", r3, r4)
-    a.stx(8, FP, _S_END, r3)
+    a.stx(8, r8, _X_END, r3)
 
     # -- the datagram out: size, bytes, headers --------------------------------------------------
     a.label("send")
     a.ldx(4, r2, r6, 0)  # skb->len
-    a.ldx(8, r3, FP, _S_END)
+    a.ldx(8, r3, r8, _X_END)
     a.alu("add", r2, r3)
     a.alu("sub", r2, r7)
     a.alu("mov", r1, r6)
@@ -517,7 +524,7 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
     a.alu("mov", r2, imm=PAYLOAD)
     a.alu("mov", r3, r8)
     a.alu("add", r3, imm=_MSG)
-    a.ldx(8, r4, FP, _S_END)
+    a.ldx(8, r4, r8, _X_END)
     bounded(r4, MAX_DATAGRAM + 10, "drop")
     a.jmp("jlt", "drop", r4, imm=RTP_HEADER)
     a.alu("mov", r5, imm=0)
@@ -526,27 +533,27 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
     a.alu("mov", r3, r7)
     a.alu("add", r3, imm=IP + UDP)
     a.be(r3, 16)
-    a.ldx(8, r4, FP, _S_END)
+    a.ldx(8, r4, r8, _X_END)
     a.alu("add", r4, imm=IP + UDP)
     a.be(r4, 16)
-    a.stx(8, FP, _S_W0, r4)
+    a.stx(8, r8, _X_W0, r4)
     a.alu("mov", r1, r6)
     a.alu("mov", r2, imm=ETH + 10)
     a.alu("mov", r5, imm=2)
     a.call(_L3_CSUM)
-    a.ldx(8, r4, FP, _S_END)
+    a.ldx(8, r4, r8, _X_END)
     a.alu("add", r4, imm=UDP)
     a.be(r4, 16)
     a.alu("lsh", r4, imm=16)
-    a.ldx(8, r1, FP, _S_W0)
+    a.ldx(8, r1, r8, _X_W0)
     a.alu("or", r1, r4)  # IP total length, then (4 bytes on) UDP length and checksum 0
-    a.stx(2, FP, _S_W1, r1)
+    a.stx(2, r8, _X_W1, r1)
     a.alu("rsh", r1, imm=16)
-    a.stx(4, FP, _S_W1 + 4, r1)
-    for off, field, size in ((ETH + 2, _S_W1, 2), (ETH + IP + 4, _S_W1 + 4, 4)):
+    a.stx(4, r8, _X_W1 + 4, r1)
+    for off, field, size in ((ETH + 2, _X_W1, 2), (ETH + IP + 4, _X_W1 + 4, 4)):
         a.alu("mov", r1, r6)
         a.alu("mov", r2, imm=off)
-        a.alu("mov", r3, FP)
+        a.alu("mov", r3, r8)
         a.alu("add", r3, imm=field)
         a.alu("mov", r4, imm=size)
         a.alu("mov", r5, imm=0)
