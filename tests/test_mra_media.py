@@ -116,3 +116,20 @@ def test_echo_call_with_e_forwarding_in_the_kernel(lab_factory: Any) -> None:
     assert worker["kernel"]["installs"] >= 2, worker  # the client's RTP leg and C's
     assert worker["native"]["forwarded"] < report.received, "most packets never reached E's process"
     assert relayed["totals"]["rx_packets"] >= 2 * report.sent, "the kernel's counts are folded in"
+
+
+@pytest.mark.parametrize("suite", CM_SUITES)
+def test_echo_call_with_c_transcoding_in_the_kernel(lab_factory: Any, suite: str) -> None:
+    """``media_kernel_srtp`` on C and ``media_kernel_forwarding`` on E (root only): the call's
+    established media is decrypted and encrypted by C's kernel program (``kernel_srtp.py``);
+    C's relay process transcodes only a leg's first packets, and its counters still add up."""
+    require_kernel()
+    kernel_lab = lab_factory("expe.0.media_kernel_forwarding=true", "expc.media_kernel_srtp=true")
+    report = asyncio.run(_call(kernel_lab, suite))
+    _check(kernel_lab, report, suite)
+    media = kernel_lab.component("expc")["sip"]["media"]
+    worker = media["worker"]
+    assert worker["kernel"]["srtp"] and worker["kernel"]["installs"] >= 2, worker
+    assert worker["native"]["transcoded"] < report.received, "most packets never reached C's process"
+    assert media["totals"]["rx_packets"] >= 2 * report.sent, "the kernel's counts are folded in"
+    assert media["totals"]["transcode_drops"] == 0

@@ -288,6 +288,19 @@ def test_baresip_call_with_e_in_the_kernel_and_c_threads(lab_factory: Any, tmp_p
     assert fast.component("expc")["sip"]["media"]["worker"]["native"]["threads"] == 2
 
 
+def test_baresip_call_with_c_transcoding_in_the_kernel(lab_factory: Any, tmp_path: Path) -> None:
+    """The same call with E forwarding and C transcoding established media in the kernel (both
+    opt-in, root only): baresip's SDES-SRTP (its own libsrtp, its own keys) is decrypted and
+    encrypted by C's eBPF program both ways, and C's relay process saw only the first packets."""
+    require_kernel()
+    fast = lab_factory("expe.0.media_kernel_forwarding=true", "expc.media_kernel_srtp=true")
+    _baresip_echo_call(fast, tmp_path)
+    c_worker = fast.component("expc")["sip"]["media"]["worker"]
+    assert c_worker["kernel"]["srtp"] and c_worker["kernel"]["installs"] >= 2, c_worker
+    c_totals = fast.component("expc")["sip"]["media"]["totals"]
+    assert c_worker["native"]["transcoded"] < c_totals["rx_packets"] / 4, (c_worker, c_totals)
+
+
 def _baresip_echo_call(lab: RunningLab, tmp_path: Path) -> None:
     """A real UA (baresip 1.0) registers sip:1001@example.com over TLS with E as outbound proxy
     (no `sipRequest` route; UCM asks no digest by default) and dials the echo number 9999.
