@@ -16,13 +16,28 @@
  * to the next tick instead of waking per packet), so one sendmmsg/recvmmsg moves a tick's worth
  * of packets. The echo then holds a packet up to one tick, as a far end's jitter would; the direct
  * client -> echo -> client baseline runs with the same tick, so it is not in the added latency.
+ *
+ * ``echo_thread`` runs the echo in a thread of its own (its own buffers, its own counters and hold
+ * record), so client and echo each have a core: on loopback the sender of a packet pays for its
+ * whole delivery, and with the relays' work in the kernel (E's and C's programs on lo) that is
+ * most of the path's CPU, which one thread could not carry at 1,000 calls.
  */
 #include "_loadgen.h"
+
+#include <pthread.h>
 
 #define MAX_BURST 1024
 #define RX_BATCH 64
 #define RX_BATCHES 8 /* per socket per turn */
 #define BUF_BYTES 2048
+
+typedef struct {
+    unsigned char buf[RX_BATCH][BUF_BYTES];
+    char ctl[RX_BATCH][CMSG_SPACE(sizeof(struct timespec))];
+    struct sockaddr_in src[RX_BATCH];
+    struct mmsghdr rmsg[RX_BATCH];
+    struct iovec riov[RX_BATCH];
+} Rx;
 
 typedef struct {
     int client, echo;
@@ -39,17 +54,15 @@ typedef struct {
     /* send side */
     struct mmsghdr smsg[MAX_BURST];
     struct iovec siov[MAX_BURST];
-    /* receive side (client and echo in turn) */
-    unsigned char buf[RX_BATCH][BUF_BYTES];
-    char ctl[RX_BATCH][CMSG_SPACE(sizeof(struct timespec))];
-    struct sockaddr_in src[RX_BATCH];
-    struct mmsghdr rmsg[RX_BATCH];
-    struct iovec riov[RX_BATCH];
+    Rx rx, erx;         /* the client's receive buffers, the echo's */
     Lat lat, net, hold; /* client latencies, the same less the echo's hold, every echo hold */
     long long received, errors, echoed, echo_errors, unmatched, turns;
+    /* the echo thread (echo_thread): runs until stop; echo_failed if it ran out of memory */
+    volatile int stop, echo_failed;
+    double tick_s;
 } Path;
 
-static void rx_setup(Path *g, int with_ctl)
+static void rx_setup(Rx *g, int with_ctl)
 {
     for (int i = 0; i < RX_BATCH; i++) {
         g->riov[i].iov_base = g->buf[i];
@@ -101,28 +114,29 @@ static long long packet_index(const Path *g, const unsigned char *d, unsigned le
  * path's latency, which the direct baseline only approximates when the loop is busier here. */
 static long long echo_drain(Path *g, int *failed)
 {
+    Rx *x = &g->erx;
     long long moved = 0;
     for (int b = 0; b < RX_BATCHES; b++) {
-        rx_setup(g, 1);
-        int r = recvmmsg(g->echo, g->rmsg, RX_BATCH, MSG_DONTWAIT, NULL);
+        rx_setup(x, 1);
+        int r = recvmmsg(g->echo, x->rmsg, RX_BATCH, MSG_DONTWAIT, NULL);
         if (r <= 0)
             break;
         int64_t now = real_ns();
         for (int i = 0; i < r; i++) {
-            int64_t held = now - kernel_ns(&g->rmsg[i].msg_hdr);
+            int64_t held = now - kernel_ns(&x->rmsg[i].msg_hdr);
             if (lat_push(&g->hold, held) < 0) {
                 *failed = 1;
                 return moved;
             }
-            long long idx = packet_index(g, g->buf[i], g->rmsg[i].msg_len);
+            long long idx = packet_index(g, x->buf[i], x->rmsg[i].msg_len);
             if (idx >= 0)
                 g->hold_ns[idx] = held;
-            g->riov[i].iov_len = g->rmsg[i].msg_len;
-            g->rmsg[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
-            g->rmsg[i].msg_hdr.msg_control = NULL; /* no SCM_TIMESTAMPNS on the way out */
-            g->rmsg[i].msg_hdr.msg_controllen = 0;
+            x->riov[i].iov_len = x->rmsg[i].msg_len;
+            x->rmsg[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
+            x->rmsg[i].msg_hdr.msg_control = NULL; /* no SCM_TIMESTAMPNS on the way out */
+            x->rmsg[i].msg_hdr.msg_controllen = 0;
         }
-        send_all(g->echo, g->rmsg, r, &g->echo_errors);
+        send_all(g->echo, x->rmsg, r, &g->echo_errors);
         moved += r;
         if (r < RX_BATCH)
             break;
@@ -134,15 +148,16 @@ static long long echo_drain(Path *g, int *failed)
 /* The client's receive side: match by (SSRC, seq), keep the latency, copy a sample. */
 static long long client_drain(Path *g, int *failed)
 {
+    Rx *x = &g->rx;
     long long got = 0;
     for (int b = 0; b < RX_BATCHES; b++) {
-        rx_setup(g, 1);
-        int r = recvmmsg(g->client, g->rmsg, RX_BATCH, MSG_DONTWAIT, NULL);
+        rx_setup(x, 1);
+        int r = recvmmsg(g->client, x->rmsg, RX_BATCH, MSG_DONTWAIT, NULL);
         if (r <= 0)
             break;
         for (int i = 0; i < r; i++) {
-            const unsigned char *d = g->buf[i];
-            unsigned len = g->rmsg[i].msg_len;
+            const unsigned char *d = x->buf[i];
+            unsigned len = x->rmsg[i].msg_len;
             long long idx = packet_index(g, d, len);
             /* a warm-up echo, a duplicate, not sent (yet) by this run, or a stranger */
             if (idx < 0 || g->seen[idx] || g->sent_ns[idx] == 0) {
@@ -150,7 +165,7 @@ static long long client_drain(Path *g, int *failed)
                 continue;
             }
             g->seen[idx] = 1;
-            int64_t lat = kernel_ns(&g->rmsg[i].msg_hdr) - g->sent_ns[idx];
+            int64_t lat = kernel_ns(&x->rmsg[i].msg_hdr) - g->sent_ns[idx];
             if (lat_push(&g->lat, lat) < 0 || lat_push(&g->net, lat - g->hold_ns[idx]) < 0) {
                 *failed = 1;
                 return got;
@@ -212,11 +227,28 @@ static int parse_dests(Path *g, PyObject *dests)
     return 0;
 }
 
-/* The paced send loop; returns -1 on a Python error (signal, no memory). */
-static int run_loop(Path *g, double rate, int burst, double tick_s, double *send_s, double *behind_s,
-                    long long *sent_out)
+/* echo_thread: the echo's own loop, one turn per tick while traffic flows, until g->stop. */
+static void *echo_main(void *arg)
 {
-    int fds[2] = {g->client, g->echo};
+    Path *g = arg;
+    int failed = 0;
+    while (!g->stop && !failed) {
+        double turn = mono();
+        long long moved = echo_drain(g, &failed);
+        if (moved == 0)
+            wait_fds(&g->echo, 1, 0.01);
+        else if (g->tick_s > 0 && mono() < turn + g->tick_s)
+            sleep_until(turn + g->tick_s);
+    }
+    g->echo_failed = failed;
+    return NULL;
+}
+
+/* The paced send loop; returns -1 on a Python error (signal, no memory). */
+static int run_loop(Path *g, double rate, int burst, double tick_s, int threaded, double *send_s,
+                    double *behind_s, long long *sent_out)
+{
+    int fds[2] = {g->client, g->echo}, nfds = threaded ? 1 : 2;
     Py_ssize_t count = g->total - g->start;
     long long sent = 0;
     int failed = 0;
@@ -232,12 +264,13 @@ static int run_loop(Path *g, double rate, int burst, double tick_s, double *send
             sent = stop;
         }
         last = mono();
-        long long moved = echo_drain(g, &failed); /* the echo first: its queueing is in the path */
+        /* the echo first: its queueing is in the path */
+        long long moved = threaded ? 0 : echo_drain(g, &failed);
         moved += client_drain(g, &failed);
         if (sent >= due && moved == 0) {
             double wait = t0 + (double)sent / rate - mono();
             if (wait > 0)
-                wait_fds(fds, 2, wait);
+                wait_fds(fds, nfds, wait);
         }
         if (tick_s > 0 && mono() < turn + tick_s)
             sleep_until(turn + tick_s);
@@ -257,17 +290,17 @@ static int run_loop(Path *g, double rate, int burst, double tick_s, double *send
 static PyObject *run_echo_path(PyObject *module, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"client",   "echo",    "dests",  "packets", "packet_bytes", "first_round", "rate",
-                             "on_sent",  "ssrc_base", "tick_s", "burst", "sample_every", "drain_s", NULL};
-    int client, echo, burst = MAX_BURST, sample_every = 64;
+                             "on_sent",  "ssrc_base", "tick_s", "burst", "sample_every", "drain_s", "echo_thread", NULL};
+    int client, echo, burst = MAX_BURST, sample_every = 64, threaded = 0;
     PyObject *dests, *on_sent;
     Py_buffer packets;
     Py_ssize_t packet_bytes, first_round;
     unsigned int ssrc_base = 0;
     double rate, tick_s = 0.0, drain_s = 0.5;
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOy*nndO|Idiid", kwlist, &client, &echo, &dests, &packets,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOy*nndO|Idiidp", kwlist, &client, &echo, &dests, &packets,
                                      &packet_bytes, &first_round, &rate, &on_sent, &ssrc_base, &tick_s, &burst, &sample_every,
-                                     &drain_s))
+                                     &drain_s, &threaded))
         return NULL;
     Path *g = PyMem_Calloc(1, sizeof(Path));
     PyObject *result = NULL;
@@ -306,22 +339,43 @@ static PyObject *run_echo_path(PyObject *module, PyObject *args, PyObject *kwds)
 
     double send_s = 0, behind_s = 0;
     long long sent = 0;
-    if (run_loop(g, rate, burst, tick_s, &send_s, &behind_s, &sent) < 0)
-        goto done;
-    if (on_sent != Py_None) {
+    pthread_t echo_tid;
+    int echo_running = 0;
+    g->tick_s = tick_s;
+    if (threaded) {
+        int err = pthread_create(&echo_tid, NULL, echo_main, g);
+        if (err != 0) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        echo_running = 1;
+    }
+    int loop_rc = run_loop(g, rate, burst, tick_s, threaded, &send_s, &behind_s, &sent);
+    if (loop_rc == 0 && on_sent != Py_None) {
         PyObject *r = PyObject_CallNoArgs(on_sent);
         if (r == NULL)
-            goto done;
-        Py_DECREF(r);
+            loop_rc = -1;
+        else
+            Py_DECREF(r);
     }
     int fds[2] = {g->client, g->echo}, failed = 0;
     double end = mono() + drain_s;
-    while (mono() < end && !failed) {
-        long long moved = echo_drain(g, &failed);
+    while (loop_rc == 0 && mono() < end && !failed) {
+        long long moved = threaded ? 0 : echo_drain(g, &failed);
         moved += client_drain(g, &failed);
         if (moved == 0)
-            wait_fds(fds, 2, 0.02);
+            wait_fds(fds, threaded ? 1 : 2, 0.02);
     }
+    if (echo_running) {
+        g->stop = 1;
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(echo_tid, NULL);
+        Py_END_ALLOW_THREADS
+        failed |= g->echo_failed;
+    }
+    if (loop_rc < 0)
+        goto done;
     if (failed) {
         PyErr_NoMemory();
         goto done;
@@ -358,7 +412,7 @@ done:
 static PyMethodDef methods[] = {
     {"run_echo_path", (PyCFunction)(void (*)(void))run_echo_path, METH_VARARGS | METH_KEYWORDS,
      "run_echo_path(client, echo, dests, packets, packet_bytes, first_round, rate, on_sent, ssrc_base=0,\n"
-     "              tick_s=0.0, burst=1024, sample_every=64, drain_s=0.5) -> dict"},
+     "              tick_s=0.0, burst=1024, sample_every=64, drain_s=0.5, echo_thread=False) -> dict"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -219,6 +219,7 @@ class Path2:
                 verify,
                 self.ssrc_base,
                 self.tick_s,
+                echo_thread=not self.args.one_thread_gen,
             )
         w.counts.update({f"wait_ms_{k}": round(v * 1000) for k, v in probe.waited.items()})
         return w
@@ -354,6 +355,8 @@ def part2(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None
         return "any CPU" if cpu < 0 else f"CPU {cpu}"
 
     loop = "Python loop" if args.python_load else f"C loop, sendmmsg/recvmmsg, tick {args.gen_tick_us:.0f} us"
+    if not args.python_load:
+        loop += ", client and echo in one thread" if args.one_thread_gen else ", the echo in its own thread"
     print(
         f"\n## 2. Full path client -SRTP-> E -SRTP-> C -RTP-> echo and back, {args.window_s:.0f} s windows"
         f" (--path-cpus {args.path_cpus}: E on {where(cpu_e)}, C on {where(cpu_c)}, client+echo on"

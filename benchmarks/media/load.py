@@ -290,7 +290,8 @@ def native_module(name: str) -> ModuleType | None:
             cc = os.environ.get("CC") or str(sysconfig.get_config_var("CC") or "cc").split()[0]
             include = sysconfig.get_paths()["include"]
             tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # another run may be loading `out`
-            cmd = [cc, "-O2", "-Wall", "-shared", "-fPIC", f"-I{include}", str(src), "-o", str(tmp)]
+            cmd = [cc, "-O2", "-Wall", "-pthread", "-shared", "-fPIC", f"-I{include}", str(src)]
+            cmd += ["-o", str(tmp)]
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             os.replace(tmp, out)
         spec = importlib.util.spec_from_file_location(name, out)
@@ -529,10 +530,12 @@ def run_echo_path_native(
     ssrc_base: int = 0,
     tick_s: float = 0.0,
     drain_s: float = 0.5,
+    echo_thread: bool = False,
 ) -> Window:
     """``run_echo_path`` in C (``_pathgen.c``): the same packets, pacing, matching and latency,
     with batched syscalls; the 1-in-64 sample is authenticated here after the window, per call in
-    seq order (libsrtp's replay window wants each call's indexes rising)."""
+    seq order (libsrtp's replay window wants each call's indexes rising). ``echo_thread``: the
+    echo runs in a thread of its own."""
     size = len(packets[0])
     if any(len(p) != size for p in packets):
         raise ValueError("the batched loop wants packets of one size")
@@ -549,6 +552,7 @@ def run_echo_path_native(
         ssrc_base=ssrc_base,
         tick_s=tick_s,
         drain_s=drain_s,
+        echo_thread=echo_thread,
     )
     lat: array[int] = array("q")
     lat.frombytes(res["latencies"])

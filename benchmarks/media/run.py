@@ -361,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         default=100.0,
         help="part 2 C loop: at most one send/receive turn per tick while traffic flows (0: per packet)",
     )
+    parser.add_argument(
+        "--one-thread-gen",
+        action="store_true",
+        help="part 2 C loop: client and echo in one thread (before session 7; default: the echo has its own)",
+    )
     parser.add_argument("--keep-going", action="store_true", help="part 2: run every N even after losses")
     parser.add_argument(
         "--c-threads",
