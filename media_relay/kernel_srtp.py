@@ -69,6 +69,7 @@ from media_relay.kernel import (
 from media_relay.rtp import StatsState
 
 SUITES = {"AES_CM_128_HMAC_SHA1_80": 10, "AES_CM_128_HMAC_SHA1_32": 4}  # suite -> tag bytes
+MAX_PROTECT = 1356  # the longest RTP packet the native path protects (_srtp.c, pylibsrtp's limit)
 MAX_FLOWS = 1 << 16
 REPLAY_WINDOW = 64
 
@@ -271,6 +272,11 @@ def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
     a.alu("sub", r3, r4)
     a.label("no_in_tag")
     a.jmp("jsgt", "next", r2, r3)
+    a.ldx(4, r4, r9, _V_FLAGS)  # longer than libsrtp protects: the native path refuses it
+    a.alu("and", r4, imm=_F_OUT)
+    a.jmp("jeq", "fits", r4, imm=0)
+    a.jmp("jsgt", "next", r3, imm=MAX_PROTECT)
+    a.label("fits")
     a.stx(8, r8, _X_END, r3)
     a.ldx(2, r4, r8, _MSG + 2)
     a.be(r4, 16)

@@ -141,6 +141,17 @@ def test_transcodes_byte_for_byte_as_libsrtp(rig: Rig, suite: str, mode: str) ->
     assert counters.stats[4] == len(seqs) and counters.stats[7] == 65536  # received, cycles
 
 
+def test_what_libsrtp_would_not_protect_goes_to_the_relay(rig: Rig) -> None:
+    """An RTP packet longer than the native path protects (1,356 bytes) is left to it."""
+    suite = SUITES[0]
+    rig.install(None, SrtpSide(suite, os.urandom(30)))
+    too_long = rtp(1, size=kernel_srtp.MAX_PROTECT + 1)
+    rig.send(too_long)
+    assert receive(rig.relay)[0] == too_long
+    rig.send(rtp(2, size=kernel_srtp.MAX_PROTECT))
+    assert len(receive(rig.dest)[0]) == kernel_srtp.MAX_PROTECT + 10
+
+
 def test_csrcs_and_header_extensions_stay_in_the_clear(rig: Rig) -> None:
     suite = SUITES[0]
     k_in = os.urandom(30)
