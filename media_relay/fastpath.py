@@ -437,6 +437,9 @@ class FlowSync:
             if ctx.suite not in SUITES or ctx.native is None:
                 return None
             roc = ctx.native.roc(ssrc)
+            left = ctx.kernel_roc.get(ssrc)  # where an earlier kernel flow took it
+            if left is not None:
+                roc = left if roc is None else max(roc, left)
             sides.append(SrtpSide(ctx.suite, ctx.key_salt, roc or 0, state[6] & 0xFFFF, roc is None))
         if sides[0] is None and sides[1] is None:
             return None
@@ -498,7 +501,10 @@ class FlowSync:
             strict=True,
         ):
             native = None if ctx is None else ctx.native
-            if native is not None and not fresh and native.roc(ssrc) not in (None, roc):
+            if ctx is None or native is None or fresh:
+                continue
+            ctx.kernel_roc[ssrc] = roc
+            if native.roc(ssrc) not in (None, roc):
                 native.set_roc(ssrc, roc)
 
     @staticmethod

@@ -251,6 +251,9 @@ class SrtpContext:
         self.suite = suite
         self.direction = direction
         self.key_salt = key_salt  # the SDES master key||salt (C's kernel SRTP flows derive from it)
+        # SSRC -> the ROC a kernel SRTP flow left this key at (libsrtp's own getter does not see
+        # a ROC set for its next packet, srtp_set_stream_roc's "pending" one)
+        self.kernel_roc: dict[int, int] = {}
         self._session: pylibsrtp.Session | SrtpSession
         self.native: SrtpSession | None = None
         if native:

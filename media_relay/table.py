@@ -19,7 +19,7 @@ without allocating. Everything else (adding streams, timers, snapshots) is off t
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -296,6 +296,9 @@ class RelayTable:
         # added, latched, re-pointed, relatched, given a transcoder.
         self.track_changes = False
         self.changed: set[Stream] = set()
+        # Told when ``changed`` stops being empty: the worker mirrors the change soon even if no
+        # packet wakes it (flows in the kernel never do).
+        self.on_change: Callable[[], object] | None = None
         # Drops that belong to no stream.
         self.unknown_port_drops = 0
         self.unknown_source_drops = 0
@@ -383,8 +386,7 @@ class RelayTable:
             ep.latched = True
             ep.set_remote(addr)
             stream = ep.stream
-            if self.track_changes:
-                self.changed.add(stream)
+            self._changed(stream)
             self._events.append(LegLatched(stream.stream_id, ep.leg, ep.is_rtcp_port, addr, now))
             return True
         ep.unlatched_drops += 1
@@ -515,7 +517,10 @@ class RelayTable:
 
     def _changed(self, stream: Stream) -> None:
         if self.track_changes:
+            first = not self.changed
             self.changed.add(stream)
+            if first and self.on_change is not None:
+                self.on_change()
 
     def take_changed(self) -> set[Stream]:
         """The streams ``changed`` since the last call (see ``track_changes``)."""

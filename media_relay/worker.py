@@ -287,6 +287,7 @@ class RelayWorker:
                 self._shards.append(fwd)
         self._flows: fastpath.FlowSync | None = None
         self._promote: asyncio.TimerHandle | None = None
+        self._sync_pending = False
         self._reader_fd: int | None = None
         self._kernel: kernel.KernelForwarder | None = None
         self._srtp_kernel: kernel_srtp.SrtpKernel | None = None
@@ -315,6 +316,7 @@ class RelayWorker:
                 on_waiting=self._promote_soon,
             )
             self.table.track_changes = True
+            self.table.on_change = self._sync_soon
             on_ready = self._on_readable_transcoding if transcoding else self._on_readable
             self._reader_fd = self._forwarder.fileno()
             self._loop.add_reader(self._reader_fd, on_ready)
@@ -591,6 +593,19 @@ class RelayWorker:
             for rtp in pairs:
                 self.release_pair(rtp)
         return stream
+
+    def _sync_soon(self) -> None:
+        """The table changed (signalling: a re-INVITE, a relatch): mirror it into the flows at
+        the next loop iteration, whether or not a packet wakes the worker before then (a flow in
+        the kernel never wakes it)."""
+        if not self._sync_pending:
+            self._sync_pending = True
+            self._loop.call_soon(self._sync_now)
+
+    def _sync_now(self) -> None:
+        self._sync_pending = False
+        if self._flows is not None and self.table.changed:
+            self._flows.sync(self.table.take_changed())
 
     def _promote_soon(self) -> None:
         """C: a native flow waits for its first packet's SSRC to move into the kernel; look

@@ -383,6 +383,12 @@ def part2(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None
         print()
         print(table(PATH_HEADERS, [r.cells() for r in rows]))
         print(f"\nrelay path: E {path.paths.get('E')}, C {path.paths.get('C')}")
+        if args.e_kernel or args.c_kernel:
+            print(
+                "kernel forwarding: a relay's programs on lo run in the softirq of each packet's sender"
+                " (here the client and the echo), so their CPU shows in gen CPU and host CPU, not in"
+                " E's or C's"
+            )
         print(
             "direct client -> echo -> client baselines (p50/p99 us, loss %, gen CPU %, echo p99 us): "
             + ", ".join(

@@ -265,3 +265,44 @@ async def test_the_whole_path_with_e_and_c_in_the_kernel(monkeypatch: pytest.Mon
         call = lab.gateway.snapshot()["calls"]["c-call"][0]
         assert call["outside"]["srtp_auth_failures"] == 1
         assert lab.gateway.snapshot()["totals"]["transcode_drops"] == 1
+
+
+async def _kernel_flows(lab: anchor.Lab, n: int) -> None:
+    """Wait (bounded) until C has ``n`` kernel flows."""
+    for _ in range(300):
+        if lab.gateway.snapshot()["worker"]["kernel"]["flows"] == n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"C never had {n} kernel flows: {lab.gateway.snapshot()['worker']['kernel']}")
+
+
+async def test_the_index_goes_back_to_libsrtp_when_a_flow_leaves_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client's sequence numbers wrap (ROC 0 -> 1) while its leg is in the kernel; then the
+    far end answers again (a re-INVITE), which gives the call new transcoders: every flow leaves
+    the kernel at once (no packet has to wake C for that) and is installed anew, its ROC taken
+    from libsrtp's session. The kernel must have handed ROC 1 back, or the next packets would
+    fail authentication."""
+    require_srtp_kernel()
+    monkeypatch.setenv("EDGE_MEDIA_KERNEL", "1")
+    async with anchor.open_lab() as lab:
+        e_port, sender, receiver = await anchor.call_out(lab, SUITES[0])
+        first = range(65500, 65500 + anchor.BATCH)
+        await anchor.round_trip(lab, e_port, sender, first)
+        await _kernel_flows(lab, 2)
+        wrap = range(first.stop, 65536 + 40)
+        await anchor.round_trip(lab, e_port, sender, wrap)
+        installs = lab.gateway.snapshot()["worker"]["kernel"]["installs"]
+        lab.gateway.process_answer("c-call", "inside", anchor.plain_sdp(lab.echo.addr))
+        await asyncio.sleep(0.05)  # the worker mirrors the change at once, no packet needed
+        assert lab.gateway.snapshot()["worker"]["kernel"]["installs"] >= installs + 2
+        after = range(wrap.stop, wrap.stop + 100)
+        await anchor.round_trip(lab, e_port, sender, after)
+        got = lab.client.received
+        assert all(src == e_port for _, src in got)
+        plain = [receiver.unprotect(data) for data, _ in got]
+        everything = range(first.start, after.stop)
+        assert plain == [anchor.rtp(s) for s in everything]
+        assert [d for d, _ in lab.echo.received] == [anchor.rtp(s) for s in everything]
+        assert lab.gateway.snapshot()["totals"]["transcode_drops"] == 0
