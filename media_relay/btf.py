@@ -9,6 +9,7 @@ information, which ``kfunc_ids`` reads; a map whose value carries a referenced k
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Iterable
 
@@ -32,7 +33,7 @@ def _names_and_kinds(data: bytes) -> Iterable[tuple[int, int, str]]:
     """(type id, kind, name) of every type in a BTF blob."""
     magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = _HEADER.unpack_from(data)
     if magic != _MAGIC:
-        raise BtfError(0, "not a BTF blob")
+        raise BtfError(errno.EINVAL, "not a BTF blob")
     types = memoryview(data)[hdr_len + type_off : hdr_len + type_off + type_len]
     strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
     pos, type_id = 0, 1
@@ -57,7 +58,7 @@ def kfunc_ids(names: Iterable[str], path: str = VMLINUX) -> dict[str, int]:
     found = {name: tid for tid, kind, name in _names_and_kinds(data) if kind == _KIND_FUNC and name in wanted}
     missing = sorted(wanted - found.keys())
     if missing:
-        raise BtfError(0, f"the kernel has no {', '.join(missing)} (BTF of {path})")
+        raise BtfError(errno.ENOSYS, f"the kernel has no {', '.join(missing)} (BTF of {path})")
     return found
 
 

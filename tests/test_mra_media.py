@@ -17,7 +17,7 @@ from mra_client.demo import lab_client_settings
 from mra_client.edge_http import StepError
 from mra_client.signin import Ladder, sign_in, sign_out
 from tests.conftest import RunningLab
-from tests.media.kernel_tools import require_kernel
+from tests.media.kernel_tools import require_kernel, require_srtp_kernel
 
 CM_SUITES = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
 GCM_SUITES = ("AEAD_AES_128_GCM", "AEAD_AES_256_GCM")
@@ -123,7 +123,7 @@ def test_echo_call_with_c_transcoding_in_the_kernel(lab_factory: Any, suite: str
     """``media_kernel_srtp`` on C and ``media_kernel_forwarding`` on E (root only): the call's
     established media is decrypted and encrypted by C's kernel program (``kernel_srtp.py``);
     C's relay process transcodes only a leg's first packets, and its counters still add up."""
-    require_kernel()
+    require_srtp_kernel()
     kernel_lab = lab_factory("expe.0.media_kernel_forwarding=true", "expc.media_kernel_srtp=true")
     report = asyncio.run(_call(kernel_lab, suite))
     _check(kernel_lab, report, suite)

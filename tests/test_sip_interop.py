@@ -31,7 +31,7 @@ from edge.sip.framing import StreamFramer
 from edge.sip.message import Response
 from mra_client.sip_ua import MraSipUa
 from tests.conftest import RunningLab
-from tests.media.kernel_tools import require_kernel
+from tests.media.kernel_tools import require_kernel, require_srtp_kernel
 from tests.sip_tools import Baresip, Sipp, SippResult, Stunnel, wait_for
 
 pytestmark = pytest.mark.interop
@@ -292,7 +292,7 @@ def test_baresip_call_with_c_transcoding_in_the_kernel(lab_factory: Any, tmp_pat
     """The same call with E forwarding and C transcoding established media in the kernel (both
     opt-in, root only): baresip's SDES-SRTP (its own libsrtp, its own keys) is decrypted and
     encrypted by C's eBPF program both ways, and C's relay process saw only the first packets."""
-    require_kernel()
+    require_srtp_kernel()
     fast = lab_factory("expe.0.media_kernel_forwarding=true", "expc.media_kernel_srtp=true")
     _baresip_echo_call(fast, tmp_path)
     c_worker = fast.component("expc")["sip"]["media"]["worker"]

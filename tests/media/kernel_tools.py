@@ -1,17 +1,32 @@
-"""Kernel forwarding (``media_relay/kernel.py``) needs root: without it its tests are skipped and
-say why; as root (CI) a program the kernel refuses is a failure, not a skip."""
+"""Kernel forwarding (``media_relay/kernel.py``, ``kernel_srtp.py``) needs root: without it the
+tests are skipped and say why; as root (CI) a program the kernel refuses is a failure, not a
+skip. C's SRTP program also needs the BPF crypto kfuncs (Linux 6.10+): a kernel without them
+skips its tests, saying so."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 
-from media_relay import kernel
+from media_relay import kernel, kernel_srtp
 
 
 def require_kernel() -> None:
     if os.geteuid() != 0:
         pytest.skip("kernel forwarding needs root (CAP_BPF, CAP_NET_ADMIN)")
     probe = kernel.KernelForwarder.open()  # raises KernelUnavailable with the verifier's words
+    probe.close()
+
+
+def require_srtp_kernel() -> None:
+    """``require_kernel`` for C's SRTP program (``media_relay/kernel_srtp.py``)."""
+    require_kernel()
+    try:
+        probe = kernel_srtp.SrtpKernel.open()
+    except kernel.KernelUnavailable as exc:
+        if exc.errno in (errno.ENOSYS, errno.ENOENT):  # no vmlinux BTF, or no BPF crypto kfuncs
+            pytest.skip(f"kernel SRTP: {exc}")
+        raise  # refused: the verifier's words
     probe.close()
