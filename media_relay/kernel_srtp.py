@@ -1,11 +1,14 @@
 """C's SRTP legs in the kernel: a TC program on ``lo`` that unprotects and protects RTP.
 
 What rtpengine's kernel module does for SRTP (it decrypts and encrypts in the kernel with the
-kernel's crypto API), with eBPF: once C's relay has latched both ends of a transcoding flow, this
-program takes the flow's RTP packets off the relay's socket path. For each packet it:
+kernel's crypto API), with eBPF: once a transcoding flow of C's relay has a route and its SSRC
+is known (``fastpath.FlowSync``), this program takes the flow's RTP packets off the relay's
+socket path, carrying on libsrtp's index for that SSRC (its ROC; the highest sequence number
+from the leg's receiver state), and hands the ROC back when the flow leaves. For each packet it:
 
-1. checks it as ``_fastpath.c``'s ``forward`` does (size, RTP version; RTCP and any SSRC but the
-   flow's go on to the relay's socket unchanged, where libsrtp handles them);
+1. checks it as ``_fastpath.c``'s ``forward`` does (size, RTP version; RTCP, any SSRC but the
+   flow's and RTP longer than libsrtp protects go on to the relay's socket unchanged, where
+   libsrtp handles them);
 2. with an inbound key, estimates the packet index from the rollover counter and the highest
    sequence number seen (libsrtp's ``srtp_rdbx_estimate_index``), refuses replays (a 64-packet
    window), checks the HMAC-SHA1 tag (``bpf_sha1``, 80 or 32 bits) and decrypts the payload with
