@@ -144,3 +144,37 @@ def load_program(data: bytes) -> int:
             if exc.errno != errno.EAGAIN:
                 raise
     return bpf(_BPF_PROG_LOAD, attr(data))
+
+
+_BPF_PROG_GET_FD_BY_ID, _BPF_OBJ_GET_INFO_BY_FD, _BPF_PROG_QUERY = 13, 15, 16
+_PROG_INFO_SIZE, _PROG_INFO_NAME = 232, 64  # struct bpf_prog_info, its name[16]
+
+
+def prog_id(fd: int) -> int:
+    """The id of the program behind ``fd``."""
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    bpf(_BPF_OBJ_GET_INFO_BY_FD, attr(struct.pack("<IIQ", fd, _PROG_INFO_SIZE, ctypes.addressof(info))))
+    return int(struct.unpack_from("<I", info, 4)[0])
+
+
+def tcx_chain(ifindex: int, attach_type: int, limit: int = 64) -> list[tuple[int, str]]:
+    """(program id, program name) of a TCX chain, in the order its programs run."""
+    ids = (ctypes.c_uint32 * limit)()
+    req = attr(struct.pack("<IIIIQI", ifindex, attach_type, 0, 0, ctypes.addressof(ids), limit), 64)
+    bpf(_BPF_PROG_QUERY, req)
+    count = struct.unpack_from("<I", req, 24)[0]
+    out = []
+    for prog_id in ids[: min(count, limit)]:
+        try:
+            fd = bpf(_BPF_PROG_GET_FD_BY_ID, attr(struct.pack("<I", prog_id)))
+        except OSError:  # detached meanwhile
+            continue
+        try:
+            info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+            req = attr(struct.pack("<IIQ", fd, _PROG_INFO_SIZE, ctypes.addressof(info)))
+            bpf(_BPF_OBJ_GET_INFO_BY_FD, req)
+            name = info.raw[_PROG_INFO_NAME : _PROG_INFO_NAME + 16].split(b"\0")[0].decode(errors="replace")
+        finally:
+            os.close(fd)
+        out.append((int(prog_id), name))
+    return out

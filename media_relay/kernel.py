@@ -37,7 +37,7 @@ import socket
 import struct
 from typing import Any
 
-from media_relay.bpf import FP, Asm, attr, bpf, load_program
+from media_relay.bpf import FP, Asm, attr, bpf, load_program, tcx_chain
 from media_relay.rtp import StatsState
 
 Addr = tuple[str, int]
@@ -363,6 +363,26 @@ def _ip4(host: str) -> bytes:
     return addr.packed
 
 
+SRTP_PROGRAM = "edge_srtp_fwd"  # C's programs (kernel_srtp.py), first and last of the chain
+_BPF_F_BEFORE, _BPF_F_ID = 1 << 3, 1 << 5
+
+
+def _link_attr(prog_fd: int, ifindex: int) -> ctypes.Array[ctypes.c_char]:
+    """E's place in the TCX chain: at its end, or, when C's SRTP programs are there already,
+    just before the last of them, so that a packet E rewrites to C goes on into C's program
+    (kernel_srtp.py attaches first and last; this keeps that order when E starts after C)."""
+    try:
+        chain = tcx_chain(ifindex, _BPF_TCX_INGRESS)
+    except OSError:
+        chain = []
+    srtp = [prog_id for prog_id, name in chain if name == SRTP_PROGRAM]
+    if len(srtp) >= 2:
+        return attr(
+            struct.pack("<IIIII", prog_fd, ifindex, _BPF_TCX_INGRESS, _BPF_F_BEFORE | _BPF_F_ID, srtp[-1])
+        )
+    return attr(struct.pack("<IIII", prog_fd, ifindex, _BPF_TCX_INGRESS, 0))
+
+
 class KernelForwarder:
     """The program, its flow map and the TCX link on ``ifname``'s ingress."""
 
@@ -413,7 +433,7 @@ class KernelForwarder:
                 ) from exc
             fds.append(prog_fd)
             ifindex = socket.if_nametoindex(ifname)
-            link_fd = bpf(_BPF_LINK_CREATE, attr(struct.pack("<IIII", prog_fd, ifindex, _BPF_TCX_INGRESS, 0)))
+            link_fd = bpf(_BPF_LINK_CREATE, _link_attr(prog_fd, ifindex))
             fds.append(link_fd)
         except KernelUnavailable:
             for fd in fds:

@@ -30,7 +30,8 @@ rewrites it to C's port; a packet C protects goes to E's demux port, where E's p
 it. So this program is attached twice, first and last in the TCX chain of ``lo``: the first copy
 takes echo -> C packets before E's program, the last one takes the packets E's program has just
 rewritten to C. Either copy does any flow (the map is shared); a packet neither copy matched goes
-to the relay's socket, where the native forwarder or Python does the same work.
+to the relay's socket, where the native forwarder or Python does the same work. E, started after
+C, finds C's copies in the chain and attaches just before the last (``kernel._link_attr``).
 
 Keys live in the kernel as ``bpf_crypto_ctx`` objects (kptrs in the flow's map value, created by a
 small ``BPF_PROG_TYPE_SYSCALL`` program); deleting the flow releases them. Needs root, TCX and
@@ -57,6 +58,7 @@ from media_relay.kernel import (
     MAX_DATAGRAM,
     PAYLOAD,
     RTP_HEADER,
+    SRTP_PROGRAM,
     STATS_BYTES,
     UDP,
     Addr,
@@ -707,7 +709,7 @@ class SrtpKernel:
             code = _program(fds["map"], fds["scratch"], ids)
             ifindex = socket.if_nametoindex(ifname)
             for name, where in (("first", _BPF_F_BEFORE), ("last", _BPF_F_AFTER)):
-                fds[f"prog_{name}"] = _load(code, _BPF_PROG_TYPE_SCHED_CLS, 0, b"edge_srtp_fwd")
+                fds[f"prog_{name}"] = _load(code, _BPF_PROG_TYPE_SCHED_CLS, 0, SRTP_PROGRAM.encode())
                 fds[f"link_{name}"] = bpf(
                     _BPF_LINK_CREATE,
                     attr(struct.pack("<IIII", fds[f"prog_{name}"], ifindex, _BPF_TCX_INGRESS, where)),

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 import pylibsrtp
 import pytest
 
-from media_relay import kernel_srtp
+from media_relay import kernel, kernel_srtp
+from media_relay.bpf import prog_id, tcx_chain
 from media_relay.kernel_srtp import SrtpKernel, SrtpSide
 from media_relay.rtp import StreamStats
 from tests.media import test_anchor_path as anchor
@@ -300,3 +301,28 @@ async def test_the_index_goes_back_to_libsrtp_when_a_flow_leaves_the_kernel(
         assert plain == [anchor.rtp(s) for s in everything]
         assert [d for d, _ in lab.echo.received] == [anchor.rtp(s) for s in everything]
         assert lab.gateway.snapshot()["totals"]["transcode_drops"] == 0
+
+
+@pytest.mark.parametrize("c_first", [True, False])
+def test_e_sits_between_cs_programs_whichever_starts_first(c_first: bool) -> None:
+    """One pass through lo's ingress for client -> E -> C -> echo and back needs the chain
+    C, E, C: C attaches first and last, and E, started after C, slips in before C's last."""
+    require_srtp_kernel()
+    ifindex = socket.if_nametoindex("lo")
+    opened: list[SrtpKernel | kernel.KernelForwarder] = []
+    try:
+        for which in ("c", "e") if c_first else ("e", "c"):
+            opened.append(SrtpKernel.open() if which == "c" else kernel.KernelForwarder.open())
+        ours = {
+            prog_id(fd): name
+            for k in opened
+            for fd, name in (
+                [(k._fds["prog_first"], "c"), (k._fds["prog_last"], "c")]
+                if isinstance(k, SrtpKernel)
+                else [(k._prog_fd, "e")]
+            )
+        }
+        assert [ours[i] for i, _ in tcx_chain(ifindex, 46) if i in ours] == ["c", "e", "c"]
+    finally:
+        for k in opened:
+            k.close()
