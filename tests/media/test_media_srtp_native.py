@@ -139,6 +139,28 @@ def test_native_session_arguments_are_checked() -> None:
     assert t.inbound is rx and t.outbound is tx and t.auth_failures == 0
 
 
+def test_a_sessions_rollover_counter_can_be_read_and_moved_on() -> None:
+    """``roc``/``set_roc`` (C's kernel SRTP flows take libsrtp's index over and hand it back):
+    None before an SSRC's first packet, the ROC after; a ROC set for an SSRC is what the next
+    packet's index uses (libsrtp applies it then): the same bytes as a session that got there."""
+    key = os.urandom(30)
+    tx = _fastpath.SrtpSession(1, key, True)
+    assert tx.roc(0x1234) is None and tx.set_roc(0x1234, 1) is False  # no stream yet
+    tx.protect(rtp(65535))
+    assert tx.roc(0x1234) == 0
+    tx.protect(rtp(0))  # the wrap
+    assert tx.roc(0x1234) == 1 and tx.roc(0x9999) is None
+    moved = _fastpath.SrtpSession(1, key, True)
+    moved.protect(rtp(5))  # ROC 0 here ...
+    assert moved.set_roc(0x1234, 1) is True  # ... until a kernel flow took it to 1
+    assert moved.protect(rtp(6)) == tx.protect(rtp(6))  # index 65,542 in both
+    for bad in (-1, 1 << 32):
+        with pytest.raises((ValueError, OverflowError)):
+            tx.roc(bad)
+        with pytest.raises((ValueError, OverflowError)):
+            tx.set_roc(0x1234, bad)
+
+
 @pytest.mark.parametrize("suite", KNOWN_SUITES)
 def test_transcoders_on_both_bindings_agree_and_count_auth_failures(suite: str) -> None:
     their = generate_crypto(1, suite)
