@@ -14,7 +14,7 @@ import struct
 
 _SYS_BPF = 321  # x86_64
 _BPF_PROG_LOAD = 5
-_BPF_PSEUDO_MAP_FD = 1
+_BPF_PSEUDO_MAP_FD, _BPF_PSEUDO_MAP_VALUE = 1, 2
 # src_reg of a BPF_CALL: a bpf-to-bpf call (imm: the callee's relative offset), a kfunc (imm: BTF id);
 # src_reg of an ld_imm64: the address of a subprogram (imm: its relative offset), for bpf_loop & co.
 _BPF_PSEUDO_CALL, _BPF_PSEUDO_KFUNC_CALL, _BPF_PSEUDO_FUNC = 1, 2, 4
@@ -77,6 +77,11 @@ class Asm:
     def ld_map(self, dst: int, map_fd: int) -> None:
         self._emit(_LD | 0x18, dst, _BPF_PSEUDO_MAP_FD, 0, map_fd)
         self._emit(0, 0, 0, 0, 0)
+
+    def ld_map_value(self, dst: int, map_fd: int, off: int = 0) -> None:
+        """dst = the address of byte ``off`` of a one-element array map's value (no lookup)."""
+        self._emit(_LD | 0x18, dst, _BPF_PSEUDO_MAP_VALUE, 0, map_fd)
+        self._emit(0, 0, 0, 0, off)
 
     def jmp(self, op: str, target: str, dst: int = 0, src: int | None = None, imm: int = 0) -> None:
         if src is None:

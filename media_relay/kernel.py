@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
+import mmap
 import os
 import socket
 import struct
@@ -51,7 +52,8 @@ ENV_VAR = "EDGE_MEDIA_KERNEL"  # "1": E's relay forwards established flows in th
 
 _BPF_MAP_CREATE, _BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
 _BPF_MAP_LOOKUP_BATCH, _BPF_LINK_CREATE = 24, 28
-_BPF_MAP_TYPE_HASH = 1
+_BPF_MAP_TYPE_HASH, _BPF_MAP_TYPE_ARRAY = 1, 2
+_BPF_F_MMAPABLE = 1 << 10
 _BPF_PROG_TYPE_SCHED_CLS = 3
 _BPF_TCX_INGRESS = 46
 _BPF_ANY = 0
@@ -98,14 +100,57 @@ def emit_checked_packet(a: Asm, need: int, fail: str) -> None:
     a.jmp("jgt", fail, 4, 3)
 
 
-def emit_flow_lookup(a: Asm, map_fd: int, miss: str) -> None:
+class PortSet:
+    """The destination ports a relay program has flows for, as a bitmap its program reads
+    before the flow lookup (``emit_flow_lookup``): every packet on ``lo`` passes every relay
+    program (E's, C's twice), and most are some other program's, or no relay's at all. A
+    one-element BPF array, mapped into this process: adding a port sets its bit in place."""
+
+    SIZE = 65536 // 8
+
+    def __init__(self) -> None:
+        self.fd = bpf(
+            _BPF_MAP_CREATE,
+            attr(struct.pack("<IIIII", _BPF_MAP_TYPE_ARRAY, 4, self.SIZE, 1, _BPF_F_MMAPABLE)),
+        )
+        try:
+            self._bits = mmap.mmap(self.fd, self.SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self._count: dict[int, int] = {}
+
+    def add(self, port: int) -> None:
+        """Before a flow on ``port`` is installed."""
+        n = self._count.get(port, 0)
+        self._count[port] = n + 1
+        if n == 0:
+            self._bits[port >> 3] |= 1 << (port & 7)
+
+    def discard(self, port: int) -> None:
+        """After a flow on ``port`` is removed."""
+        n = self._count.get(port, 0)
+        if n <= 1:
+            self._count.pop(port, None)
+            self._bits[port >> 3] &= ~(1 << (port & 7)) & 0xFF
+        else:
+            self._count[port] = n - 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._bits.close()
+            os.close(self.fd)
+            self.fd = -1
+
+
+def emit_flow_lookup(a: Asm, map_fd: int, miss: str, ports_fd: int) -> None:
     """The start of a relay program: r6 = the skb (from r1); an IPv4/UDP datagram without IP
-    options or fragmentation, its key (daddr, saddr, dport, sport: network order) at fp-16, its
-    flow in ``map_fd`` in r9, now (ns) at fp-24, the datagram's length (consistent with the IP
-    and frame lengths, MIN_DATAGRAM..MAX_DATAGRAM) in r7, an RTP/RTCP version 2 first byte, and
-    r2 the packet's data checked for PAYLOAD + MIN_DATAGRAM bytes; anything else goes to
-    ``miss``. Its labels are ``lookup_*``."""
-    r0, r1, r2, r4, r6, r7, r9 = 0, 1, 2, 4, 6, 7, 9
+    options or fragmentation to a port in ``ports_fd`` (a ``PortSet``), its key (daddr, saddr,
+    dport, sport: network order) at fp-16, its flow in ``map_fd`` in r9, now (ns) at fp-24, the
+    datagram's length (consistent with the IP and frame lengths, MIN_DATAGRAM..MAX_DATAGRAM) in
+    r7, an RTP/RTCP version 2 first byte, and r2 the packet's data checked for PAYLOAD +
+    MIN_DATAGRAM bytes; anything else goes to ``miss``. Its labels are ``lookup_*``."""
+    r0, r1, r2, r4, r5, r6, r7, r9 = 0, 1, 2, 4, 5, 6, 7, 9
     a.alu("mov", r6, r1)
     emit_checked_packet(a, PAYLOAD + MIN_DATAGRAM, "lookup_pull")
     a.label("lookup_parsed")
@@ -118,6 +163,17 @@ def emit_flow_lookup(a: Asm, map_fd: int, miss: str) -> None:
     a.ldx(2, r4, r2, ETH + 6)
     a.alu("and", r4, imm=0xFF3F)  # MF or a fragment offset
     a.jmp("jne", miss, r4, imm=0)
+    a.ldx(2, r4, r2, ETH + IP + 2)  # a port with flows? (the bitmap: no lookup, no call)
+    a.be(r4, 16)
+    a.alu("mov", r5, r4)
+    a.alu("rsh", r5, imm=3)
+    a.ld_map_value(r1, ports_fd)
+    a.alu("add", r1, r5)
+    a.ldx(1, r5, r1, 0)
+    a.alu("and", r4, imm=7)
+    a.alu("rsh", r5, r4)
+    a.alu("and", r5, imm=1)
+    a.jmp("jeq", miss, r5, imm=0)
     a.ldx(4, r4, r2, ETH + 16)
     a.stx(4, FP, -16, r4)  # daddr
     a.ldx(4, r4, r2, ETH + 12)
@@ -257,7 +313,7 @@ def emit_rtp_stats(a: Asm, src: int, at: int, st: int, rate: int, done: str) -> 
     a.jmp("ja", done)
 
 
-def _program(map_fd: int) -> bytes:
+def _program(map_fd: int, ports_fd: int) -> bytes:
     """The TC ingress program (see the module docstring). r6 ctx, r7 payload length, r8 kind
     (0 RTP, 1 RTCP), r9 the flow; stack: fp-16 key, fp-24 now (ns), fp-32 seq, fp-40 transit."""
     a = Asm()
@@ -275,7 +331,7 @@ def _program(map_fd: int) -> bytes:
             a.ldx(8, r1, FP, -24)
             a.stx(8, base, seen, r1)
 
-    emit_flow_lookup(a, map_fd, "next")
+    emit_flow_lookup(a, map_fd, "next", ports_fd)
     # kind: RTCP on an RTCP port, or by payload type (RFC 5761 §4)
     a.alu("mov", r8, imm=1)
     a.ldx(4, r4, r9, _V_FLAGS)
@@ -386,10 +442,11 @@ def _link_attr(prog_fd: int, ifindex: int) -> ctypes.Array[ctypes.c_char]:
 class KernelForwarder:
     """The program, its flow map and the TCX link on ``ifname``'s ingress."""
 
-    def __init__(self, map_fd: int, prog_fd: int, link_fd: int) -> None:
+    def __init__(self, map_fd: int, prog_fd: int, link_fd: int, ports: PortSet) -> None:
         self._map_fd = map_fd
         self._prog_fd = prog_fd
         self._link_fd = link_fd
+        self._ports = ports
         self._key = ctypes.create_string_buffer(_KEY.size)
         self._value = ctypes.create_string_buffer(_VALUE.size)
         self.installs = 0
@@ -400,13 +457,15 @@ class KernelForwarder:
         if os.uname().machine != "x86_64":
             raise KernelUnavailable(errno.ENOSYS, "kernel forwarding: x86_64 Linux only")
         fds: list[int] = []
+        ports: PortSet | None = None
         try:
             map_fd = bpf(
                 _BPF_MAP_CREATE,
                 attr(struct.pack("<IIIII", _BPF_MAP_TYPE_HASH, _KEY.size, _VALUE.size, max_flows, 0)),
             )
             fds.append(map_fd)
-            code = _program(map_fd)
+            ports = PortSet()
+            code = _program(map_fd, ports.fd)
             insns = ctypes.create_string_buffer(code, len(code))
             lic = ctypes.create_string_buffer(b"GPL")
             log = ctypes.create_string_buffer(1 << 16)
@@ -435,21 +494,22 @@ class KernelForwarder:
             ifindex = socket.if_nametoindex(ifname)
             link_fd = bpf(_BPF_LINK_CREATE, _link_attr(prog_fd, ifindex))
             fds.append(link_fd)
-        except KernelUnavailable:
-            for fd in fds:
-                os.close(fd)
-            raise
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
+            if ports is not None:
+                ports.close()
+            if isinstance(exc, KernelUnavailable):
+                raise
             raise KernelUnavailable(exc.errno, f"kernel forwarding on {ifname}: {exc.strerror}") from exc
-        return cls(map_fd, prog_fd, link_fd)
+        return cls(map_fd, prog_fd, link_fd, ports)
 
     def close(self) -> None:
         for fd in (self._link_fd, self._prog_fd, self._map_fd):
             if fd >= 0:
                 os.close(fd)
         self._link_fd = self._prog_fd = self._map_fd = -1
+        self._ports.close()
 
     @property
     def closed(self) -> bool:
@@ -499,10 +559,15 @@ class KernelForwarder:
             0 if ssrc is None else ssrc,
             *state[4:],  # received .. jitter, in StatsState order
         )
+        existed = self.read(key) is not None  # a re-install: its port is counted already
+        if not existed:
+            self._ports.add(local[1])
         try:
             self._update(key, value)
         except OSError:
             self.install_errors += 1
+            if not existed:
+                self._ports.discard(local[1])
             raise
         self.installs += 1
         return key
@@ -572,6 +637,7 @@ class KernelForwarder:
                 raise
         if last is None:
             return None
+        self._ports.discard(_KEY.unpack(key)[2])
         # Packets may have been counted between the read and the delete: read once more is not
         # possible after it; the window is one packet at most per CPU and only on teardown.
         return last

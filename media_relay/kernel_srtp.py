@@ -64,6 +64,7 @@ from media_relay.kernel import (
     Addr,
     Egress,
     KernelUnavailable,
+    PortSet,
     _ip4,
     _ns,
     _seconds,
@@ -213,12 +214,12 @@ def _setup_program(map_fd: int, ids: dict[str, int]) -> bytes:
     return a.code()
 
 
-def _program(map_fd: int, scratch_fd: int, ids: dict[str, int]) -> bytes:
+def _program(map_fd: int, scratch_fd: int, ports_fd: int, ids: dict[str, int]) -> bytes:
     """The TC program (module docstring). r6 skb, r7 the datagram's ingress length, r8 the
     scratch buffer, r9 the flow; the stack per the _S_* offsets, variables at _X_* in the scratch."""
     a = Asm()
     r0, r1, r2, r3, r4, r5, r6, r7, r8, r9 = range(10)
-    emit_flow_lookup(a, map_fd, "next")
+    emit_flow_lookup(a, map_fd, "next", ports_fd)
     # RTCP goes to the relay's socket (libsrtp's SRTCP); so does any SSRC but the flow's
     a.jmp("jlt", "next", r7, imm=RTP_HEADER)
     emit_checked_packet(a, PAYLOAD + RTP_HEADER, "next")
@@ -663,8 +664,9 @@ class SrtpKernel:
     """The program (twice: first and last of ``lo``'s TCX ingress chain), its flow map, the
     per-CPU scratch map and the key setup program."""
 
-    def __init__(self, fds: dict[str, int]) -> None:
+    def __init__(self, fds: dict[str, int], ports: PortSet) -> None:
         self._fds = fds
+        self._ports = ports
         self._key = ctypes.create_string_buffer(_KEY.size)
         self._value = ctypes.create_string_buffer(VALUE_SIZE)
         self.installs = 0
@@ -675,6 +677,7 @@ class SrtpKernel:
         if os.uname().machine != "x86_64":
             raise KernelUnavailable(errno.ENOSYS, "kernel SRTP: x86_64 Linux only")
         fds: dict[str, int] = {}
+        ports: PortSet | None = None
         try:
             ids = btf.kfunc_ids(_KFUNCS)
             blob, key_id, value_id = btf.kptr_value_btf("bpf_crypto_ctx", _V_CTX, VALUE_SIZE, _KEY.size)
@@ -706,7 +709,8 @@ class SrtpKernel:
             fds["setup"] = _load(
                 _setup_program(fds["map"], ids), _BPF_PROG_TYPE_SYSCALL, _BPF_F_SLEEPABLE, b"edge_srtp_keys"
             )
-            code = _program(fds["map"], fds["scratch"], ids)
+            ports = PortSet()
+            code = _program(fds["map"], fds["scratch"], ports.fd, ids)
             ifindex = socket.if_nametoindex(ifname)
             for name, where in (("first", _BPF_F_BEFORE), ("last", _BPF_F_AFTER)):
                 fds[f"prog_{name}"] = _load(code, _BPF_PROG_TYPE_SCHED_CLS, 0, SRTP_PROGRAM.encode())
@@ -717,18 +721,22 @@ class SrtpKernel:
         except (OSError, btf.BtfError) as exc:
             for fd in reversed(list(fds.values())):
                 os.close(fd)
+            if ports is not None:
+                ports.close()
             if isinstance(exc, KernelUnavailable):
                 raise
             raise KernelUnavailable(
                 exc.errno or errno.EINVAL, f"kernel SRTP on {ifname}: {exc.strerror or exc}"
             ) from exc
-        return cls(fds)
+        assert ports is not None
+        return cls(fds, ports)
 
     def close(self) -> None:
         for name in ("link_first", "link_last", "prog_first", "prog_last", "setup", "scratch", "map", "btf"):
             fd = self._fds.pop(name, -1)
             if fd >= 0:
                 os.close(fd)
+        self._ports.close()
 
     @property
     def closed(self) -> bool:
@@ -789,6 +797,9 @@ class SrtpKernel:
             0 if st_ssrc is None else st_ssrc,
             *state[4:],
         )
+        existed = self.read(key) is not None  # a re-install: its port is counted already
+        if not existed:
+            self._ports.add(local[1])
         try:
             self._update(key, bytes(value))
             for slot, session_key in enumerate(keys):
@@ -797,6 +808,7 @@ class SrtpKernel:
         except OSError:
             self.install_errors += 1
             self._delete(key)
+            self._ports.discard(local[1])
             raise
         self.installs += 1
         return key
@@ -860,6 +872,8 @@ class SrtpKernel:
         """Stop transcoding the flow in the kernel (its keys are released); its last counters."""
         last = self.read(key)
         self._delete(key)
+        if last is not None:
+            self._ports.discard(_KEY.unpack(key)[2])
         return last
 
     def _delete(self, key: bytes) -> None:

@@ -122,6 +122,34 @@ def test_an_installed_flow_is_rewritten_counted_and_delivered(rig: Rig) -> None:
     assert empty(rig.relay)  # the relay's socket saw nothing
 
 
+def test_flows_sharing_a_port_keep_it_in_the_programs_port_set(rig: Rig) -> None:
+    """The program skips its flow lookup for ports without flows (a bitmap, ``PortSet``): two
+    flows on one relay port (E's demux port has one per call) keep the port's bit until the
+    last goes, and a re-install does not count twice."""
+    n = rig.name
+    second = rig._sock("127.0.0.1")
+    key = rig.install()
+    rig.install()  # the same flow again
+    other = rig.kernel.install(
+        n(rig.relay),
+        n(second),
+        False,
+        (n(rig.egress), n(rig.dest)),
+        None,
+        8000,
+        StreamStats(8000).get_state(),
+    )
+    rig.kernel.remove(key)
+    second.sendto(rtp(1), n(rig.relay))
+    assert rig.dest.recvfrom(4096) == (rtp(1), n(rig.egress))  # the other flow still forwards
+    rig.kernel.remove(other)
+    second.sendto(rtp(2), n(rig.relay))
+    assert rig.relay.recv(4096) == rtp(2)  # no flow, no bit: the relay's socket
+    rig.install()
+    rig.send(rtp(3))
+    assert rig.dest.recvfrom(4096) == (rtp(3), n(rig.egress))
+
+
 def test_what_the_table_must_see_reaches_the_relay_socket_unchanged(rig: Rig) -> None:
     rig.install(rtcp_route=False)
     stranger = rig._sock("127.0.0.1")
