@@ -183,3 +183,123 @@ def tcx_chain(ifindex: int, attach_type: int, limit: int = 64) -> list[tuple[int
             os.close(fd)
         out.append((int(prog_id), name))
     return out
+
+
+class ProgramRefused(OSError):
+    """The kernel refused a program; the message ends with the verifier's last words."""
+
+
+def load(code: bytes, prog_type: int, name: bytes, flags: int = 0, log_level: int = 0) -> tuple[int, str]:
+    """Load a program (GPL): (fd, the verifier's log at ``log_level``, 0 for none). A refusal is
+    loaded again with a full log and raised as ProgramRefused with its last lines."""
+    insns = ctypes.create_string_buffer(code, len(code))
+    lic = ctypes.create_string_buffer(b"GPL")
+
+    def attempt(level: int, log: ctypes.Array[ctypes.c_char] | None) -> int:
+        data = struct.pack(
+            "<IIQQIIQII16s",
+            prog_type,
+            len(code) // 8,
+            ctypes.addressof(insns),
+            ctypes.addressof(lic),
+            level if log is not None else 0,
+            0 if log is None else len(log),
+            0 if log is None else ctypes.addressof(log),
+            0,
+            flags,
+            name,
+        )
+        return load_program(data)
+
+    first_log = ctypes.create_string_buffer(1 << 16) if log_level else None
+    try:
+        fd = attempt(log_level, first_log)
+        return fd, "" if first_log is None else first_log.value.decode(errors="replace")
+    except OSError as first:
+        log = ctypes.create_string_buffer(1 << 24)
+        try:
+            os.close(attempt(1, log))
+            detail = ""
+        except OSError:
+            text = log.value.decode(errors="replace").strip().splitlines()
+            detail = ": " + " | ".join(text[-6:])
+        raise ProgramRefused(first.errno, f"loading {name.decode()}: {first.strerror}{detail}") from first
+
+
+_BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM, _BPF_MAP_LOOKUP_BATCH = 1, 2, 3, 24
+
+
+class HashMap:
+    """A BPF map's elements from userspace, as raw bytes (one buffer each for key and value)."""
+
+    def __init__(self, fd: int, key_size: int, value_size: int) -> None:
+        self.fd = fd
+        self.key_size, self.value_size = key_size, value_size
+        self._key = ctypes.create_string_buffer(key_size)
+        self._value = ctypes.create_string_buffer(value_size)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        self._key.raw = key
+        req = struct.pack("<I4xQQ", self.fd, ctypes.addressof(self._key), ctypes.addressof(self._value))
+        try:
+            bpf(_BPF_MAP_LOOKUP_ELEM, attr(req))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        return self._value.raw
+
+    def lookup_all(self, chunk: int = 1024) -> dict[bytes, bytes]:
+        """Every element, a few system calls for the whole map (BPF_MAP_LOOKUP_BATCH)."""
+        out: dict[bytes, bytes] = {}
+        ks, vs = self.key_size, self.value_size
+        keys = ctypes.create_string_buffer(chunk * ks)
+        values = ctypes.create_string_buffer(chunk * vs)
+        cursor_in, cursor_out = ctypes.c_uint32(0), ctypes.c_uint32(0)
+        first = True
+        while True:
+            req = attr(
+                struct.pack(
+                    "<QQQQIIQQ",
+                    0 if first else ctypes.addressof(cursor_in),
+                    ctypes.addressof(cursor_out),
+                    ctypes.addressof(keys),
+                    ctypes.addressof(values),
+                    chunk,
+                    self.fd,
+                    0,
+                    0,
+                )
+            )
+            done = False
+            try:
+                bpf(_BPF_MAP_LOOKUP_BATCH, req)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                done = True
+            count = struct.unpack_from("<I", req, 32)[0]
+            raw_keys, raw_values = keys.raw, values.raw
+            for i in range(count):
+                out[raw_keys[i * ks : (i + 1) * ks]] = raw_values[i * vs : (i + 1) * vs]
+            if done or count == 0:
+                return out
+            cursor_in.value = cursor_out.value
+            first = False
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self._key.raw = key
+        self._value.raw = value
+        req = struct.pack("<I4xQQQ", self.fd, ctypes.addressof(self._key), ctypes.addressof(self._value), 0)
+        bpf(_BPF_MAP_UPDATE_ELEM, attr(req))
+
+    def delete(self, key: bytes) -> bool:
+        """Remove an element; False if there was none."""
+        self._key.raw = key
+        try:
+            bpf(_BPF_MAP_DELETE_ELEM, attr(struct.pack("<I4xQ", self.fd, ctypes.addressof(self._key))))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return False
+        return True

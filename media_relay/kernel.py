@@ -38,7 +38,7 @@ import socket
 import struct
 from typing import Any
 
-from media_relay.bpf import FP, Asm, attr, bpf, load_program, tcx_chain
+from media_relay.bpf import FP, Asm, HashMap, attr, bpf, load, tcx_chain
 from media_relay.rtp import StatsState
 
 Addr = tuple[str, int]
@@ -50,13 +50,11 @@ KernelCounters = tuple[int, int, int, int, int, int, float | None, StatsState]
 
 ENV_VAR = "EDGE_MEDIA_KERNEL"  # "1": E's relay forwards established flows in the kernel
 
-_BPF_MAP_CREATE, _BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
-_BPF_MAP_LOOKUP_BATCH, _BPF_LINK_CREATE = 24, 28
+_BPF_MAP_CREATE, _BPF_LINK_CREATE = 0, 28
 _BPF_MAP_TYPE_HASH, _BPF_MAP_TYPE_ARRAY = 1, 2
 _BPF_F_MMAPABLE = 1 << 10
 _BPF_PROG_TYPE_SCHED_CLS = 3
 _BPF_TCX_INGRESS = 46
-_BPF_ANY = 0
 _TCX_NEXT = -1  # on to the next program of the chain (the last one passes the packet up)
 # helpers
 _MAP_LOOKUP, _KTIME_NS, _STORE_BYTES, _L3_CSUM, _L4_CSUM, _PULL_DATA = 1, 5, 9, 10, 11, 39
@@ -447,8 +445,7 @@ class KernelForwarder:
         self._prog_fd = prog_fd
         self._link_fd = link_fd
         self._ports = ports
-        self._key = ctypes.create_string_buffer(_KEY.size)
-        self._value = ctypes.create_string_buffer(_VALUE.size)
+        self._flows = HashMap(map_fd, _KEY.size, _VALUE.size)
         self.installs = 0
         self.install_errors = 0
 
@@ -466,30 +463,7 @@ class KernelForwarder:
             fds.append(map_fd)
             ports = PortSet()
             code = _program(map_fd, ports.fd)
-            insns = ctypes.create_string_buffer(code, len(code))
-            lic = ctypes.create_string_buffer(b"GPL")
-            log = ctypes.create_string_buffer(1 << 16)
-            load = struct.pack(
-                "<IIQQIIQII16s",
-                _BPF_PROG_TYPE_SCHED_CLS,
-                len(code) // 8,
-                ctypes.addressof(insns),
-                ctypes.addressof(lic),
-                1,
-                len(log),
-                ctypes.addressof(log),
-                0,
-                0,
-                b"edge_media_fwd",
-            )
-            try:
-                prog_fd = load_program(load)
-            except OSError as exc:
-                text = log.value.decode(errors="replace").strip().splitlines()
-                detail = "; ".join(text[-3:]) if text else ""
-                raise KernelUnavailable(
-                    exc.errno, f"loading the TC program: {exc.strerror} {detail}"
-                ) from exc
+            prog_fd, _ = load(code, _BPF_PROG_TYPE_SCHED_CLS, b"edge_media_fwd")
             fds.append(prog_fd)
             ifindex = socket.if_nametoindex(ifname)
             link_fd = bpf(_BPF_LINK_CREATE, _link_attr(prog_fd, ifindex))
@@ -544,21 +518,10 @@ class KernelForwarder:
             (shost, sport), (dhost, dport) = leg
             legs += [_ip4(shost), _ip4(dhost), struct.pack("!H", sport), struct.pack("!H", dport)]
             flags |= bit
-        packets, nbytes, last_seen, ssrc = state[:4]
         if not 0 < clock_rate <= 1_000_000:
             raise ValueError(f"clock rate {clock_rate} out of range")
-        value = _VALUE.pack(
-            *legs,
-            flags,
-            clock_rate,
-            *(0,) * 7,  # the counters start at zero
-            packets,
-            nbytes,
-            _ns(last_seen),
-            0 if ssrc is None else 1,
-            0 if ssrc is None else ssrc,
-            *state[4:],  # received .. jitter, in StatsState order
-        )
+        zero = (0,) * 7  # the counters start at zero
+        value = _VALUE.pack(*legs, flags, clock_rate, *zero, *stats_fields(state))
         existed = self.read(key) is not None  # a re-install: its port is counted already
         if not existed:
             self._ports.add(local[1])
@@ -574,67 +537,18 @@ class KernelForwarder:
 
     def read(self, key: bytes) -> KernelCounters | None:
         """The flow's absolute counters and receiver state, or None if it is not installed."""
-        self._key.raw = key
-        req = attr(
-            struct.pack("<I4xQQ", self._map_fd, ctypes.addressof(self._key), ctypes.addressof(self._value))
-        )
-        try:
-            bpf(_BPF_MAP_LOOKUP_ELEM, req)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
-        return _counters(_VALUE.unpack(self._value.raw))
+        raw = self._flows.lookup(key)
+        return None if raw is None else _counters(_VALUE.unpack(raw))
 
     def read_all(self) -> dict[bytes, KernelCounters]:
         """Every installed flow's counters, a few system calls for the whole map (a status read
         of thousands of flows would otherwise cost one each)."""
-        out: dict[bytes, KernelCounters] = {}
-        chunk = 4096
-        keys = ctypes.create_string_buffer(chunk * _KEY.size)
-        values = ctypes.create_string_buffer(chunk * _VALUE.size)
-        cursor_in, cursor_out = ctypes.c_uint32(0), ctypes.c_uint32(0)
-        first = True
-        while True:
-            req = attr(
-                struct.pack(
-                    "<QQQQIIQQ",
-                    0 if first else ctypes.addressof(cursor_in),
-                    ctypes.addressof(cursor_out),
-                    ctypes.addressof(keys),
-                    ctypes.addressof(values),
-                    chunk,
-                    self._map_fd,
-                    0,
-                    0,
-                )
-            )
-            done = False
-            try:
-                bpf(_BPF_MAP_LOOKUP_BATCH, req)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                done = True
-            count = struct.unpack_from("<I", req, 32)[0]
-            raw_keys, raw_values = keys.raw, values.raw
-            for i in range(count):
-                k = raw_keys[i * _KEY.size : (i + 1) * _KEY.size]
-                out[k] = _counters(_VALUE.unpack_from(raw_values, i * _VALUE.size))
-            if done or count == 0:
-                return out
-            cursor_in.value = cursor_out.value
-            first = False
+        return {k: _counters(_VALUE.unpack(v)) for k, v in self._flows.lookup_all(4096).items()}
 
     def remove(self, key: bytes) -> KernelCounters | None:
         """Stop forwarding the flow; returns its last counters (None if it was not installed)."""
         last = self.read(key)
-        self._key.raw = key
-        try:
-            bpf(_BPF_MAP_DELETE_ELEM, attr(struct.pack("<I4xQ", self._map_fd, ctypes.addressof(self._key))))
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+        self._flows.delete(key)
         if last is None:
             return None
         self._ports.discard(_KEY.unpack(key)[2])
@@ -643,20 +557,26 @@ class KernelForwarder:
         return last
 
     def _update(self, key: bytes, value: bytes) -> None:
-        self._key.raw = key
-        self._value.raw = value
-        data = struct.pack(
-            "<I4xQQQ", self._map_fd, ctypes.addressof(self._key), ctypes.addressof(self._value), _BPF_ANY
-        )
-        bpf(_BPF_MAP_UPDATE_ELEM, attr(data))
+        self._flows.update(key, value)
 
 
 def _counters(v: tuple[Any, ...]) -> KernelCounters:
     """A map value, unpacked with ``_VALUE``, as ``KernelCounters``."""
     rx_p, rx_b, tx_rtp_p, tx_rtp_b, tx_rtcp_p, tx_rtcp_b, seen = v[10:17]
-    st_p, st_b, st_seen, has_ssrc, ssrc = v[17:22]
-    state: StatsState = (st_p, st_b, _seconds(st_seen), ssrc if has_ssrc else None, *v[22:])
-    return rx_p, rx_b, tx_rtp_p, tx_rtp_b, tx_rtcp_p, tx_rtcp_b, _seconds(seen), state
+    return rx_p, rx_b, tx_rtp_p, tx_rtp_b, tx_rtcp_p, tx_rtcp_b, _seconds(seen), stats_state(v[17:])
+
+
+def stats_fields(state: StatsState) -> tuple[int, ...]:
+    """A ``StreamStats`` state as the receiver-state block of a flow value (``_S_*``; the
+    programs continue it): packets, bytes, seen (ns), has SSRC, SSRC, received .. jitter."""
+    packets, nbytes, last_seen, ssrc = state[:4]
+    return (packets, nbytes, _ns(last_seen), 0 if ssrc is None else 1, ssrc or 0, *state[4:])
+
+
+def stats_state(fields: tuple[Any, ...]) -> StatsState:
+    """``stats_fields`` back: the block (as unpacked) as a ``StreamStats`` state."""
+    st_p, st_b, st_seen, has_ssrc, ssrc, *rest = fields
+    return (st_p, st_b, _seconds(st_seen), ssrc if has_ssrc else None, *rest)
 
 
 def _ns(seconds: float | None) -> int:

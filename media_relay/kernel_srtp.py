@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from media_relay import bpf_sha1, btf
-from media_relay.bpf import FP, Asm, attr, bpf, load_program
+from media_relay.bpf import FP, Asm, HashMap, attr, bpf, load
 from media_relay.kernel import (
     ETH,
     IP,
@@ -66,11 +66,12 @@ from media_relay.kernel import (
     KernelUnavailable,
     PortSet,
     _ip4,
-    _ns,
     _seconds,
     emit_checked_packet,
     emit_flow_lookup,
     emit_rtp_stats,
+    stats_fields,
+    stats_state,
 )
 from media_relay.rtp import StatsState
 
@@ -79,8 +80,7 @@ MAX_PROTECT = 1356  # the longest RTP packet the native path protects (_srtp.c, 
 MAX_FLOWS = 1 << 16
 REPLAY_WINDOW = 64
 
-_BPF_MAP_CREATE, _BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
-_BPF_PROG_TEST_RUN, _BPF_BTF_LOAD, _BPF_MAP_LOOKUP_BATCH, _BPF_LINK_CREATE = 10, 18, 24, 28
+_BPF_MAP_CREATE, _BPF_PROG_TEST_RUN, _BPF_BTF_LOAD, _BPF_LINK_CREATE = 0, 10, 18, 28
 _BPF_MAP_TYPE_HASH, _BPF_MAP_TYPE_PERCPU_ARRAY = 1, 6
 _BPF_PROG_TYPE_SCHED_CLS, _BPF_PROG_TYPE_SYSCALL = 3, 31
 _BPF_F_SLEEPABLE = 1 << 4
@@ -646,8 +646,7 @@ def _decode(raw: bytes) -> SrtpCounters:
         (fresh,) = struct.unpack_from("=I", raw, _V_FRESH[side])
         idx.append((roc, seq, bool(fresh)))
     rx_p, rx_b, tx_p, tx_b, auth, replay, seen = _COUNT.unpack_from(raw, _V_COUNT)
-    st_p, st_b, st_seen, has_ssrc, ssrc, *rest = _STATS.unpack_from(raw, _V_STATS)
-    stats: StatsState = (st_p, st_b, _seconds(st_seen), ssrc if has_ssrc else None, *rest)
+    stats = stats_state(_STATS.unpack_from(raw, _V_STATS))
     return SrtpCounters(rx_p, rx_b, tx_p, tx_b, auth, replay, _seconds(seen), stats, (idx[0], idx[1]))
 
 
@@ -667,8 +666,7 @@ class SrtpKernel:
     def __init__(self, fds: dict[str, int], ports: PortSet) -> None:
         self._fds = fds
         self._ports = ports
-        self._key = ctypes.create_string_buffer(_KEY.size)
-        self._value = ctypes.create_string_buffer(VALUE_SIZE)
+        self._flows = HashMap(fds["map"], _KEY.size, VALUE_SIZE)
         self.installs = 0
         self.install_errors = 0
 
@@ -706,14 +704,13 @@ class SrtpKernel:
                 _BPF_MAP_CREATE,
                 attr(struct.pack("<IIIII", _BPF_MAP_TYPE_PERCPU_ARRAY, 4, SCRATCH_SIZE, 1, 0)),
             )
-            fds["setup"] = _load(
-                _setup_program(fds["map"], ids), _BPF_PROG_TYPE_SYSCALL, _BPF_F_SLEEPABLE, b"edge_srtp_keys"
-            )
+            setup = _setup_program(fds["map"], ids)
+            fds["setup"], _ = load(setup, _BPF_PROG_TYPE_SYSCALL, b"edge_srtp_keys", _BPF_F_SLEEPABLE)
             ports = PortSet()
             code = _program(fds["map"], fds["scratch"], ports.fd, ids)
             ifindex = socket.if_nametoindex(ifname)
             for name, where in (("first", _BPF_F_BEFORE), ("last", _BPF_F_AFTER)):
-                fds[f"prog_{name}"] = _load(code, _BPF_PROG_TYPE_SCHED_CLS, 0, SRTP_PROGRAM.encode())
+                fds[f"prog_{name}"], _ = load(code, _BPF_PROG_TYPE_SCHED_CLS, SRTP_PROGRAM.encode())
                 fds[f"link_{name}"] = bpf(
                     _BPF_LINK_CREATE,
                     attr(struct.pack("<IIII", fds[f"prog_{name}"], ifindex, _BPF_TCX_INGRESS, where)),
@@ -786,114 +783,38 @@ class SrtpKernel:
             window = 0 if s.fresh else (1 << 64) - 1  # what libsrtp saw before: all taken as seen
             _STATE.pack_into(value, _V_ROC[i], s.roc, s.highest_seq, window)
             struct.pack_into("=I", value, _V_FRESH[i], 1 if s.fresh else 0)
-        packets, nbytes, last_seen, st_ssrc = state[:4]
-        _STATS.pack_into(
-            value,
-            _V_STATS,
-            packets,
-            nbytes,
-            _ns(last_seen),
-            0 if st_ssrc is None else 1,
-            0 if st_ssrc is None else st_ssrc,
-            *state[4:],
-        )
+        _STATS.pack_into(value, _V_STATS, *stats_fields(state))
         existed = self.read(key) is not None  # a re-install: its port is counted already
         if not existed:
             self._ports.add(local[1])
         try:
-            self._update(key, bytes(value))
+            self._flows.update(key, bytes(value))
             for slot, session_key in enumerate(keys):
                 if session_key is not None:
                     self._set_key(key, slot, session_key)
         except OSError:
             self.install_errors += 1
-            self._delete(key)
+            self._flows.delete(key)
             self._ports.discard(local[1])
             raise
         self.installs += 1
         return key
 
     def read(self, key: bytes) -> SrtpCounters | None:
-        self._key.raw = key
-        req = attr(
-            struct.pack(
-                "<I4xQQ", self._fds["map"], ctypes.addressof(self._key), ctypes.addressof(self._value)
-            )
-        )
-        try:
-            bpf(_BPF_MAP_LOOKUP_ELEM, req)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
-        return _decode(self._value.raw)
+        raw = self._flows.lookup(key)
+        return None if raw is None else _decode(raw)
 
     def read_all(self) -> dict[bytes, SrtpCounters]:
         """Every flow's counters, a few system calls for the whole map."""
-        out: dict[bytes, SrtpCounters] = {}
-        chunk = 1024
-        keys = ctypes.create_string_buffer(chunk * _KEY.size)
-        values = ctypes.create_string_buffer(chunk * VALUE_SIZE)
-        cursor_in, cursor_out = ctypes.c_uint32(0), ctypes.c_uint32(0)
-        first = True
-        while True:
-            req = attr(
-                struct.pack(
-                    "<QQQQIIQQ",
-                    0 if first else ctypes.addressof(cursor_in),
-                    ctypes.addressof(cursor_out),
-                    ctypes.addressof(keys),
-                    ctypes.addressof(values),
-                    chunk,
-                    self._fds["map"],
-                    0,
-                    0,
-                )
-            )
-            done = False
-            try:
-                bpf(_BPF_MAP_LOOKUP_BATCH, req)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                done = True
-            count = struct.unpack_from("<I", req, 32)[0]
-            raw_keys, raw_values = keys.raw, values.raw
-            for i in range(count):
-                out[raw_keys[i * _KEY.size : (i + 1) * _KEY.size]] = _decode(
-                    raw_values[i * VALUE_SIZE : (i + 1) * VALUE_SIZE]
-                )
-            if done or count == 0:
-                return out
-            cursor_in.value = cursor_out.value
-            first = False
+        return {k: _decode(v) for k, v in self._flows.lookup_all().items()}
 
     def remove(self, key: bytes) -> SrtpCounters | None:
         """Stop transcoding the flow in the kernel (its keys are released); its last counters."""
         last = self.read(key)
-        self._delete(key)
+        self._flows.delete(key)
         if last is not None:
             self._ports.discard(_KEY.unpack(key)[2])
         return last
-
-    def _delete(self, key: bytes) -> None:
-        self._key.raw = key
-        try:
-            bpf(
-                _BPF_MAP_DELETE_ELEM,
-                attr(struct.pack("<I4xQ", self._fds["map"], ctypes.addressof(self._key))),
-            )
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-
-    def _update(self, key: bytes, value: bytes) -> None:
-        self._key.raw = key
-        self._value.raw = value
-        req = struct.pack(
-            "<I4xQQQ", self._fds["map"], ctypes.addressof(self._key), ctypes.addressof(self._value), 0
-        )
-        bpf(_BPF_MAP_UPDATE_ELEM, attr(req))
 
     def _set_key(self, key: bytes, slot: int, k_e: bytes) -> None:
         params = _PARAMS.pack(b"skcipher", b"", b"ecb(aes-generic)", k_e, len(k_e), 0)
@@ -934,39 +855,3 @@ def _load_btf(blob: bytes) -> int:
         raise KernelUnavailable(
             exc.errno, f"loading BTF: {exc.strerror} {log.value.decode(errors='replace')[-300:]}"
         ) from exc
-
-
-def _load(code: bytes, prog_type: int, flags: int, name: bytes) -> int:
-    """Load a program; on refusal, load it again with the verifier's log for the reason."""
-    insns = ctypes.create_string_buffer(code, len(code))
-    lic = ctypes.create_string_buffer(b"GPL")
-
-    def attempt(log: ctypes.Array[ctypes.c_char] | None) -> int:
-        data = struct.pack(
-            "<IIQQIIQII16s",
-            prog_type,
-            len(code) // 8,
-            ctypes.addressof(insns),
-            ctypes.addressof(lic),
-            0 if log is None else 1,
-            0 if log is None else len(log),
-            0 if log is None else ctypes.addressof(log),
-            0,
-            flags,
-            name,
-        )
-        return load_program(data)
-
-    try:
-        return attempt(None)
-    except OSError as first:
-        log = ctypes.create_string_buffer(1 << 24)
-        try:
-            fd = attempt(log)
-        except OSError:
-            text = log.value.decode(errors="replace").strip().splitlines()
-            raise KernelUnavailable(
-                first.errno, f"loading {name.decode()}: {first.strerror}: {' | '.join(text[-6:])}"
-            ) from first
-        os.close(fd)
-        raise KernelUnavailable(first.errno, f"loading {name.decode()}: {first.strerror}") from first

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from media_relay import bpf_sha1
-from media_relay.bpf import FP, Asm, attr, bpf, load_program
+from media_relay.bpf import FP, Asm, attr, bpf, load, load_program
 
 _BPF_MAP_CREATE, _BPF_MAP_UPDATE_ELEM, _BPF_PROG_TEST_RUN, _BPF_BTF_LOAD = 0, 2, 10, 18
 _BPF_MAP_TYPE_ARRAY, _BPF_MAP_TYPE_PERCPU_ARRAY = 2, 6
@@ -126,29 +126,8 @@ class Rig:
 
     @staticmethod
     def _load(code: bytes) -> tuple[int, str]:
-        insns = ctypes.create_string_buffer(code, len(code))
-        lic = ctypes.create_string_buffer(b"GPL")
-        log = ctypes.create_string_buffer(1 << 16)
-        load = struct.pack(
-            "<IIQQIIQII16s",
-            _BPF_PROG_TYPE_SCHED_CLS,
-            len(code) // 8,
-            ctypes.addressof(insns),
-            ctypes.addressof(lic),
-            _BPF_LOG_STATS,
-            len(log),
-            ctypes.addressof(log),
-            0,
-            0,
-            b"test_hmac_sha1",
-        )
-        try:
-            fd = load_program(load)
-        except OSError as exc:
-            raise AssertionError(
-                f"the verifier refused it: {exc}\n{log.value.decode(errors='replace')}"
-            ) from exc
-        return fd, log.value.decode(errors="replace")
+        """(fd, the verifier's statistics); a refusal raises ProgramRefused with its words."""
+        return load(code, _BPF_PROG_TYPE_SCHED_CLS, b"test_hmac_sha1", log_level=_BPF_LOG_STATS)
 
     def set_key(self, key: bytes) -> None:
         k = ctypes.create_string_buffer(struct.pack("<I", 0), 4)
