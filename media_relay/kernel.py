@@ -216,21 +216,49 @@ def emit_flow_lookup(a: Asm, map_fd: int, miss: str, ports_fd: int) -> None:
     a.label("lookup_done")
 
 
+def emit_count(a: Asm, base: int, packets: int, seen: int | None = None) -> None:
+    """u64 at base+packets += 1, the next u64 += the datagram's length (r7); now (fp-24) at
+    base+seen. Clobbers r1."""
+    a.ldx(8, 1, base, packets)
+    a.alu("add", 1, imm=1)
+    a.stx(8, base, packets, 1)
+    a.ldx(8, 1, base, packets + 8)
+    a.alu("add", 1, 7)
+    a.stx(8, base, packets + 8, 1)
+    if seen is not None:
+        a.ldx(8, 1, FP, -24)
+        a.stx(8, base, seen, 1)
+
+
+def emit_rewrite(a: Asm, src: int, off: int) -> None:
+    """The rewrite's last step: the IP checksum for the new addresses, then the addresses and
+    ports themselves (saddr, daddr, sport, dport, network order, at ``src`` + ``off``); the old
+    ones are the key at fp-16 (``emit_flow_lookup``), r6 the skb. Clobbers r0-r5."""
+    for field, old_off in ((0, -12), (4, -16)):  # saddr, daddr: the IP checksum covers them
+        a.alu("mov", 1, 6)
+        a.alu("mov", 2, imm=ETH + 10)
+        a.ldx(4, 3, FP, old_off)
+        a.ldx(4, 4, src, off + field)
+        a.alu("mov", 5, imm=4)
+        a.call(_L3_CSUM)
+    for at, field, size in ((ETH + 12, 0, 8), (ETH + IP, 8, 4)):  # addresses, then ports
+        a.alu("mov", 1, 6)
+        a.alu("mov", 2, imm=at)
+        a.alu("mov", 3, src)
+        a.alu("add", 3, imm=off + field)
+        a.alu("mov", 4, imm=size)
+        a.alu("mov", 5, imm=0)
+        a.call(_STORE_BYTES)
+
+
 def emit_rtp_stats(a: Asm, src: int, at: int, st: int, rate: int, done: str) -> None:
     """RFC 3550 A.1 / A.8 on one RTP packet, as ``_fastpath.c`` ``stats_update``: the RTP header
     at ``src`` + ``at`` (a checked packet or map pointer), r9 the flow value with the receiver
     state at ``st`` (``_S_*`` offsets) and the clock rate (u32) at ``rate``, r7 the datagram's
     length, fp-24 now (ns); uses fp-32 and fp-40, clobbers r0-r5; falls to ``done``. Its labels
     are ``stats_*``, once per program."""
-    r0, r1, r2, r3, r4, r5, r7, r9 = 0, 1, 2, 3, 4, 5, 7, 9
-    a.ldx(8, r1, r9, st)
-    a.alu("add", r1, imm=1)
-    a.stx(8, r9, st, r1)
-    a.ldx(8, r1, r9, st + 8)
-    a.alu("add", r1, r7)
-    a.stx(8, r9, st + 8, r1)
-    a.ldx(8, r1, FP, -24)
-    a.stx(8, r9, st + _S_SEEN, r1)
+    r0, r1, r2, r3, r4, r5, r9 = 0, 1, 2, 3, 4, 5, 9
+    emit_count(a, r9, st, st + _S_SEEN)
     a.ldx(2, r4, src, at + 2)
     a.be(r4, 16)
     a.stx(8, FP, -32, r4)  # seq
@@ -317,18 +345,6 @@ def _program(map_fd: int, ports_fd: int) -> bytes:
     a = Asm()
     r0, r1, r2, r3, r4, r5, r6, r7, r8, r9 = range(10)
 
-    def count(base: int, packets: int, seen: int | None = None) -> None:
-        """u64 at base+packets += 1, the next u64 += n (r7); the now (fp-24) at base+seen."""
-        a.ldx(8, r1, base, packets)
-        a.alu("add", r1, imm=1)
-        a.stx(8, base, packets, r1)
-        a.ldx(8, r1, base, packets + 8)
-        a.alu("add", r1, r7)
-        a.stx(8, base, packets + 8, r1)
-        if seen is not None:
-            a.ldx(8, r1, FP, -24)
-            a.stx(8, base, seen, r1)
-
     emit_flow_lookup(a, map_fd, "next", ports_fd)
     # kind: RTCP on an RTCP port, or by payload type (RFC 5761 §4)
     a.alu("mov", r8, imm=1)
@@ -360,18 +376,18 @@ def _program(map_fd: int, ports_fd: int) -> bytes:
 
     # -- counters, then the rewrite ---------------------------------------------------------------
     a.label("count")
-    count(r9, _V_RX_P, _V_SEEN)
+    emit_count(a, r9, _V_RX_P, _V_SEEN)
     # the tx counters of the kind (RTP at _V_TX, RTCP 16 bytes on); r8 becomes the rewrite's
     # offset in the value
     a.alu("mov", r5, r8)
     a.alu("lsh", r5, imm=4)
     a.alu("mov", r4, r9)
     a.alu("add", r4, r5)
-    count(r4, _V_TX)
+    emit_count(a, r4, _V_TX)
     a.alu("mul", r8, imm=_V_RTCP - _V_RTP)
     a.alu("add", r8, r9)  # r8: the leg's rewrite (saddr, daddr, sport, dport)
 
-    csum_udp = ETH + IP + 6
+    csum_udp = ETH + IP + 6  # the UDP checksum: the pseudo-header's addresses, then the ports
     for field, old_off, size, pseudo in (
         (0, -12, 4, True),  # saddr
         (4, -16, 4, True),  # daddr
@@ -384,21 +400,7 @@ def _program(map_fd: int, ports_fd: int) -> bytes:
         a.ldx(size, r4, r8, field)
         a.alu("mov", r5, imm=size | _F_MARK_MANGLED_0 | (_F_PSEUDO_HDR if pseudo else 0))
         a.call(_L4_CSUM)
-        if pseudo:
-            a.alu("mov", r1, r6)
-            a.alu("mov", r2, imm=ETH + 10)
-            a.ldx(4, r3, FP, old_off)
-            a.ldx(4, r4, r8, field)
-            a.alu("mov", r5, imm=4)
-            a.call(_L3_CSUM)
-    for off, field, size in ((ETH + 12, 0, 8), (ETH + IP, 8, 4)):  # addresses, then ports
-        a.alu("mov", r1, r6)
-        a.alu("mov", r2, imm=off)
-        a.alu("mov", r3, r8)
-        a.alu("add", r3, imm=field)
-        a.alu("mov", r4, imm=size)
-        a.alu("mov", r5, imm=0)
-        a.call(_STORE_BYTES)
+    emit_rewrite(a, r8, 0)
     # NEXT, not PASS: C's SRTP program (kernel_srtp.py) may sit after this one and take the
     # rewritten packet on (client -> E -> C in one pass)
     a.alu("mov", r0, imm=_TCX_NEXT)

@@ -68,7 +68,9 @@ from media_relay.kernel import (
     _ip4,
     _seconds,
     emit_checked_packet,
+    emit_count,
     emit_flow_lookup,
+    emit_rewrite,
     emit_rtp_stats,
     stats_fields,
     stats_state,
@@ -570,31 +572,10 @@ def _program(map_fd: int, scratch_fd: int, ports_fd: int, ids: dict[str, int]) -
         a.alu("mov", r4, imm=size)
         a.alu("mov", r5, imm=0)
         a.call(_STORE_BYTES)
-    for field, old_off in ((0, -12), (4, -16)):  # saddr, daddr: the IP checksum follows them
-        a.alu("mov", r1, r6)
-        a.alu("mov", r2, imm=ETH + 10)
-        a.ldx(4, r3, FP, old_off)
-        a.ldx(4, r4, r9, _V_REWRITE + field)
-        a.alu("mov", r5, imm=4)
-        a.call(_L3_CSUM)
-    for off, field, size in ((ETH + 12, 0, 8), (ETH + IP, 8, 4)):  # addresses, then ports
-        a.alu("mov", r1, r6)
-        a.alu("mov", r2, imm=off)
-        a.alu("mov", r3, r9)
-        a.alu("add", r3, imm=_V_REWRITE + field)
-        a.alu("mov", r4, imm=size)
-        a.alu("mov", r5, imm=0)
-        a.call(_STORE_BYTES)
+    emit_rewrite(a, r9, _V_REWRITE)
     # counters (as _fastpath.c forward: tx counts the ingress size), then RFC 3550 on the header
-    for off, add in ((0, None), (8, r7), (16, None), (24, r7)):
-        a.ldx(8, r1, r9, _V_COUNT + off)
-        if add is None:
-            a.alu("add", r1, imm=1)
-        else:
-            a.alu("add", r1, add)
-        a.stx(8, r9, _V_COUNT + off, r1)
-    a.ldx(8, r1, FP, -24)
-    a.stx(8, r9, _V_COUNT + 48, r1)
+    emit_count(a, r9, _V_COUNT, _V_COUNT + 48)  # rx
+    emit_count(a, r9, _V_COUNT + 16)  # tx
     emit_rtp_stats(a, r8, _MSG, _V_STATS, _V_RATE, "next")
 
     a.label("next")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 
 import pytest
 
@@ -30,3 +31,26 @@ def require_srtp_kernel() -> None:
             pytest.skip(f"kernel SRTP: {exc}")
         raise  # refused: the verifier's words
     probe.close()
+
+
+class LoopbackSockets:
+    """The UDP sockets of a kernel-forwarding rig: bound on loopback, a 2 s timeout each."""
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+
+    def _sock(self, host: str) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((host, 0))
+        sock.settimeout(2.0)
+        self.socks.append(sock)
+        return sock
+
+    @staticmethod
+    def name(sock: socket.socket) -> tuple[str, int]:
+        host, port = sock.getsockname()
+        return str(host), int(port)
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from media_relay import kernel
 from media_relay.rtp import StatsState, StreamStats
-from tests.media.kernel_tools import require_kernel
+from tests.media.kernel_tools import LoopbackSockets, require_kernel
 
 Addr = tuple[str, int]
 
@@ -34,11 +34,11 @@ def rtcp(kind: int = 201, ssrc: int = 0x1234) -> bytes:
     return struct.pack("!BBHI", 0x80, kind, 1, ssrc)
 
 
-class Rig:
+class Rig(LoopbackSockets):
     """A client, the relay's ingress port, its egress socket and the destination, on loopback."""
 
     def __init__(self) -> None:
-        self.socks: list[socket.socket] = []
+        super().__init__()
         self.client = self._sock("127.0.0.1")
         self.relay = self._sock("127.0.0.2")
         self.egress = self._sock("127.0.0.2")
@@ -46,18 +46,6 @@ class Rig:
         self.dest = self._sock("127.0.0.3")
         self.rtcp_dest = self._sock("127.0.0.3")
         self.kernel = kernel.KernelForwarder.open()
-
-    def _sock(self, host: str) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((host, 0))
-        sock.settimeout(2.0)
-        self.socks.append(sock)
-        return sock
-
-    @staticmethod
-    def name(sock: socket.socket) -> Addr:
-        host, port = sock.getsockname()
-        return str(host), int(port)
 
     def install(
         self, *, rtcp_port: bool = False, rtcp_route: bool = True, state: StatsState | None = None
@@ -78,8 +66,7 @@ class Rig:
 
     def close(self) -> None:
         self.kernel.close()
-        for sock in self.socks:
-            sock.close()
+        super().close()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from media_relay.bpf import prog_id, tcx_chain
 from media_relay.kernel_srtp import SrtpKernel, SrtpSide
 from media_relay.rtp import StreamStats
 from tests.media import test_anchor_path as anchor
-from tests.media.kernel_tools import require_srtp_kernel
+from tests.media.kernel_tools import LoopbackSockets, require_srtp_kernel
 
 Addr = tuple[str, int]
 SUITES = list(kernel_srtp.SUITES)
@@ -49,28 +49,16 @@ def session(suite: str, key: bytes, outbound: bool) -> pylibsrtp.Session:
     return pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=kind, srtp_profile=PROFILES[suite]))
 
 
-class Rig:
+class Rig(LoopbackSockets):
     """A client, the relay's port, its egress socket and the destination, on loopback."""
 
     def __init__(self) -> None:
-        self.socks: list[socket.socket] = []
+        super().__init__()
         self.client = self._sock("127.0.0.1")
         self.relay = self._sock("127.0.0.2")
         self.egress = self._sock("127.0.0.2")
         self.dest = self._sock("127.0.0.3")
         self.kernel = SrtpKernel.open()
-
-    def _sock(self, host: str) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((host, 0))
-        sock.settimeout(2.0)
-        self.socks.append(sock)
-        return sock
-
-    @staticmethod
-    def name(sock: socket.socket) -> Addr:
-        host, port = sock.getsockname()
-        return str(host), int(port)
 
     def install(self, inbound: SrtpSide | None, outbound: SrtpSide | None, ssrc: int = 0x1234) -> bytes:
         n = self.name
@@ -90,8 +78,7 @@ class Rig:
 
     def close(self) -> None:
         self.kernel.close()
-        for sock in self.socks:
-            sock.close()
+        super().close()
 
 
 @pytest.fixture
@@ -365,3 +352,44 @@ async def test_kernel_srtp_with_c_on_two_forwarder_threads(monkeypatch: pytest.M
         call = snap["calls"]["c-call"][0]
         assert call["outside"]["packets"] == call["inside"]["packets"] == 300
         assert call["outside"]["lost"] == 0 and snap["totals"]["transcode_drops"] == 0
+
+
+def test_what_the_kernel_cannot_do_is_a_value_error_and_nothing_else_changes(rig: Rig) -> None:
+    n = rig.name
+    state = StreamStats(8000).get_state()
+    good = SrtpSide(SUITES[0], os.urandom(30))
+    egress = (n(rig.egress), n(rig.dest))
+    bad: list[tuple[object, ...]] = [
+        (n(rig.relay), n(rig.client), egress, 0x1234, 8000, state, None, None),  # no key
+        (
+            n(rig.relay),
+            n(rig.client),
+            egress,
+            0x1234,
+            8000,
+            state,
+            SrtpSide("AEAD_AES_128_GCM", bytes(28)),
+            None,
+        ),
+        (n(rig.relay), n(rig.client), egress, 0x1234, 8000, state, SrtpSide(SUITES[0], bytes(29)), None),
+        (
+            n(rig.relay),
+            n(rig.client),
+            egress,
+            0x1234,
+            8000,
+            state,
+            SrtpSide(SUITES[0], bytes(30), roc=1 << 32),
+            None,
+        ),
+        (n(rig.relay), n(rig.client), egress, 0x1234, 0, state, good, None),  # clock rate
+        (n(rig.relay), ("10.0.0.1", 4000), egress, 0x1234, 8000, state, good, None),  # off loopback
+    ]
+    for args in bad:
+        with pytest.raises(ValueError):
+            rig.kernel.install(*args)  # type: ignore[arg-type]
+    assert rig.kernel.read_all() == {} and rig.kernel.install_errors == 0
+    rig.install(good, None)
+    client = session(SUITES[0], good.key_salt, outbound=True)
+    rig.send(client.protect(rtp(1)))
+    assert receive(rig.dest)[0] == rtp(1)
