@@ -402,9 +402,9 @@ done:
     PyMem_Free(g->sent_ns);
     PyMem_Free(g->hold_ns);
     PyMem_Free(g->seen);
-    PyMem_Free(g->lat.v);
-    PyMem_Free(g->hold.v);
-    PyMem_Free(g->net.v);
+    lat_free(&g->lat);
+    lat_free(&g->hold);
+    lat_free(&g->net);
     PyMem_Free(g);
     return result;
 }

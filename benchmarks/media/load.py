@@ -325,8 +325,11 @@ def run_plain_native(
     run_id: int,
     probe: CpuProbe,
     drain_s: float = 0.5,
+    threads: int = 1,
 ) -> Window:
-    """``run_plain`` in C: the same packets, pacing and latency, with batched syscalls."""
+    """``run_plain`` in C: the same packets, pacing and latency, with batched syscalls;
+    ``threads``: that many sending/receiving threads, thread t owning the t-th block of
+    ``len(tx) / threads`` tx sockets (and of rx sockets) and the flows sent from them."""
     probe.start()
     res = gen.run_plain(
         [s.fileno() for s in tx],
@@ -337,6 +340,7 @@ def run_plain_native(
         run_id,
         probe.stop,
         drain_s=drain_s,
+        threads=threads,
     )
     lat: array[int] = array("q")
     lat.frombytes(res["latencies"])
