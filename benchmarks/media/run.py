@@ -326,7 +326,7 @@ def pps_per_core(rows: list[HopRow]) -> float:
     best = 0.0
     for r in rows:
         cpu = sum(v for k, v in r.w.cpu_s.items() if k not in NOT_CPU) / max(r.w.send_s, 1e-9)
-        if 0 < cpu < 0.9 and r.w.loss_pct < LOSS_TARGET_PCT:  # not a starved, lossy step
+        if 0.05 <= cpu < 0.9 and r.w.loss_pct < LOSS_TARGET_PCT:  # not starved or in the kernel
             best = r.w.pps / cpu
     return best
 
