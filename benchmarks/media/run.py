@@ -27,8 +27,10 @@ Run from the repository root as root (Debian `rtpengine-daemon` installed; py-sp
    at the same N, per forwarded packet.
 2. **Full path.** client -> E (``EdgeMedia``) -> C (``GatewayMedia``, SRTP terminated) -> echo
    (plain RTP) -> C (SRTP protected with C's key) -> E -> client, E and C each in its own
-   process, calls set up by feeding them SDP offers/answers in the order the SIP path would (no
-   SIP: the lab's signalling is not what is measured), client and echo in this process. N calls,
+   process (by default with their kernel paths: E's forwarding, C's SRTP; ``--no-e-kernel
+   --no-c-kernel`` for userspace), calls set up by feeding them SDP offers/answers in the order
+   the SIP path would (no SIP: the lab's signalling is not what is measured), client and echo
+   in this process. N calls,
    50 pps each way per call, rising N (default 200..1,200). The client's SRTP packets are
    precomputed with pylibsrtp before the window (fresh keys, fresh E and C per step: no index is
    ever sent twice); one client socket plays every caller and one echo socket reflects every
@@ -495,8 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--e-kernel",
-        action="store_true",
-        help="part 2: E forwards established flows in the kernel (EDGE_MEDIA_KERNEL=1; root)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="part 2: E forwards established flows in the kernel (EDGE_MEDIA_KERNEL=1; root; the "
+        "default since session 8, --no-e-kernel: userspace)",
     )
     parser.add_argument(
         "--epoll",
@@ -516,8 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--c-kernel",
-        action="store_true",
-        help="part 2: C transcodes established SRTP flows in the kernel (kernel_srtp.py; root)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="part 2: C transcodes established SRTP flows in the kernel (kernel_srtp.py; root, Linux "
+        "6.10+; the default since session 8, --no-c-kernel: userspace)",
     )
     parser.add_argument(
         "--series",
