@@ -10,8 +10,8 @@ from the leg's receiver state), and hands the ROC back when the flow leaves. For
    flow's and RTP longer than libsrtp protects go on to the relay's socket unchanged, where
    libsrtp handles them);
 2. with an inbound key, estimates the packet index from the rollover counter and the highest
-   sequence number seen (libsrtp's ``srtp_rdbx_estimate_index``), refuses replays (a 64-packet
-   window), checks the HMAC-SHA1 tag (``bpf_sha1``, 80 or 32 bits) and decrypts the payload with
+   sequence number seen (libsrtp's ``srtp_rdbx_estimate_index``), refuses replays (libsrtp's
+   128-packet window), checks the HMAC-SHA1 tag (``bpf_sha1``, 80 or 32 bits) and decrypts the payload with
    AES-128 counter mode (RFC 3711 §4.1.1: the keystream is AES-ECB of the counter blocks through
    the kernel's ``bpf_crypto_encrypt`` kfunc, XORed in);
 3. with an outbound key, estimates the index the same way (libsrtp's sender refuses a repeated
@@ -80,7 +80,7 @@ from media_relay.rtp import StatsState
 SUITES = {"AES_CM_128_HMAC_SHA1_80": 10, "AES_CM_128_HMAC_SHA1_32": 4}  # suite -> tag bytes
 MAX_PROTECT = 1356  # the longest RTP packet the native path protects (_srtp.c, pylibsrtp's limit)
 MAX_FLOWS = 1 << 16
-REPLAY_WINDOW = 64
+REPLAY_WINDOW = 128  # libsrtp's default (srtp_rdbx_init with 128): two u64 words
 
 _BPF_MAP_CREATE, _BPF_PROG_TEST_RUN, _BPF_BTF_LOAD, _BPF_LINK_CREATE = 0, 10, 18, 28
 _BPF_MAP_TYPE_HASH, _BPF_MAP_TYPE_PERCPU_ARRAY = 1, 6
@@ -103,15 +103,16 @@ _V_RATE, _V_FLAGS, _V_SSRC = 28, 32, 36  # clock rate, _F_* bits, the SSRC (netw
 _V_TAG = (40, 44)  # tag bytes per side
 _V_SALT = (48, 64)  # session salt per side, 14 bytes and two zero bytes
 _V_HMAC = (80, 120)  # HMAC inner and outer SHA-1 states per side (bpf_sha1.pack_states)
-_V_ROC = (160, 176)  # per side: ROC u32, highest sequence number u32, replay window u64
-_V_FRESH = (192, 196)  # per side: 1 until the first packet (no index yet)
-_V_COUNT = 200  # rx packets, rx bytes, tx packets, tx bytes, auth drops, replay drops, seen ns
-_V_STATS = 256  # the RFC 3550 receiver state, kernel.STATS_BYTES
+_V_ROC = (160, 184)  # per side: ROC u32, highest sequence number u32, replay window 2 x u64
+# (bit i of the low word: the index i behind the highest seen; bit i of the high word: 64 + i)
+_V_FRESH = (208, 212)  # per side: 1 until the first packet (no index yet)
+_V_COUNT = 216  # rx packets, rx bytes, tx packets, tx bytes, auth drops, replay drops, seen ns
+_V_STATS = 272  # the RFC 3550 receiver state, kernel.STATS_BYTES
 VALUE_SIZE = _V_STATS + STATS_BYTES
 _F_IN, _F_OUT = 1, 2
 _HEAD = struct.Struct("=12sII4sII")  # rewrite, rate, flags, ssrc, tags
 _SIDE = struct.Struct("=16s")
-_STATE = struct.Struct("=IIQ")
+_STATE = struct.Struct("=IIQQ")
 
 # -- the per-CPU scratch buffer --------------------------------------------------------------------
 _MSG = bpf_sha1.SCRATCH_MSG  # the datagram, then (for the HMAC) its ROC and SHA-1 padding
@@ -333,8 +334,12 @@ def _program(map_fd: int, scratch_fd: int, ports_fd: int, ids: dict[str, int]) -
         a.stx(8, r8, _X_DELTA, r4)
         a.jmp("jsgt", s + "done", r4, imm=0)
         a.jmp("jsle", "replay", r4, imm=-REPLAY_WINDOW)
-        a.alu("neg", r4)
+        a.alu("neg", r4)  # how far behind the highest: 0..127
         a.ldx(8, r5, r9, roc + 8)
+        a.jmp("jlt", s + "bit", r4, imm=64)
+        a.ldx(8, r5, r9, roc + 16)
+        a.alu("sub", r4, imm=64)
+        a.label(s + "bit")
         a.alu("rsh", r5, r4)
         a.alu("and", r5, imm=1)
         a.jmp("jne", "replay", r5, imm=0)
@@ -345,23 +350,46 @@ def _program(map_fd: int, scratch_fd: int, ports_fd: int, ids: dict[str, int]) -
         s = f"c{side}_"
         roc = _V_ROC[side]
         a.ldx(8, r4, r8, _X_DELTA)
-        a.ldx(8, r5, r9, roc + 8)
+        a.ldx(8, r5, r9, roc + 8)  # the window's low word
+        a.ldx(8, r3, r9, roc + 16)  # and its high word
         a.jmp("jsgt", s + "ahead", r4, imm=0)
-        a.alu("neg", r4)
+        a.alu("neg", r4)  # behind the highest: mark it seen
         a.alu("mov", r1, imm=1)
+        a.jmp("jlt", s + "low", r4, imm=64)
+        a.alu("sub", r4, imm=64)
+        a.alu("lsh", r1, r4)
+        a.alu("or", r3, r1)
+        a.stx(8, r9, roc + 16, r3)
+        a.jmp("ja", s + "done")
+        a.label(s + "low")
         a.alu("lsh", r1, r4)
         a.alu("or", r5, r1)
         a.stx(8, r9, roc + 8, r5)
         a.jmp("ja", s + "done")
-        a.label(s + "ahead")
+        a.label(s + "ahead")  # a new highest: the 128-bit window moves up by delta
         a.jmp("jge", s + "far", r4, imm=REPLAY_WINDOW)
+        a.jmp("jge", s + "mid", r4, imm=64)
+        a.alu("lsh", r3, r4)  # 1..63: high = high << d | low >> (64 - d); low <<= d
+        a.alu("mov", r2, imm=64)
+        a.alu("sub", r2, r4)
+        a.alu("mov", r1, r5)
+        a.alu("rsh", r1, r2)
+        a.alu("or", r3, r1)
         a.alu("lsh", r5, r4)
+        a.jmp("ja", s + "set")
+        a.label(s + "mid")  # 64..127: high = low << (d - 64); low = 0
+        a.alu("sub", r4, imm=64)
+        a.alu("mov", r3, r5)
+        a.alu("lsh", r3, r4)
+        a.alu("mov", r5, imm=0)
         a.jmp("ja", s + "set")
         a.label(s + "far")
         a.alu("mov", r5, imm=0)
+        a.alu("mov", r3, imm=0)
         a.label(s + "set")
         a.alu("or", r5, imm=1)
         a.stx(8, r9, roc + 8, r5)
+        a.stx(8, r9, roc + 16, r3)
         a.ldx(8, r1, r8, _X_SEQ)
         a.stx(4, r9, roc + 4, r1)
         a.ldx(8, r1, r8, _X_V)
@@ -623,7 +651,7 @@ class SrtpCounters:
 def _decode(raw: bytes) -> SrtpCounters:
     idx = []
     for side in (0, 1):
-        roc, seq, _window = _STATE.unpack_from(raw, _V_ROC[side])
+        roc, seq, _low, _high = _STATE.unpack_from(raw, _V_ROC[side])
         (fresh,) = struct.unpack_from("=I", raw, _V_FRESH[side])
         idx.append((roc, seq, bool(fresh)))
     rx_p, rx_b, tx_p, tx_b, auth, replay, seen = _COUNT.unpack_from(raw, _V_COUNT)
@@ -762,7 +790,7 @@ class SrtpKernel:
             value[_V_SALT[i] : _V_SALT[i] + 14] = k_s
             value[_V_HMAC[i] : _V_HMAC[i] + bpf_sha1.STATES_SIZE] = bpf_sha1.pack_states(k_a)
             window = 0 if s.fresh else (1 << 64) - 1  # what libsrtp saw before: all taken as seen
-            _STATE.pack_into(value, _V_ROC[i], s.roc, s.highest_seq, window)
+            _STATE.pack_into(value, _V_ROC[i], s.roc, s.highest_seq, window, window)
             struct.pack_into("=I", value, _V_FRESH[i], 1 if s.fresh else 0)
         _STATS.pack_into(value, _V_STATS, *stats_fields(state))
         existed = self.read(key) is not None  # a re-install: its port is counted already

@@ -203,6 +203,44 @@ def test_takes_the_index_over_from_libsrtp(rig: Rig, last: int) -> None:
     assert counters.index[0][:2] == ((ext + last + 5) >> 16, (last + 5) & 0xFFFF)
 
 
+# Arrival order for the replay window: new highests that move the window by < 64, 64-127 and
+# >= 128; late packets 1, 63, 64, 101, 110 and 127 behind (taken), 128 behind (too old), and
+# repeats of packets whose bits sit in either word of the window, before and after it moved.
+REPLAY_ORDER = [300, 173, 172, 173, 299, 299, 236, 237, 310, 300, 183, 236, 237, 400, 310, 299]
+REPLAY_ORDER += [290, 272, 600, 599, 473, 472, 400, 599, 601, 537, 538, 537, 474, 473]
+
+
+def test_replay_window_is_libsrtps(rig: Rig) -> None:
+    """The kernel takes and refuses exactly what libsrtp (pylibsrtp, its default 128-packet
+    window) takes and refuses, packet by packet, in an order that exercises both words of the
+    window and every way it moves."""
+    suite = SUITES[0]
+    k_in = os.urandom(30)
+    key = rig.install(SrtpSide(suite, k_in), None)
+    sender = session(suite, k_in, outbound=True)
+    marker = max(REPLAY_ORDER) + 1
+    srtp = {seq: sender.protect(rtp(seq)) for seq in range(1, marker + 1)}
+    reference = session(suite, k_in, outbound=False)
+    taken = []
+    for seq in REPLAY_ORDER:
+        try:
+            reference.unprotect(srtp[seq])
+        except pylibsrtp.Error:
+            continue
+        taken.append(seq)
+    assert 0 < len(taken) < len(REPLAY_ORDER)  # the order has both
+    for seq in REPLAY_ORDER:
+        rig.send(srtp[seq])
+    got = [receive(rig.dest)[0] for _ in taken]
+    assert got == [rtp(seq) for seq in taken]
+    rig.send(srtp[marker])  # the next packet to arrive: nothing refused came before it
+    assert receive(rig.dest)[0] == rtp(marker)
+    counters = rig.kernel.read(key)
+    assert counters is not None
+    assert counters.replay_drops == len(REPLAY_ORDER) - len(taken)
+    assert counters.rx_packets == len(taken) + 1
+
+
 def _sender_at(suite: str, key: bytes, first: int) -> Callable[[int], bytes]:
     """SRTP of rtp(index) for packet indexes from ``first`` on: a libsrtp sender walked there."""
     out = session(suite, key, outbound=True)
