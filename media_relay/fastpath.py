@@ -271,16 +271,22 @@ class FlowSync:
         if self._kernel_flows:
             plain = self.kernel.read_all() if self.kernel is not None else {}  # one pass a map
             srtp = self.srtp_kernel.read_all() if self.srtp_kernel is not None else {}
+            moved: list[_Flow] = []
             for flow in self._kernel_flows:
                 assert flow.kernel_key is not None
                 if flow.srtp:
                     now_srtp = srtp.get(flow.kernel_key)
-                    if now_srtp is not None:
-                        self._fold_srtp(flow, now_srtp)
+                    if now_srtp is not None and not self._fold_srtp(flow, now_srtp) and _new_ssrc(flow):
+                        moved.append(flow)
                     continue
                 now = plain.get(flow.kernel_key)
                 if now is not None:
                     self._fold_counters(flow, now)
+            # The leg's source changed SSRC (the relay's path took the new one's packets) and the
+            # kernel's has gone quiet: the kernel flow follows the new SSRC.
+            for flow in moved:
+                self._remove(flow)
+                self._install(flow.ep, flow.spec)
         for ep in [ep for ep in self._srtp_waiting if ep.stats.ssrc is not None]:
             self._srtp_waiting.discard(ep)
             waiting = self._flows.get(ep)
@@ -471,15 +477,16 @@ class FlowSync:
         return -1.0 if now is None or now[6] is None else now[6]
 
     @staticmethod
-    def _fold_srtp(flow: _Flow, now: SrtpCounters) -> None:
+    def _fold_srtp(flow: _Flow, now: SrtpCounters) -> bool:
         """Fold a kernel SRTP flow's counters since the last fold into the table (refused
-        packets as transcode drops and the transcoder's authentication failures)."""
+        packets as transcode drops and the transcoder's authentication failures); False when
+        the kernel counted nothing since."""
         before = flow.srtp_folded
         flow.srtp_folded = now
         fields = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "auth_drops", "replay_drops")
         d = [getattr(now, f) - (0 if before is None else getattr(before, f)) for f in fields]
         if before is not None and not any(d):
-            return
+            return False
         refused = d[4] + d[5]
         if refused:
             count = getattr(flow.ep.transcoder, "count_auth_failures", None)
@@ -488,11 +495,13 @@ class FlowSync:
         last_seen = now.last_seen if now.last_seen is not None else -1.0
         state = FlowSync._kernel_state(flow, now.stats)
         _apply(flow, (-1, d[0], d[1], d[2], d[3], 0, 0, last_seen, state, refused))
+        return True
 
     def _return_srtp_index(self, flow: _Flow, last: SrtpCounters) -> None:
         """A kernel SRTP flow leaves the kernel: libsrtp's ROC for its SSRC catches up with the
-        kernel's, so packets that now take the native or Python path get the right index."""
-        ssrc = flow.ep.stats.ssrc
+        kernel's, so packets that now take the native or Python path get the right index (the
+        SSRC the flow was installed for: the leg may have seen another since)."""
+        ssrc = flow.kbase[3] if flow.kbase is not None else flow.ep.stats.ssrc
         if ssrc is None:
             return
         for ctx, (roc, _seq, fresh) in zip(
@@ -574,6 +583,12 @@ class FlowSync:
             eps.discard(flow.ep)
             if not eps:
                 del self._by_port[port]
+
+
+def _new_ssrc(flow: _Flow) -> bool:
+    """The leg's latest SSRC is not the one its kernel flow was installed for."""
+    installed = None if flow.kbase is None else flow.kbase[3]
+    return flow.ep.stats.ssrc is not None and installed is not None and flow.ep.stats.ssrc != installed
 
 
 def _apply(flow: _Flow, item: FlushItem) -> None:

@@ -289,6 +289,56 @@ async def test_the_whole_path_with_e_and_c_in_the_kernel(monkeypatch: pytest.Mon
         assert lab.gateway.snapshot()["totals"]["transcode_drops"] == 1
 
 
+async def test_a_new_ssrc_moves_into_the_kernel_once_the_old_one_is_quiet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client restarts its stream with another SSRC (no re-INVITE). Its packets reach C's
+    relay, which transcodes them; once the kernel flows' SSRC has gone quiet, the next counter
+    fold moves both legs' kernel flows to the new SSRC, and the packets after that never reach
+    C's process. The echoes stay intact throughout."""
+    require_srtp_kernel()
+    monkeypatch.setenv("EDGE_MEDIA_KERNEL", "1")
+    async with anchor.open_lab() as lab:
+        worker = lab.gateway.worker
+        assert worker.kernel_forwarding, worker.kernel_error
+        e_port, sender, receiver = await anchor.call_out(lab, SUITES[0])
+
+        async def batch(seqs: range, ssrc: int) -> None:
+            start = len(lab.client.received)
+            done = lab.client.expect(start + len(seqs))
+            for seq in seqs:
+                lab.client.send(sender.protect(anchor.rtp(seq, ssrc=ssrc)), e_port)
+            await asyncio.wait_for(done, anchor.WAIT_S)
+            got = [receiver.unprotect(d) for d, _ in lab.client.received[start:]]
+            assert sorted(got) == sorted(anchor.rtp(seq, ssrc=ssrc) for seq in seqs)
+
+        async def kernel_flows(want: int) -> None:
+            for _ in range(200):
+                if lab.gateway.snapshot()["worker"]["kernel"]["flows"] == want:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(lab.gateway.snapshot()["worker"]["kernel"])
+
+        await batch(range(1, 41), 0x1111)
+        await kernel_flows(2)
+        before = worker.stats()["worker"]["kernel"]["installs"]
+        await batch(range(41, 81), 0x2222)  # the old flows: C's process takes these
+        # the old SSRC is quiet from now on: the first fold sees no new kernel packets and
+        # moves both flows (a second fold for the one a first may have caught mid-count)
+        lab.gateway.snapshot()
+        lab.gateway.snapshot()
+        await kernel_flows(2)
+        assert worker.stats()["worker"]["kernel"]["installs"] == before + 2
+        transcoded = worker.stats()["worker"]["native"]["transcoded"]
+        drops = lab.gateway.snapshot()["totals"]["transcode_drops"]
+        await batch(range(81, 281), 0x2222)
+        assert worker.stats()["worker"]["native"]["transcoded"] == transcoded
+        call = lab.gateway.snapshot()["calls"]["c-call"][0]
+        assert call["outside"]["packets"] == call["inside"]["packets"] == 280, call
+        assert call["outside"]["srtp_auth_failures"] == 0
+        assert lab.gateway.snapshot()["totals"]["transcode_drops"] == drops == 0
+
+
 def in_order_once_moved(got: list[bytes], seqs: range) -> None:
     """Every packet of ``seqs`` arrived intact; after the first batch, in order. (A leg moves
     into the kernel during the first batch, when its first packet latches it or names its SSRC:
