@@ -353,22 +353,16 @@ static PyObject *run_plain(PyObject *module, PyObject *args, PyObject *kwds)
         pthread_cond_wait(&sh.cv, &sh.mu);
     pthread_mutex_unlock(&sh.mu);
     Py_END_ALLOW_THREADS
-    if (on_sent != Py_None) {
-        PyObject *r = PyObject_CallNoArgs(on_sent);
-        if (r == NULL) {
-            Py_BEGIN_ALLOW_THREADS
-            for (int t = 1; t <= started; t++)
-                pthread_join(tid[t], NULL);
-            Py_END_ALLOW_THREADS
-            goto done;
-        }
-        Py_DECREF(r);
-    }
+    /* The CPU probe stops with the sending; the threads drain and are joined either way. */
+    PyObject *stopped = on_sent == Py_None ? Py_NewRef(Py_None) : PyObject_CallNoArgs(on_sent);
     Py_BEGIN_ALLOW_THREADS
     drain_phase(g[0]);
     for (int t = 1; t <= started; t++)
         pthread_join(tid[t], NULL);
     Py_END_ALLOW_THREADS
+    if (stopped == NULL)
+        goto done;
+    Py_DECREF(stopped);
     long long sent = 0, received = 0, errors = 0;
     double send_s = 0, behind = -1e9;
     size_t nlat = 0;

@@ -152,9 +152,9 @@ HOP_HEADERS = [
 ]  # fmt: skip
 
 
-HOP_LAYOUTS = {
-    "pinned": (1, 0),  # the relay on CPU 1, generator+sink on CPU 0 (sessions 1-7)
-    "none": (-1, -1),  # nothing pinned: relay and generator share both cores as the kernel sees fit
+HOP_LAYOUTS = {  # placement: (relay CPU, generator CPU; -1: any), what the header says of it
+    "pinned": (1, 0, "relay on CPU 1, generator+sink on CPU 0"),  # sessions 1-7
+    "none": (-1, -1, "nothing pinned: relay and generator share both cores"),
 }
 
 
@@ -192,7 +192,7 @@ class Hop:
     ) -> Iterator[tuple[list[tuple[int, Addr]], dict[str, int], Child | None]]:
         ends = [self.ends(i) for i in range(n)]
         addr = [addr_of(s) for s in self.socks]
-        cpu_relay, cpu_load = HOP_LAYOUTS[self.layout(kind)]
+        cpu_relay, cpu_load, _ = HOP_LAYOUTS[self.layout(kind)]
         pin(cpu_load)  # this process: its generator threads inherit it
         kind = kind.partition("@")[0]
         if kind == "direct":
@@ -349,10 +349,7 @@ def added_host_us(rows: list[HopRow]) -> float:
 
 
 def part1(args: argparse.Namespace, prefix: str, log: TextIO, tmp: Path) -> None:
-    where = {
-        "pinned": "relay on CPU 1, generator+sink on CPU 0",
-        "none": "nothing pinned: relay and generator share both cores",
-    }[args.hop_cpus]
+    where = HOP_LAYOUTS[args.hop_cpus][2]
     threads = 1 if args.python_load else args.gen_threads
     print(
         f"\n## 1. One hop: N streams x 50 pps each way, 172 B, {args.window_s:.0f} s windows"

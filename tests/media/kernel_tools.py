@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from typing import Protocol
 
 import pytest
 
@@ -54,3 +55,28 @@ class LoopbackSockets:
     def close(self) -> None:
         for sock in self.socks:
             sock.close()
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class KernelRig(LoopbackSockets):
+    """A client, the relay's ingress port, its egress socket and the destination, on loopback,
+    and the kernel program under test (closed with the sockets)."""
+
+    kernel: _Closable
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client = self._sock("127.0.0.1")
+        self.relay = self._sock("127.0.0.2")
+        self.egress = self._sock("127.0.0.2")
+        self.dest = self._sock("127.0.0.3")
+
+    def send(self, data: bytes) -> None:
+        self.client.sendto(data, self.name(self.relay))
+
+    def close(self) -> None:
+        self.kernel.close()
+        super().close()

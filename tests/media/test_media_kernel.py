@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from media_relay import kernel
 from media_relay.rtp import StatsState, StreamStats
-from tests.media.kernel_tools import LoopbackSockets, require_kernel
+from tests.media.kernel_tools import KernelRig, require_kernel
 
 Addr = tuple[str, int]
 
@@ -34,18 +34,14 @@ def rtcp(kind: int = 201, ssrc: int = 0x1234) -> bytes:
     return struct.pack("!BBHI", 0x80, kind, 1, ssrc)
 
 
-class Rig(LoopbackSockets):
-    """A client, the relay's ingress port, its egress socket and the destination, on loopback."""
+class Rig(KernelRig):
+    """KernelRig with E's forwarder and a second egress/destination pair for RTCP."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.client = self._sock("127.0.0.1")
-        self.relay = self._sock("127.0.0.2")
-        self.egress = self._sock("127.0.0.2")
         self.rtcp_egress = self._sock("127.0.0.2")
-        self.dest = self._sock("127.0.0.3")
         self.rtcp_dest = self._sock("127.0.0.3")
-        self.kernel = kernel.KernelForwarder.open()
+        self.kernel: kernel.KernelForwarder = kernel.KernelForwarder.open()
 
     def install(
         self, *, rtcp_port: bool = False, rtcp_route: bool = True, state: StatsState | None = None
@@ -60,13 +56,6 @@ class Rig(LoopbackSockets):
             8000,
             StreamStats(8000).get_state() if state is None else state,
         )
-
-    def send(self, data: bytes) -> None:
-        self.client.sendto(data, self.name(self.relay))
-
-    def close(self) -> None:
-        self.kernel.close()
-        super().close()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from media_relay.bpf import prog_id, tcx_chain
 from media_relay.kernel_srtp import SrtpKernel, SrtpSide
 from media_relay.rtp import StreamStats
 from tests.media import test_anchor_path as anchor
-from tests.media.kernel_tools import LoopbackSockets, require_srtp_kernel
+from tests.media.kernel_tools import KernelRig, require_srtp_kernel
 
 Addr = tuple[str, int]
 SUITES = list(kernel_srtp.SUITES)
@@ -49,16 +49,12 @@ def session(suite: str, key: bytes, outbound: bool) -> pylibsrtp.Session:
     return pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=kind, srtp_profile=PROFILES[suite]))
 
 
-class Rig(LoopbackSockets):
-    """A client, the relay's port, its egress socket and the destination, on loopback."""
+class Rig(KernelRig):
+    """KernelRig with C's SRTP program."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.client = self._sock("127.0.0.1")
-        self.relay = self._sock("127.0.0.2")
-        self.egress = self._sock("127.0.0.2")
-        self.dest = self._sock("127.0.0.3")
-        self.kernel = SrtpKernel.open()
+        self.kernel: SrtpKernel = SrtpKernel.open()
 
     def install(self, inbound: SrtpSide | None, outbound: SrtpSide | None, ssrc: int = 0x1234) -> bytes:
         n = self.name
@@ -72,13 +68,6 @@ class Rig(LoopbackSockets):
             inbound,
             outbound,
         )
-
-    def send(self, data: bytes) -> None:
-        self.client.sendto(data, self.name(self.relay))
-
-    def close(self) -> None:
-        self.kernel.close()
-        super().close()
 
 
 @pytest.fixture
@@ -447,31 +436,19 @@ def test_what_the_kernel_cannot_do_is_a_value_error_and_nothing_else_changes(rig
     state = StreamStats(8000).get_state()
     good = SrtpSide(SUITES[0], os.urandom(30))
     egress = (n(rig.egress), n(rig.dest))
-    bad: list[tuple[object, ...]] = [
-        (n(rig.relay), n(rig.client), egress, 0x1234, 8000, state, None, None),  # no key
-        (
-            n(rig.relay),
-            n(rig.client),
-            egress,
-            0x1234,
-            8000,
-            state,
-            SrtpSide("AEAD_AES_128_GCM", bytes(28)),
-            None,
-        ),
-        (n(rig.relay), n(rig.client), egress, 0x1234, 8000, state, SrtpSide(SUITES[0], bytes(29)), None),
-        (
-            n(rig.relay),
-            n(rig.client),
-            egress,
-            0x1234,
-            8000,
-            state,
-            SrtpSide(SUITES[0], bytes(30), roc=1 << 32),
-            None,
-        ),
-        (n(rig.relay), n(rig.client), egress, 0x1234, 0, state, good, None),  # clock rate
-        (n(rig.relay), ("10.0.0.1", 4000), egress, 0x1234, 8000, state, good, None),  # off loopback
+
+    def args(
+        source: object = n(rig.client), rate: int = 8000, inbound: SrtpSide | None = good
+    ) -> tuple[object, ...]:
+        return (n(rig.relay), source, egress, 0x1234, rate, state, inbound, None)
+
+    bad = [
+        args(inbound=None),  # no key
+        args(inbound=SrtpSide("AEAD_AES_128_GCM", bytes(28))),
+        args(inbound=SrtpSide(SUITES[0], bytes(29))),  # a short key
+        args(inbound=SrtpSide(SUITES[0], bytes(30), roc=1 << 32)),
+        args(rate=0),  # clock rate
+        args(source=("10.0.0.1", 4000)),  # off loopback
     ]
     for args in bad:
         with pytest.raises(ValueError):
